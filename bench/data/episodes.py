@@ -1,0 +1,150 @@
+"""Seeded few-shot episodes: which samples are support and which are queries.
+
+An episode depends only on the labels, the class list, shots, queries and seed. Each class
+draws from its own ``numpy`` PCG64 stream seeded by ``(seed, class)``, so:
+
+- the same seed gives the same episode on any machine and any number of processes;
+- adding or removing a class does not change the samples drawn for the others;
+- queries are drawn before support, so for one seed the query set is the same at every
+  shot count and shot counts compare on equal footing (support for more shots is a superset).
+
+Indices are returned sorted, which is the order in which heads see support embeddings
+everywhere (single process or gathered across ranks), so heads are identical either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+
+from bench.errors import BenchError
+
+Shots = Union[int, str]  # an int or "all"
+Queries = Union[int, str]  # an int, "rest" or "test"
+ClassSubset = Union[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Episode:
+    classes: tuple[int, ...]
+    support: np.ndarray  # sorted indices into the support pool's labels
+    query: np.ndarray  # sorted indices into the query pool (same pool, or the test split)
+    query_split: str  # "train" (same pool as support) or "test"
+    shots: Shots
+    queries: Queries
+    seed: int
+
+
+def select_classes(
+    subset: ClassSubset, available: Sequence[int], named: dict[str, Sequence[int]] | None = None
+) -> list[int]:
+    """Resolve 'all', 'even', 'odd', a named split (e.g. 'base', 'novel') or an explicit list."""
+    avail = sorted(int(c) for c in available)
+    named = named or {}
+    if isinstance(subset, str):
+        if subset == "all":
+            chosen = avail
+        elif subset == "even":
+            chosen = [c for c in avail if c % 2 == 0]
+        elif subset == "odd":
+            chosen = [c for c in avail if c % 2 == 1]
+        elif subset in named:
+            chosen = sorted(int(c) for c in named[subset])
+        else:
+            known = ["all", "even", "odd", *named]
+            raise BenchError(f"unknown class subset '{subset}'; known: {', '.join(known)}")
+    else:
+        chosen = sorted(int(c) for c in subset)
+    missing = sorted(set(chosen) - set(avail))
+    if missing:
+        raise BenchError(
+            f"classes {missing} of subset '{subset}' do not occur in the labels "
+            f"(present: {avail[:20]}{' ...' if len(avail) > 20 else ''})"
+        )
+    if len(chosen) < 2:
+        raise BenchError(f"class subset '{subset}' has {len(chosen)} class(es); an episode needs 2+")
+    return chosen
+
+
+def _by_class(labels: np.ndarray, classes: Sequence[int]) -> dict[int, np.ndarray]:
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    out = {}
+    for c in classes:
+        lo, hi = np.searchsorted(sorted_labels, [c, c + 1])
+        out[c] = order[lo:hi]  # ascending indices, since the sort is stable
+    return out
+
+
+def _check_arg(name: str, value, words: tuple[str, ...]) -> None:
+    if isinstance(value, str):
+        if value not in words:
+            raise BenchError(f"{name}={value!r} must be a positive int or one of {', '.join(words)}")
+    elif isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise BenchError(f"{name}={value!r} must be a positive int or one of {', '.join(words)}")
+
+
+def sample_episode(
+    labels: Sequence[int] | np.ndarray,
+    classes: Sequence[int],
+    shots: Shots,
+    queries: Queries,
+    seed: int,
+    test_labels: Sequence[int] | np.ndarray | None = None,
+) -> Episode:
+    """Draw one episode. Never shrinks silently: too few samples is an error listing every
+    short class with its count."""
+    _check_arg("shots", shots, ("all",))
+    _check_arg("queries", queries, ("rest", "test"))
+    if shots == "all" and queries == "rest":
+        raise BenchError("shots='all' leaves no samples for queries='rest'; use queries=N or 'test'")
+    labels = np.asarray(labels).astype(np.int64, copy=False)
+    classes = sorted(int(c) for c in classes)
+    pool = _by_class(labels, classes)
+    test_pool = None
+    if queries == "test":
+        if test_labels is None:
+            raise BenchError("queries='test' needs a test split; the dataset provides none")
+        test_pool = _by_class(np.asarray(test_labels).astype(np.int64, copy=False), classes)
+
+    need_q = queries if isinstance(queries, (int, np.integer)) else 0
+    need_s = shots if shots != "all" else 1
+    short = []
+    for c in classes:
+        have = len(pool[c])
+        need = need_s + need_q + (1 if queries == "rest" else 0)
+        if have < need:
+            short.append(f"class {c}: {have} < {need}")
+        if test_pool is not None and len(test_pool[c]) == 0:
+            short.append(f"class {c}: no test samples")
+    if short:
+        raise BenchError(
+            f"not enough samples for shots={shots}, queries={queries}: "
+            + "; ".join(short)
+            + ". Lower shots/queries or drop these classes."
+        )
+
+    support, query = [], []
+    for c in classes:
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, c])))
+        perm = pool[c][rng.permutation(len(pool[c]))]
+        if test_pool is not None:
+            query.append(test_pool[c])
+        elif queries != "rest":
+            query.append(perm[:need_q])
+            perm = perm[need_q:]
+        take = len(perm) if shots == "all" else shots
+        support.append(perm[:take])
+        if queries == "rest":
+            query.append(perm[take:])
+    return Episode(
+        classes=tuple(classes),
+        support=np.sort(np.concatenate(support)),
+        query=np.sort(np.concatenate(query)),
+        query_split="test" if test_pool is not None else "train",
+        shots=shots,
+        queries=queries,
+        seed=int(seed),
+    )

@@ -1,0 +1,309 @@
+"""GEN: turn each class's support embeddings into one or more proxies.
+
+All generators take a padded batch ``x`` of shape (C, S, D) with a boolean ``mask`` (C, S)
+marking real samples (classes may have different support sizes) and return proxies
+(C, K, D) with a proxy mask (C, K). Classes are the batch dimension: there is no Python
+loop over classes, so one call serves 10 or 10,000 classes on CPU or GPU.
+
+Randomness is drawn from a CPU ``torch.Generator`` and moved to the data's device, so a seed
+picks the same samples on CPU and GPU and on any number of processes.
+
+When a class has no more support samples than the requested k (k-means, k-medoids, random,
+fps), every sample becomes its own proxy: the effective k is the sample count, the result
+equals ``all`` for that class, and :class:`GenResult.effective_k` records it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from bench.errors import BenchError
+
+
+@dataclass
+class GenResult:
+    proxies: torch.Tensor  # (C, K, D)
+    mask: torch.Tensor  # (C, K) bool, True where a proxy exists
+    effective_k: torch.Tensor  # (C,) long: proxies per class actually produced
+
+
+def group_by_class(
+    x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter flat (N, D) embeddings into a padded (C, S, D) batch, in ``classes`` order.
+
+    Samples keep their input order within a class, so the padded batch is a deterministic
+    function of the inputs.
+    """
+    pos = torch.searchsorted(classes, y)
+    pos = pos.clamp(max=len(classes) - 1)
+    if not torch.equal(classes[pos], y):
+        unknown = sorted(set(y.tolist()) - set(classes.tolist()))
+        raise BenchError(f"labels {unknown} are not among the head's classes")
+    counts = torch.bincount(pos, minlength=len(classes))
+    if (counts == 0).any():
+        empty = classes[counts == 0].tolist()
+        raise BenchError(
+            f"classes {empty} have no support samples; drop them from the class list or "
+            "provide support for them"
+        )
+    order = torch.argsort(pos, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(y), device=y.device) - starts[pos[order]]
+    s_max = int(counts.max())
+    out = x.new_zeros(len(classes), s_max, x.shape[-1])
+    mask = torch.zeros(len(classes), s_max, dtype=torch.bool, device=x.device)
+    out[pos[order], slot] = x[order]
+    mask[pos[order], slot] = True
+    return out, mask
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, dtype=torch.float64).to(device)
+
+
+def _sample_weighted(
+    weights: torch.Tensor, n: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw ``n`` indices per row with probability proportional to ``weights`` (B, S).
+
+    Inverse-CDF sampling with CPU uniforms keeps draws identical across devices. Rows whose
+    weights are all zero (every sample already a centre) fall back to index 0; callers only
+    hit that when the class has fewer samples than centres, a case handled separately.
+    """
+    cdf = weights.double().cumsum(-1)
+    total = cdf[:, -1:]
+    u = _uniform((weights.shape[0], n), generator, weights.device) * total
+    idx = torch.searchsorted(cdf, u, right=True)
+    return idx.clamp(max=weights.shape[1] - 1)
+
+
+def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared euclidean distances between rows of (B, S, D) and (B, K, D) -> (B, S, K)."""
+    d = (x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(1, 2) + (c * c).sum(-1)[:, None, :]
+    return d.clamp_min_(0)
+
+
+def _finish(
+    x: torch.Tensor, mask: torch.Tensor, k: int, proxies: torch.Tensor, pmask: torch.Tensor
+) -> GenResult:
+    """Swap in the samples themselves for classes with n <= k (effective k = n).
+
+    ``proxies`` has min(k, S) slots and such a class fills its first n <= min(k, S) padded
+    slots, so its samples fit exactly.
+    """
+    small = mask.sum(1) <= k
+    if small.any():
+        k_pad = proxies.shape[1]
+        proxies = torch.where(small[:, None, None], x[:, :k_pad], proxies)
+        pmask = torch.where(small[:, None], mask[:, :k_pad], pmask)
+    return GenResult(proxies, pmask, pmask.sum(1))
+
+
+def gen_mean(x: torch.Tensor, mask: torch.Tensor) -> GenResult:
+    w = mask.to(x.dtype)
+    mean = (x * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+    ones = torch.ones(len(x), 1, dtype=torch.bool, device=x.device)
+    return GenResult(mean[:, None], ones, ones.sum(1))
+
+
+def gen_all(x: torch.Tensor, mask: torch.Tensor) -> GenResult:
+    return GenResult(x, mask, mask.sum(1))
+
+
+def _kmeanspp(
+    x: torch.Tensor, mask: torch.Tensor, k: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Greedy k-means++ seeding (as in scikit-learn), batched: returns centres (B, k, D)."""
+    b, s, _ = x.shape
+    trials = 2 + int(math.log(k))
+    rows = torch.arange(b, device=x.device)
+    first = (_uniform((b, s), generator, x.device) * mask).argmax(1)
+    centres = [x[rows, first]]
+    closest = _sq_dist(x, centres[0][:, None])[..., 0] * mask
+    for _ in range(1, k):
+        cand = _sample_weighted(closest, trials, generator)  # (B, T)
+        d_cand = _sq_dist(x, x[rows[:, None], cand])  # (B, S, T)
+        new_closest = torch.minimum(closest[..., None], d_cand) * mask[..., None]
+        best = new_closest.sum(1).argmin(1)  # (B,)
+        centres.append(x[rows, cand[rows, best]])
+        closest = new_closest[rows, :, best]
+    return torch.stack(centres, 1)
+
+
+def kmeans_batched(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
+    *,
+    n_init: int = 3,
+    iters: int = 100,
+    tol: float = 1e-4,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on every row of a padded batch at once.
+
+    Returns (centres (B, k, D), labels (B, S), inertia (B,)), keeping per row the best of
+    ``n_init`` k-means++ restarts. ``tol`` is relative to the mean per-feature variance of
+    each row's data, as in scikit-learn. Empty clusters keep their previous centre.
+    """
+    b, s, d = x.shape
+    xr = x.repeat_interleave(n_init, 0)
+    mr = mask.repeat_interleave(n_init, 0)
+    w = mr.to(x.dtype)[..., None]
+    n = w.sum(1)
+    mean = (xr * w).sum(1) / n
+    var = (((xr - mean[:, None]) ** 2) * w).sum(1) / n
+    tol_abs = tol * var.mean(-1)  # (B*n_init,)
+
+    centres = _kmeanspp(xr, mr, k, generator)
+    for _ in range(iters):
+        labels = _sq_dist(xr, centres).argmin(-1)
+        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype) * w
+        counts = onehot.sum(1)[..., None]
+        sums = onehot.transpose(1, 2) @ xr
+        new = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+        shift = ((new - centres) ** 2).sum((1, 2))
+        centres = new
+        if bool((shift <= tol_abs).all()):
+            break
+    dist = _sq_dist(xr, centres)
+    best_d, labels = dist.min(-1)
+    inertia = (best_d * mr).sum(1)
+    pick = inertia.view(b, n_init).argmin(1) + torch.arange(b, device=x.device) * n_init
+    return centres[pick], labels[pick], inertia[pick]
+
+
+def gen_kmeans(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
+    *,
+    generator: torch.Generator,
+    n_init: int = 3,
+    iters: int = 100,
+) -> GenResult:
+    k_run = min(k, x.shape[1])
+    centres, _, _ = kmeans_batched(x, mask, k_run, n_init=n_init, iters=iters, generator=generator)
+    pmask = torch.ones(centres.shape[:2], dtype=torch.bool, device=x.device)
+    return _finish(x, mask, k, centres, pmask)
+
+
+def gen_kmedoids(
+    x: torch.Tensor, mask: torch.Tensor, k: int, *, generator: torch.Generator, iters: int = 50
+) -> GenResult:
+    """Alternating (Voronoi-iteration) k-medoids with euclidean distance, k-means++ seeded."""
+    k_run = min(k, x.shape[1])
+    b = len(x)
+    rows = torch.arange(b, device=x.device)
+    dist = torch.cdist(x, x)  # (C, S, S)
+    big = torch.finfo(x.dtype).max
+    # Seed: the samples nearest to k-means++ centres are medoid candidates.
+    seeds = _kmeanspp(x, mask, k_run, generator)
+    med = _sq_dist(x, seeds).masked_fill(~mask[..., None], big).argmin(1)  # (C, k)
+    for _ in range(iters):
+        to_med = dist.gather(2, med[:, None, :].expand(-1, dist.shape[1], -1))  # (C, S, k)
+        labels = to_med.argmin(-1)
+        member = torch.nn.functional.one_hot(labels, k_run).to(x.dtype) * mask[..., None]
+        cost = dist @ member  # cost[c, i, j]: sum of distances from i to cluster j
+        cost = cost.masked_fill(member == 0, big)
+        new = cost.argmin(1)
+        empty = member.sum(1) == 0
+        new = torch.where(empty, med, new)
+        if torch.equal(new, med):
+            break
+        med = new
+    proxies = x[rows[:, None], med]
+    pmask = torch.ones(proxies.shape[:2], dtype=torch.bool, device=x.device)
+    return _finish(x, mask, k, proxies, pmask)
+
+
+def gen_random(
+    x: torch.Tensor, mask: torch.Tensor, k: int, *, generator: torch.Generator
+) -> GenResult:
+    """k support samples per class, drawn uniformly without replacement."""
+    k_run = min(k, x.shape[1])
+    score = _uniform(mask.shape, generator, x.device).masked_fill(~mask, -1.0)
+    idx = score.topk(k_run, dim=1).indices
+    rows = torch.arange(len(x), device=x.device)[:, None]
+    proxies = x[rows, idx]
+    return _finish(x, mask, k, proxies, mask[rows, idx])
+
+
+def gen_fps(x: torch.Tensor, mask: torch.Tensor, k: int) -> GenResult:
+    """Farthest point sampling, starting from the sample nearest to the class mean.
+
+    Deterministic: the start point is defined by the data, not drawn.
+    """
+    k_run = min(k, x.shape[1])
+    rows = torch.arange(len(x), device=x.device)
+    mean = gen_mean(x, mask).proxies
+    d_mean = _sq_dist(x, mean)[..., 0].masked_fill(~mask, float("inf"))
+    chosen = [d_mean.argmin(1)]
+    closest = _sq_dist(x, x[rows, chosen[0]][:, None])[..., 0]
+    for _ in range(1, k_run):
+        nxt = closest.masked_fill(~mask, -1.0).argmax(1)
+        chosen.append(nxt)
+        closest = torch.minimum(closest, _sq_dist(x, x[rows, nxt][:, None])[..., 0])
+    idx = torch.stack(chosen, 1)
+    proxies = x[rows[:, None], idx]
+    return _finish(x, mask, k, proxies, mask[rows[:, None], idx])
+
+
+def gen_none(
+    x: torch.Tensor, mask: torch.Tensor, k: int = 1, *, generator: torch.Generator
+) -> GenResult:
+    """Random-init proxies, ignoring the support: the floor every method must beat."""
+    c, _, d = x.shape
+    proxies = torch.randn((c, k, d), generator=generator, dtype=torch.float64)
+    proxies = (proxies / math.sqrt(d)).to(device=x.device, dtype=x.dtype)
+    pmask = torch.ones(c, k, dtype=torch.bool, device=x.device)
+    return GenResult(proxies, pmask, pmask.sum(1))
+
+
+def gen_ls(x: torch.Tensor, mask: torch.Tensor, lam: float = 1e-3) -> GenResult:
+    """Least-squares oracle W = (1/C) M (Sigma_T + mu_G mu_G^T + lambda I)^-1.
+
+    Sigma_T + mu_G mu_G^T is the second moment of all support embeddings, so W is ridge
+    regression onto one-hot targets for balanced classes. Not imprinting: every row depends
+    on every class. ``lam`` is relative to the mean eigenvalue (trace / dim), so it is
+    scale-free. Solved in float64.
+    """
+    c, _, d = x.shape
+    xd = x.double()
+    flat = xd[mask]
+    second = flat.T @ flat / len(flat)
+    ridge = lam * torch.trace(second) / d + 1e-12
+    means = gen_mean(xd, mask).proxies[:, 0]  # (C, D)
+    eye = torch.eye(d, dtype=torch.float64, device=x.device)
+    w = torch.linalg.solve(second + ridge * eye, means.T).T / c
+    ones = torch.ones(c, 1, dtype=torch.bool, device=x.device)
+    return GenResult(w.to(x.dtype)[:, None], ones, ones.sum(1))
+
+
+def generate(
+    name: str, x: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, **options
+) -> GenResult:
+    """Dispatch a GEN stage by name (options as parsed from the method spec)."""
+    if name == "mean":
+        return gen_mean(x, mask)
+    if name == "all":
+        return gen_all(x, mask)
+    if name == "kmeans":
+        return gen_kmeans(x, mask, generator=generator, **options)
+    if name == "kmedoids":
+        return gen_kmedoids(x, mask, generator=generator, **options)
+    if name == "random":
+        return gen_random(x, mask, generator=generator, **options)
+    if name == "fps":
+        return gen_fps(x, mask, **options)
+    if name == "none":
+        return gen_none(x, mask, generator=generator, **options)
+    if name == "ls":
+        return gen_ls(x, mask, **options)
+    raise BenchError(
+        f"unknown GEN '{name}'; known: mean, kmeans, kmedoids, random, fps, all, none, ls"
+    )

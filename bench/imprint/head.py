@@ -1,0 +1,193 @@
+"""ImprintedHead: a classifier built from support embeddings by one method spec, no gradients."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from bench.errors import BenchError
+from bench.imprint import agg as agg_mod
+from bench.imprint import gen as gen_mod
+from bench.imprint import norm as norm_mod
+from bench.imprint.presets import resolve
+from bench.imprint.spec import MethodSpec
+
+
+def check_embeddings(x: torch.Tensor, what: str, dim: int | None = None) -> None:
+    """Stop on the embedding problems that would otherwise give silently wrong heads."""
+    if x.ndim != 2:
+        raise BenchError(f"{what} must be a 2-D (samples, dim) tensor, got shape {tuple(x.shape)}")
+    if len(x) == 0:
+        raise BenchError(f"{what} is empty; the episode selected no samples")
+    if dim is not None and x.shape[1] != dim:
+        raise BenchError(
+            f"{what} have {x.shape[1]} dims but the head was built on {dim}-dim embeddings; "
+            "use embeddings from the same backbone and layer for support and queries"
+        )
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).any(1).nonzero().flatten()
+        raise BenchError(
+            f"{what} contain NaN or Inf in {len(bad)} row(s) (first: {bad[:5].tolist()}); "
+            "check the backbone's precision (try float32) or drop the broken samples"
+        )
+
+
+class ImprintedHead(nn.Module):
+    """Proxies and their classes as buffers; ``forward(queries) -> (N, C)`` class scores.
+
+    Column j of the scores belongs to ``classes[j]`` (the original label values, sorted).
+    """
+
+    def __init__(
+        self,
+        spec: MethodSpec | str,
+        proxies: torch.Tensor,
+        proxy_labels: torch.Tensor,
+        classes: torch.Tensor,
+        center: torch.Tensor | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = resolve(spec)
+        self.register_buffer("proxies", proxies)
+        self.register_buffer("proxy_labels", proxy_labels.long())
+        self.register_buffer("classes", classes.long())
+        self.register_buffer("center", center if center is not None else proxies.new_zeros(0))
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    @classmethod
+    def build(
+        cls,
+        spec: MethodSpec | str,
+        support: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        classes: torch.Tensor | None = None,
+        reference_mean: torch.Tensor | None = None,
+        reference_weights: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> ImprintedHead:
+        """Imprint a head.
+
+        ``reference_mean`` is the centre for center-l2 (e.g. the base-class mean); without it
+        the support mean is used. ``reference_weights`` is the reference for quantile
+        normalisation; without it the head's own proxies are used.
+        """
+        spec = resolve(spec)
+        check_embeddings(support, "support embeddings")
+        labels = torch.as_tensor(labels, device=support.device).long()
+        if labels.shape != (len(support),):
+            raise BenchError(
+                f"support labels have shape {tuple(labels.shape)}; expected ({len(support)},)"
+            )
+        present = torch.unique(labels)
+        classes = present if classes is None else torch.unique(torch.as_tensor(classes))
+        classes = classes.to(support.device)
+
+        center = None
+        uses_center = "center-l2" in (spec.norm_pre.name, spec.norm_inf.name)
+        if uses_center:
+            center = support.mean(0) if reference_mean is None else reference_mean.to(support)
+            if center.shape != (support.shape[1],):
+                raise BenchError(
+                    f"reference_mean has shape {tuple(center.shape)}; expected ({support.shape[1]},)"
+                )
+
+        if support.is_cuda:
+            torch.cuda.synchronize(support.device)
+        start = time.perf_counter()
+        x = norm_mod.apply_vector_norm(spec.norm_pre.name, support, center)
+        batch, mask = gen_mod.group_by_class(x, labels, classes)
+        generator = torch.Generator().manual_seed(seed)
+        result = gen_mod.generate(spec.gen.name, batch, mask, generator, **dict(spec.gen.options))
+        proxies = result.proxies[result.mask]
+        slots = torch.arange(len(classes), device=support.device)[:, None]
+        proxy_labels = slots.expand_as(result.mask)[result.mask]
+        proxies = norm_mod.apply_proxy_norm(spec.norm_post.name, proxies, reference_weights)
+        if support.is_cuda:
+            torch.cuda.synchronize(support.device)
+        elapsed = time.perf_counter() - start
+
+        eff = result.effective_k.tolist()
+        meta = {
+            "gen_time_s": elapsed,
+            "seed": seed,
+            "effective_k": eff,
+            "effective_k_min": min(eff),
+            "effective_k_max": max(eff),
+            "num_proxies": len(proxies),
+            "center": None if not uses_center else ("support" if reference_mean is None else "reference"),
+            "quantile_reference": None
+            if spec.norm_post.name != "quantile"
+            else ("proxies" if reference_weights is None else "reference"),
+        }
+        return cls(spec, proxies, proxy_labels, classes, center, meta)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def dim(self) -> int:
+        return self.proxies.shape[1]
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        check_embeddings(queries, "query embeddings", self.dim)
+        center = self.center if self.center.numel() else None
+        q = norm_mod.apply_vector_norm(self.spec.norm_inf.name, queries, center)
+        p = self.proxies.to(q.dtype)
+        return agg_mod.aggregate(
+            self.spec.agg.name, q, p, self.proxy_labels, self.num_classes, **dict(self.spec.agg.options)
+        )
+
+    @torch.no_grad()
+    def predict(self, queries: torch.Tensor) -> torch.Tensor:
+        """Predicted labels in the original label space."""
+        return self.classes[self(queries).argmax(1)]
+
+    def save(self, path: str | Path) -> None:
+        """Write the head as safetensors; spec and meta travel in the header metadata."""
+        tensors = {
+            "proxies": self.proxies.contiguous().cpu(),
+            "proxy_labels": self.proxy_labels.cpu(),
+            "classes": self.classes.cpu(),
+            "center": self.center.contiguous().cpu(),
+        }
+        metadata = {
+            "spec": str(self.spec),
+            "label": self.spec.label or "",
+            "meta": json.dumps(self.meta),
+        }
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ImprintedHead:
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, Exception) as err:  # safetensors raises its own error types
+            raise BenchError(f"cannot read head file {path}: {err}") from err
+        missing = {"proxies", "proxy_labels", "classes", "center"} - tensors.keys()
+        if missing or "spec" not in metadata:
+            raise BenchError(
+                f"{path} is not a saved ImprintedHead (missing {sorted(missing) or 'spec'}); "
+                "write heads with ImprintedHead.save"
+            )
+        spec = MethodSpec.parse(metadata["spec"], label=metadata.get("label") or None)
+        center = tensors["center"] if tensors["center"].numel() else None
+        return cls(
+            spec,
+            tensors["proxies"],
+            tensors["proxy_labels"],
+            tensors["classes"],
+            center,
+            json.loads(metadata.get("meta", "{}")),
+        )
