@@ -84,10 +84,10 @@ def test_kmeans_inertia_within_one_percent_of_sklearn_and_deterministic():
     x, y = gaussian_mixture(num_classes=10, dim=512, per_class=500, seed=0)
     batch, mask = group_by_class(x, y, torch.arange(10))
     for k in (5, 20):
-        _, _, ours = kmeans_batched(batch, mask, k, generator=torch.Generator().manual_seed(0))
+        _, _, ours = kmeans_batched(batch, mask, k, rng=0)
         ref = [KMeans(k, random_state=0).fit(batch[c].numpy()).inertia_ for c in range(10)]
         assert ours.sum().item() <= 1.01 * sum(ref), (k, ours.sum().item(), sum(ref))
-        again = kmeans_batched(batch, mask, k, generator=torch.Generator().manual_seed(0))
+        again = kmeans_batched(batch, mask, k, rng=0)
         assert torch.equal(again[2], ours)
 
 
@@ -132,3 +132,24 @@ def test_bad_embeddings_are_refused(gmm):
         ImprintedHead.build("qi2018", xs, ys, classes=torch.tensor([*range(6), 99]))
     with pytest.raises(BenchError, match="labels have shape"):
         ImprintedHead.build("qi2018", xs, ys[:-1])
+
+
+@pytest.mark.parametrize("method", ["westerhoff2025", "l2/kmedoids:k=3/l2/l2/max", "l2/random:k=2/l2/l2/max",
+                                    "none/none/none/none/max", "ls-oracle", "knn", "hosoda2024"])
+def test_batched_heads_equal_heads_built_alone(gmm, method):
+    from bench.imprint.head import SupportSet, build_heads
+
+    xs, ys, xq, _ = gmm
+    # episodes of different sizes and class sets in one batch
+    eps = [
+        SupportSet(xs, ys, seed=0),
+        SupportSet(xs[ys < 3][:20], ys[ys < 3][:20], seed=1),
+        SupportSet(xs[::3], ys[::3], seed=2),
+    ]
+    batched = build_heads(method, eps)
+    for ep, head in zip(eps, batched):
+        alone = ImprintedHead.build(method, ep.embeddings, ep.labels, seed=ep.seed)
+        assert torch.allclose(head.proxies, alone.proxies, atol=1e-6)
+        assert torch.equal(head.proxy_labels, alone.proxy_labels)
+        assert head.meta["effective_k"] == alone.meta["effective_k"]
+        assert torch.equal(head.predict(xq), alone.predict(xq))

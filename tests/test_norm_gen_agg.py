@@ -67,7 +67,7 @@ def test_mean_ignores_padding():
 def test_kmeans_finds_two_tight_clusters():
     pts = [[0.0, 0.0], [0.0, 0.2], [10.0, 0.0], [10.0, 0.2], [0.1, 0.1], [10.1, 0.1]]
     x, mask = _batch(pts)
-    r = gen.gen_kmeans(x, mask, 2, generator=G())
+    r = gen.gen_kmeans(x, mask, 2, rng=0)
     got = sorted(r.proxies[0].tolist())
     assert torch.allclose(torch.tensor(got), torch.tensor([[0.1 / 3, 0.1], [10.1 / 3 + 20 / 3, 0.1]]), atol=1e-5)
     assert r.effective_k.tolist() == [2]
@@ -75,22 +75,22 @@ def test_kmeans_finds_two_tight_clusters():
 
 def test_kmeans_with_k_at_least_the_sample_count_uses_every_sample():
     x, mask = _batch([[1.0], [2.0]], [[5.0], [6.0], [7.0], [8.0]])
-    r = gen.gen_kmeans(x, mask, 3, generator=G())
+    r = gen.gen_kmeans(x, mask, 3, rng=0)
     assert r.effective_k.tolist() == [2, 3]
     assert sorted(r.proxies[0][r.mask[0]].flatten().tolist()) == [1.0, 2.0]
 
 
 def test_kmedoids_picks_the_central_member_of_each_cluster():
     x, mask = _batch([[0.0], [1.0], [2.0], [10.0], [11.0], [12.0]])
-    r = gen.gen_kmedoids(x, mask, 2, generator=G())
+    r = gen.gen_kmedoids(x, mask, 2, rng=0)
     assert sorted(r.proxies[0].flatten().tolist()) == [1.0, 11.0]
 
 
 def test_random_picks_distinct_support_samples_reproducibly():
     pts = [[float(i)] for i in range(10)]
     x, mask = _batch(pts, pts)
-    a = gen.gen_random(x, mask, 4, generator=G(3))
-    b = gen.gen_random(x, mask, 4, generator=G(3))
+    a = gen.gen_random(x, mask, 4, rng=3)
+    b = gen.gen_random(x, mask, 4, rng=3)
     assert torch.equal(a.proxies, b.proxies)
     vals = a.proxies[0].flatten().tolist()
     assert len(set(vals)) == 4 and set(vals) <= set(range(10))
@@ -111,9 +111,9 @@ def test_all_keeps_every_sample():
 
 def test_none_draws_seeded_random_proxies_ignoring_support():
     x, mask = _batch([[1.0, 1.0]] * 3, [[2.0, 2.0]] * 3)
-    a = gen.gen_none(x, mask, 2, generator=G(1))
-    b = gen.gen_none(x * 100, mask, 2, generator=G(1))
-    c = gen.gen_none(x, mask, 2, generator=G(2))
+    a = gen.gen_none(x, mask, 2, rng=1)
+    b = gen.gen_none(x * 100, mask, 2, rng=1)
+    c = gen.gen_none(x, mask, 2, rng=2)
     assert a.proxies.shape == (2, 2, 2)
     assert torch.equal(a.proxies, b.proxies) and not torch.equal(a.proxies, c.proxies)
 

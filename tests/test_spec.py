@@ -8,7 +8,8 @@ from bench.imprint import PRESETS, MethodSpec, expand_grid, resolve
     "text, canonical",
     [
         ("l2/kmeans:k=20/l2/l2/max", "l2/kmeans:k=20/l2/l2/max"),
-        ("l2/kmeans:k=20,n_init=3/l2/l2/max", "l2/kmeans:k=20/l2/l2/max"),  # default dropped
+        ("l2/kmeans:k=20,n_init=1/l2/l2/max", "l2/kmeans:k=20/l2/l2/max"),  # default dropped
+        ("l2/kmeans:k=20,n_init=3/l2/l2/max", "l2/kmeans:k=20,n_init=3/l2/l2/max"),
         ("none/mean/none/none/mnn:m=1,metric=euclidean", "none/mean/none/none/mnn"),
         (
             " center-l2 / all / quantile / center-l2 / mnn:metric=cosine,weight=distance,m=3 ",

@@ -10,8 +10,8 @@ def gaussian_mixture(
     dim: int = 512,
     per_class: int = 600,
     modes: int = 4,
-    class_spread: float = 0.1,
-    mode_spread: float = 0.6,
+    class_spread: float = 0.05,
+    mode_spread: float = 1.0,
     noise: float = 2.0,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:

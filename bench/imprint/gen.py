@@ -5,8 +5,10 @@ marking real samples (classes may have different support sizes) and return proxi
 (C, K, D) with a proxy mask (C, K). Classes are the batch dimension: there is no Python
 loop over classes, so one call serves 10 or 10,000 classes on CPU or GPU.
 
-Randomness is drawn from a CPU ``torch.Generator`` and moved to the data's device, so a seed
-picks the same samples on CPU and GPU and on any number of processes.
+Randomness comes from :class:`RowRandom`: CPU generators, one per block of rows (one block per
+episode when several episodes share a batch), moved to the data's device. So a seed picks
+the same samples on CPU and GPU, on any number of processes, and whether a head is built
+alone or batched with other episodes.
 
 When a class has no more support samples than the requested k (k-means, k-medoids, random,
 fps), every sample becomes its own proxy: the effective k is the sample count, the result
@@ -38,7 +40,7 @@ def group_by_class(
     Samples keep their input order within a class, so the padded batch is a deterministic
     function of the inputs.
     """
-    pos = torch.searchsorted(classes, y)
+    pos = torch.searchsorted(classes, y.contiguous())
     pos = pos.clamp(max=len(classes) - 1)
     if not torch.equal(classes[pos], y):
         unknown = sorted(set(y.tolist()) - set(classes.tolist()))
@@ -51,9 +53,13 @@ def group_by_class(
             "provide support for them"
         )
     order = torch.argsort(pos, stable=True)
+    s_max = int(counts.max())
+    if bool((counts == s_max).all()):
+        # Balanced episodes (the usual case): grouping is a gather and a reshape.
+        out = x[order].view(len(classes), s_max, x.shape[-1])
+        return out, torch.ones(len(classes), s_max, dtype=torch.bool, device=x.device)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(y), device=y.device) - starts[pos[order]]
-    s_max = int(counts.max())
     out = x.new_zeros(len(classes), s_max, x.shape[-1])
     mask = torch.zeros(len(classes), s_max, dtype=torch.bool, device=x.device)
     out[pos[order], slot] = x[order]
@@ -61,30 +67,66 @@ def group_by_class(
     return out, mask
 
 
-def _uniform(shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, dtype=torch.float64).to(device)
+class RowRandom:
+    """Random numbers for a batch whose row blocks belong to independent episodes.
+
+    ``blocks`` is a list of (seed, rows). Each block draws from its own CPU generator, so its
+    numbers do not depend on which other blocks share the batch.
+    """
+
+    def __init__(self, blocks: list[tuple[int, int]], _generators=None) -> None:
+        self.blocks = list(blocks)
+        self.generators = _generators or [torch.Generator().manual_seed(int(s)) for s, _ in blocks]
+
+    @classmethod
+    def of(cls, rng: RowRandom | int, rows: int) -> RowRandom:
+        """Accept a plain int seed for a single-episode batch."""
+        return rng if isinstance(rng, RowRandom) else cls([(int(rng), rows)])
+
+    def repeat(self, n: int) -> RowRandom:
+        """The same generators for a batch whose rows were ``repeat_interleave``d n times."""
+        return RowRandom([(s, r * n) for s, r in self.blocks], self.generators)
+
+    def _draw(self, fn, tail: tuple[int, ...], device) -> torch.Tensor:
+        parts = [fn((r, *tail), generator=g, dtype=torch.float64) for (_, r), g in zip(self.blocks, self.generators)]
+        return torch.cat(parts).to(device)
+
+    def rand(self, tail: tuple[int, ...], device) -> torch.Tensor:
+        return self._draw(torch.rand, tail, device)
+
+    def randn(self, tail: tuple[int, ...], device) -> torch.Tensor:
+        return self._draw(torch.randn, tail, device)
 
 
-def _sample_weighted(
-    weights: torch.Tensor, n: int, generator: torch.Generator
-) -> torch.Tensor:
+def _sample_weighted(weights: torch.Tensor, n: int, rng: RowRandom) -> torch.Tensor:
     """Draw ``n`` indices per row with probability proportional to ``weights`` (B, S).
 
     Inverse-CDF sampling with CPU uniforms keeps draws identical across devices. Rows whose
-    weights are all zero (every sample already a centre) fall back to index 0; callers only
-    hit that when the class has fewer samples than centres, a case handled separately.
+    weights are all zero (every sample already a centre) fall back to the last index;
+    callers only hit that when the class has fewer samples than centres, a case handled
+    separately.
     """
     cdf = weights.double().cumsum(-1)
-    total = cdf[:, -1:]
-    u = _uniform((weights.shape[0], n), generator, weights.device) * total
+    u = (rng.rand((n,), weights.device) * cdf[:, -1:]).contiguous()
     idx = torch.searchsorted(cdf, u, right=True)
     return idx.clamp(max=weights.shape[1] - 1)
 
 
-def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Squared euclidean distances between rows of (B, S, D) and (B, K, D) -> (B, S, K)."""
-    d = (x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(1, 2) + (c * c).sum(-1)[:, None, :]
-    return d.clamp_min_(0)
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).sum(-1)
+
+
+def _sq_dist(
+    x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Squared euclidean distances between rows of (B, S, D) and (B, K, D) -> (B, S, K).
+
+    Pass ``x_sq`` (the rows' squared norms) when calling repeatedly on the same ``x``.
+    """
+    if x_sq is None:
+        x_sq = _sq_norms(x)
+    d = torch.baddbmm(_sq_norms(c)[:, None, :], x, c.transpose(1, 2), alpha=-2)
+    return d.add_(x_sq[..., None]).clamp_min_(0)
 
 
 def _finish(
@@ -105,7 +147,8 @@ def _finish(
 
 def gen_mean(x: torch.Tensor, mask: torch.Tensor) -> GenResult:
     w = mask.to(x.dtype)
-    mean = (x * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+    # A batched matmul avoids a (C, S, D) temporary, which costs more than the sum itself.
+    mean = (w[:, None, :] @ x)[:, 0] / w.sum(1, keepdim=True)
     ones = torch.ones(len(x), 1, dtype=torch.bool, device=x.device)
     return GenResult(mean[:, None], ones, ones.sum(1))
 
@@ -115,18 +158,25 @@ def gen_all(x: torch.Tensor, mask: torch.Tensor) -> GenResult:
 
 
 def _kmeanspp(
-    x: torch.Tensor, mask: torch.Tensor, k: int, generator: torch.Generator
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
+    rng: RowRandom,
+    x_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy k-means++ seeding (as in scikit-learn), batched: returns centres (B, k, D)."""
     b, s, _ = x.shape
+    x_sq = _sq_norms(x) if x_sq is None else x_sq
     trials = 2 + int(math.log(k))
     rows = torch.arange(b, device=x.device)
-    first = (_uniform((b, s), generator, x.device) * mask).argmax(1)
+    # Draw counts depend only on the number of rows, never on the padded width, so an
+    # episode's draws are the same alone and inside a wider batch.
+    first = _sample_weighted(mask.to(x.dtype), 1, rng)[:, 0]
     centres = [x[rows, first]]
-    closest = _sq_dist(x, centres[0][:, None])[..., 0] * mask
+    closest = _sq_dist(x, centres[0][:, None], x_sq)[..., 0] * mask
     for _ in range(1, k):
-        cand = _sample_weighted(closest, trials, generator)  # (B, T)
-        d_cand = _sq_dist(x, x[rows[:, None], cand])  # (B, S, T)
+        cand = _sample_weighted(closest, trials, rng)  # (B, T)
+        d_cand = _sq_dist(x, x[rows[:, None], cand], x_sq)  # (B, S, T)
         new_closest = torch.minimum(closest[..., None], d_cand) * mask[..., None]
         best = new_closest.sum(1).argmin(1)  # (B,)
         centres.append(x[rows, cand[rows, best]])
@@ -139,40 +189,48 @@ def kmeans_batched(
     mask: torch.Tensor,
     k: int,
     *,
-    n_init: int = 3,
+    n_init: int = 1,
     iters: int = 100,
     tol: float = 1e-4,
-    generator: torch.Generator,
+    rng: RowRandom | int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on every row of a padded batch at once.
 
     Returns (centres (B, k, D), labels (B, S), inertia (B,)), keeping per row the best of
-    ``n_init`` k-means++ restarts. ``tol`` is relative to the mean per-feature variance of
-    each row's data, as in scikit-learn. Empty clusters keep their previous centre.
+    ``n_init`` k-means++ restarts (1 by default, as scikit-learn's ``n_init='auto'``).
+    ``tol`` is relative to the mean per-feature variance of each row's data, as in
+    scikit-learn; iteration also stops once no assignment changes. Empty clusters keep
+    their previous centre.
     """
-    b, s, d = x.shape
-    xr = x.repeat_interleave(n_init, 0)
-    mr = mask.repeat_interleave(n_init, 0)
-    w = mr.to(x.dtype)[..., None]
+    b = len(x)
+    rng = RowRandom.of(rng, b).repeat(n_init)
+    if n_init > 1:
+        x, mask = x.repeat_interleave(n_init, 0), mask.repeat_interleave(n_init, 0)
+    w = mask.to(x.dtype)
+    x_sq = _sq_norms(x)
     n = w.sum(1)
-    mean = (xr * w).sum(1) / n
-    var = (((xr - mean[:, None]) ** 2) * w).sum(1) / n
-    tol_abs = tol * var.mean(-1)  # (B*n_init,)
+    mean = (w[:, None, :] @ x)[:, 0] / n[:, None]
+    # mean per-feature variance = (E||x||^2 - ||E x||^2) / D, without another pass over x
+    tol_abs = tol * ((x_sq * w).sum(1) / n - _sq_norms(mean)).clamp_min(0) / x.shape[-1]
 
-    centres = _kmeanspp(xr, mr, k, generator)
+    centres = _kmeanspp(x, mask, k, rng, x_sq)
+    labels = None
     for _ in range(iters):
-        labels = _sq_dist(xr, centres).argmin(-1)
-        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype) * w
+        new_labels = _sq_dist(x, centres, x_sq).argmin(-1)
+        if labels is not None and torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype) * w[..., None]
         counts = onehot.sum(1)[..., None]
-        sums = onehot.transpose(1, 2) @ xr
-        new = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+        new = torch.where(counts > 0, (onehot.transpose(1, 2) @ x) / counts.clamp_min(1), centres)
         shift = ((new - centres) ** 2).sum((1, 2))
         centres = new
         if bool((shift <= tol_abs).all()):
             break
-    dist = _sq_dist(xr, centres)
-    best_d, labels = dist.min(-1)
-    inertia = (best_d * mr).sum(1)
+    best_d, labels = _sq_dist(x, centres, x_sq).min(-1)
+    inertia = (best_d * w).sum(1)
+    if n_init == 1:
+        return centres, labels, inertia
     pick = inertia.view(b, n_init).argmin(1) + torch.arange(b, device=x.device) * n_init
     return centres[pick], labels[pick], inertia[pick]
 
@@ -182,18 +240,18 @@ def gen_kmeans(
     mask: torch.Tensor,
     k: int,
     *,
-    generator: torch.Generator,
-    n_init: int = 3,
+    rng: RowRandom | int,
+    n_init: int = 1,
     iters: int = 100,
 ) -> GenResult:
     k_run = min(k, x.shape[1])
-    centres, _, _ = kmeans_batched(x, mask, k_run, n_init=n_init, iters=iters, generator=generator)
+    centres, _, _ = kmeans_batched(x, mask, k_run, n_init=n_init, iters=iters, rng=rng)
     pmask = torch.ones(centres.shape[:2], dtype=torch.bool, device=x.device)
     return _finish(x, mask, k, centres, pmask)
 
 
 def gen_kmedoids(
-    x: torch.Tensor, mask: torch.Tensor, k: int, *, generator: torch.Generator, iters: int = 50
+    x: torch.Tensor, mask: torch.Tensor, k: int, *, rng: RowRandom | int, iters: int = 50
 ) -> GenResult:
     """Alternating (Voronoi-iteration) k-medoids with euclidean distance, k-means++ seeded."""
     k_run = min(k, x.shape[1])
@@ -202,7 +260,7 @@ def gen_kmedoids(
     dist = torch.cdist(x, x)  # (C, S, S)
     big = torch.finfo(x.dtype).max
     # Seed: the samples nearest to k-means++ centres are medoid candidates.
-    seeds = _kmeanspp(x, mask, k_run, generator)
+    seeds = _kmeanspp(x, mask, k_run, RowRandom.of(rng, b))
     med = _sq_dist(x, seeds).masked_fill(~mask[..., None], big).argmin(1)  # (C, k)
     for _ in range(iters):
         to_med = dist.gather(2, med[:, None, :].expand(-1, dist.shape[1], -1))  # (C, S, k)
@@ -222,15 +280,21 @@ def gen_kmedoids(
 
 
 def gen_random(
-    x: torch.Tensor, mask: torch.Tensor, k: int, *, generator: torch.Generator
+    x: torch.Tensor, mask: torch.Tensor, k: int, *, rng: RowRandom | int
 ) -> GenResult:
     """k support samples per class, drawn uniformly without replacement."""
     k_run = min(k, x.shape[1])
-    score = _uniform(mask.shape, generator, x.device).masked_fill(~mask, -1.0)
-    idx = score.topk(k_run, dim=1).indices
-    rows = torch.arange(len(x), device=x.device)[:, None]
-    proxies = x[rows, idx]
-    return _finish(x, mask, k, proxies, mask[rows, idx])
+    rng = RowRandom.of(rng, len(x))
+    rows = torch.arange(len(x), device=x.device)
+    left = mask.to(x.dtype).clone()
+    picks = []
+    for _ in range(k_run):  # sequential draws without replacement; k is small
+        pick = _sample_weighted(left, 1, rng)[:, 0]
+        left[rows, pick] = 0
+        picks.append(pick)
+    idx = torch.stack(picks, 1)
+    proxies = x[rows[:, None], idx]
+    return _finish(x, mask, k, proxies, mask[rows[:, None], idx])
 
 
 def gen_fps(x: torch.Tensor, mask: torch.Tensor, k: int) -> GenResult:
@@ -243,22 +307,23 @@ def gen_fps(x: torch.Tensor, mask: torch.Tensor, k: int) -> GenResult:
     mean = gen_mean(x, mask).proxies
     d_mean = _sq_dist(x, mean)[..., 0].masked_fill(~mask, float("inf"))
     chosen = [d_mean.argmin(1)]
-    closest = _sq_dist(x, x[rows, chosen[0]][:, None])[..., 0]
+    x_sq = _sq_norms(x)
+    closest = _sq_dist(x, x[rows, chosen[0]][:, None], x_sq)[..., 0]
     for _ in range(1, k_run):
         nxt = closest.masked_fill(~mask, -1.0).argmax(1)
         chosen.append(nxt)
-        closest = torch.minimum(closest, _sq_dist(x, x[rows, nxt][:, None])[..., 0])
+        closest = torch.minimum(closest, _sq_dist(x, x[rows, nxt][:, None], x_sq)[..., 0])
     idx = torch.stack(chosen, 1)
     proxies = x[rows[:, None], idx]
     return _finish(x, mask, k, proxies, mask[rows[:, None], idx])
 
 
 def gen_none(
-    x: torch.Tensor, mask: torch.Tensor, k: int = 1, *, generator: torch.Generator
+    x: torch.Tensor, mask: torch.Tensor, k: int = 1, *, rng: RowRandom | int
 ) -> GenResult:
     """Random-init proxies, ignoring the support: the floor every method must beat."""
     c, _, d = x.shape
-    proxies = torch.randn((c, k, d), generator=generator, dtype=torch.float64)
+    proxies = RowRandom.of(rng, c).randn((k, d), "cpu")
     proxies = (proxies / math.sqrt(d)).to(device=x.device, dtype=x.dtype)
     pmask = torch.ones(c, k, dtype=torch.bool, device=x.device)
     return GenResult(proxies, pmask, pmask.sum(1))
@@ -273,9 +338,10 @@ def gen_ls(x: torch.Tensor, mask: torch.Tensor, lam: float = 1e-3) -> GenResult:
     scale-free. Solved in float64.
     """
     c, _, d = x.shape
+    flat = x[mask]
+    # The Gram matrix in the input precision (the costly part), the solve in float64.
+    second = (flat.T @ flat).double() / len(flat)
     xd = x.double()
-    flat = xd[mask]
-    second = flat.T @ flat / len(flat)
     ridge = lam * torch.trace(second) / d + 1e-12
     means = gen_mean(xd, mask).proxies[:, 0]  # (C, D)
     eye = torch.eye(d, dtype=torch.float64, device=x.device)
@@ -285,7 +351,7 @@ def gen_ls(x: torch.Tensor, mask: torch.Tensor, lam: float = 1e-3) -> GenResult:
 
 
 def generate(
-    name: str, x: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, **options
+    name: str, x: torch.Tensor, mask: torch.Tensor, rng: RowRandom | int, **options
 ) -> GenResult:
     """Dispatch a GEN stage by name (options as parsed from the method spec)."""
     if name == "mean":
@@ -293,15 +359,15 @@ def generate(
     if name == "all":
         return gen_all(x, mask)
     if name == "kmeans":
-        return gen_kmeans(x, mask, generator=generator, **options)
+        return gen_kmeans(x, mask, rng=rng, **options)
     if name == "kmedoids":
-        return gen_kmedoids(x, mask, generator=generator, **options)
+        return gen_kmedoids(x, mask, rng=rng, **options)
     if name == "random":
-        return gen_random(x, mask, generator=generator, **options)
+        return gen_random(x, mask, rng=rng, **options)
     if name == "fps":
         return gen_fps(x, mask, **options)
     if name == "none":
-        return gen_none(x, mask, generator=generator, **options)
+        return gen_none(x, mask, rng=rng, **options)
     if name == "ls":
         return gen_ls(x, mask, **options)
     raise BenchError(

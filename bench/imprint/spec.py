@@ -35,7 +35,7 @@ GEN: dict[str, dict[str, Option]] = {
     "mean": {},
     "kmeans": {
         "k": Option(int, minimum=1),
-        "n_init": Option(int, 3, minimum=1),
+        "n_init": Option(int, 1, minimum=1),
         "iters": Option(int, 100, minimum=1),
     },
     "kmedoids": {"k": Option(int, minimum=1), "iters": Option(int, 50, minimum=1)},

@@ -1,0 +1,23 @@
+"""The method benchmark's reference and library agree on a small grid."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_methods.py"
+
+
+def test_bench_methods_small_grid(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "r.json"
+    mod.main(["--seeds", "2", "--shots", "1", "5", "all", "--methods", "qi2018", "knn", "hosoda2024",
+              "ls-oracle", "simpleshot", "l2/kmeans:k=3/l2/l2/max", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert {r["method"] for r in result["rows"]} == {"qi2018", "knn", "hosoda2024", "ls-oracle", "simpleshot",
+                                                     "l2/kmeans:k=3/l2/l2/max"}
+    for row in result["rows"]:
+        if "kmeans" not in row["method"]:  # deterministic methods agree exactly
+            assert abs(row["acc_diff_points"]) < 0.2, row
+    assert result["overall"]["speedup"] > 0 and set(result["per_shot"]) == {"1", "5", "all"}
