@@ -1,0 +1,83 @@
+"""``bench``: extract | imprint | run | quickstart | methods.
+
+Every command takes ``-c/--config FILE.yaml`` and any number of ``key.sub=value`` overrides,
+e.g. ``bench run -c configs/quickstart.yaml trainer.devices=2 trainer.strategy=ddp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.errors import BenchError
+
+QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    helps = {
+        "extract": "extract embeddings into the cache (skipped when cached)",
+        "imprint": "imprint and evaluate the method grid from cached embeddings",
+        "run": "extract if not cached, then imprint and evaluate the whole grid",
+        "quickstart": "the embedded default: digits, the tiny backbone, base and novel classes",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("-c", "--config", help="YAML run config (see configs/)")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    m = sub.add_parser("methods", help="list presets, or expand a method grid")
+    m.add_argument("grid", nargs="*", help="grid entries, e.g. 'l2/kmeans:k=[1,5]/l2/l2/max'")
+    return ap
+
+
+def _methods(grid_entries: list[str]) -> None:
+    from bench.imprint import PRESETS, expand_grid
+
+    if not grid_entries:
+        for name, spec in PRESETS.items():
+            print(f"{name:16s} {spec}")
+        return
+    grid = expand_grid(grid_entries)
+    for spec in grid.specs:
+        print(spec.name if spec.label is None else f"{spec.name:16s} {spec}")
+    for text, why in grid.dropped:
+        print(f"dropped {text}: {why}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "methods":
+            _methods(args.grid)
+            return 0
+        from bench import pipeline
+        from bench.config import load_config
+
+        config = args.config
+        if args.command == "quickstart" and config is None and QUICKSTART_CONFIG.is_file():
+            config = QUICKSTART_CONFIG
+        cfg = load_config(config, args.overrides)
+        if args.command == "extract":
+            pipeline.quiet_lightning()
+            emb = pipeline.extract_stage(cfg)
+            if pipeline.is_rank_zero():
+                for entry in (emb.pool, emb.queries):
+                    if entry is not None:
+                        print(f"{entry.manifest['fields']['split']}: {entry.path} "
+                              f"({entry.manifest['num_samples']} x {entry.manifest['dim']})")
+            return 0
+        result = pipeline.run(cfg, require_cached=args.command == "imprint")
+        if pipeline.is_rank_zero():
+            print(pipeline.report(result))
+        return 0
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

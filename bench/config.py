@@ -1,0 +1,155 @@
+"""Run configuration: YAML files under ``configs/`` plus ``key.sub=value`` overrides.
+
+The defaults are the quickstart: the embedded tiny backbone on digits, base and novel classes.
+Every key is declared here, so a typo is an error that names the key and lists the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.errors import BenchError
+
+QUICKSTART_METHODS = [
+    "qi2018",
+    "hosoda2024",
+    "janson2022",
+    "westerhoff2025",
+    "simpleshot",
+    "ncm",
+    "knn",
+    "ls-oracle",
+    "l2/kmeans:k=[2,5,10]/l2/l2/max",
+]
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "tiny-digits"
+    weights: Any = None  # torchvision only: DEFAULT, an enum name, a local file, or null
+    transform: dict | None = None  # override the backbone's transform (see backbones.transforms)
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.name.startswith("torchvision:"):
+            opts["weights"] = self.weights
+        elif self.weights is not None:
+            raise BenchError(f"backbone.weights only applies to torchvision backbones, not {self.name}")
+        if self.transform is not None:
+            opts["transform"] = self.transform
+        return opts
+
+
+@dataclass
+class DatasetConfig:
+    name: str | None = None  # default: the task suite's dataset
+    train_split: str = "train"
+    test_split: str = "test"
+    options: dict = field(default_factory=dict)  # e.g. image_key / label_key for hf datasets
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 256
+    num_workers: int = 0
+    dtype: str = "float32"
+    skip_corrupt: bool = False
+    rebuild: bool = False
+    shard_size: int = 65536
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+
+    def kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto (online only with credentials) | offline | online | disabled
+    project: str = "bench"
+    entity: str | None = None
+
+
+@dataclass
+class RunConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    task: str = "digits-base-novel"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    methods: list = field(default_factory=lambda: list(QUICKSTART_METHODS))
+    center: str | None = "base"  # center-l2 reference: null (support mean) or a class subset
+    name: str | None = None
+    cache_dir: str = ".cache/bench"
+    out_dir: str = "runs"
+    batch_size: int = 4096
+    save_heads: bool = False
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise BenchError(f"config section '{where or 'root'}' must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise BenchError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; known keys in "
+            f"'{where or 'root'}': {sorted(known)}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        ftype = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+        if ftype is not None and dataclasses.is_dataclass(ftype):
+            kwargs[key] = _build(ftype, value or {}, f"{where}.{key}" if where else key)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = data
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise BenchError(f"cannot set '{dotted}': '{p}' is not a section")
+    cur[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise BenchError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise BenchError(f"config file {p} must hold a YAML mapping")
+        data = loaded
+    for item in overrides or []:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise BenchError(f"override '{item}' must look like key=value, e.g. trainer.devices=2")
+        _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    cfg = _build(RunConfig, data, "")
+    if isinstance(cfg.methods, str):
+        cfg.methods = [cfg.methods]
+    return cfg

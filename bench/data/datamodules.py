@@ -1,0 +1,121 @@
+"""LightningDataModules: images for extraction, cached embeddings for imprinting."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bench.data.episodes import Episode
+from bench.data.sources import CorruptImage, Source
+
+
+class IndexedImages(Dataset):
+    """(image tensor, label, dataset index); with ``skip_corrupt`` a broken image yields None."""
+
+    def __init__(self, source: Source, transform: Callable, skip_corrupt: bool = False) -> None:
+        self.source, self.transform, self.skip_corrupt = source, transform, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            image = self.transform(self.source.load(index))
+        except CorruptImage:
+            if self.skip_corrupt:
+                return None, int(self.source.labels[index]), index
+            raise
+        return image, int(self.source.labels[index]), index
+
+
+def collate_skipping(batch: list) -> dict[str, torch.Tensor]:
+    """Stack the good samples; report the indices of skipped ones so they can be counted."""
+    good = [b for b in batch if b[0] is not None]
+    skipped = torch.tensor([b[2] for b in batch if b[0] is None], dtype=torch.long)
+    if not good:
+        return {"images": None, "labels": None, "indices": torch.empty(0, dtype=torch.long), "skipped": skipped}
+    return {
+        "images": torch.stack([b[0] for b in good]),
+        "labels": torch.tensor([b[1] for b in good], dtype=torch.long),
+        "indices": torch.tensor([b[2] for b in good], dtype=torch.long),
+        "skipped": skipped,
+    }
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Serves one source with the backbone's transform, in dataset order, for prediction."""
+
+    def __init__(self, source: Source, transform: Callable, batch_size: int = 256,
+                 num_workers: int = 0, skip_corrupt: bool = False) -> None:
+        super().__init__()
+        self.source, self.transform = source, transform
+        self.batch_size, self.num_workers, self.skip_corrupt = batch_size, num_workers, skip_corrupt
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            IndexedImages(self.source, self.transform, self.skip_corrupt),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_skipping,
+            persistent_workers=False,
+        )
+
+
+class RankShardSampler(Sampler[int]):
+    """Rank r of w takes positions r, r + w, ...: every sample once, no padding.
+
+    Lightning's DistributedSampler pads ranks to equal length with repeated samples, which
+    would count some queries twice; imprinting needs each sample exactly once.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+class TensorRows(Dataset):
+    def __init__(self, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        self.embeddings, self.labels, self.indices = embeddings, labels, indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.embeddings[i], self.labels[i], self.indices[i]
+
+
+class EpisodeDataModule(L.LightningDataModule):
+    """Support (``train_dataloader``) and queries (``test_dataloader``) of one episode, read
+    from cached embeddings. Use with ``Trainer(use_distributed_sampler=False)``: the module
+    shards samples across ranks itself, without duplicates."""
+
+    def __init__(self, pool: Any, queries: Any, episode: Episode, batch_size: int = 1024) -> None:
+        super().__init__()
+        self.pool, self.queries, self.episode, self.batch_size = pool, queries, episode, batch_size
+
+    def _rows(self, entry: Any, positions: np.ndarray) -> TensorRows:
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        return TensorRows(entry.embeddings[pos].float(), entry.labels[pos], entry.indices[pos])
+
+    def _loader(self, rows: TensorRows) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        return DataLoader(rows, batch_size=self.batch_size,
+                          sampler=RankShardSampler(len(rows), rank, world))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._rows(self.pool, self.episode.support))
+
+    def test_dataloader(self) -> DataLoader:
+        entry = self.queries if self.episode.query_split == "test" else self.pool
+        return self._loader(self._rows(entry, self.episode.query))

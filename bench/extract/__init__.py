@@ -1,0 +1,6 @@
+"""Embedding extraction (Trainer.predict) and the embedding cache."""
+
+from bench.extract.cache import CacheEntry, EmbeddingCache, cache_key, open_entry
+from bench.extract.extractor import EmbeddingExtractor, ShardWriter, extract
+
+__all__ = ["CacheEntry", "EmbeddingCache", "EmbeddingExtractor", "ShardWriter", "cache_key", "extract", "open_entry"]

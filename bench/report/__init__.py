@@ -1,0 +1,1 @@
+"""Result tables and W&B logging."""

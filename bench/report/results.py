@@ -1,0 +1,109 @@
+"""Result tables: one row per (backbone, dataset, classes, shots, seed, method)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+KEY_COLUMNS = ["backbone", "dataset", "task", "classes", "shots", "seed", "method"]
+
+
+def write_table(rows: Sequence[dict[str, Any]], out_dir: Path, stem: str = "results") -> list[Path]:
+    """CSV always, Parquet when pyarrow is installed; each written to a temporary name first."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    paths = []
+    csv_path = out_dir / f"{stem}.csv"
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+    paths.append(csv_path)
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return paths
+    table = pa.Table.from_pylist([{c: _plain(r.get(c)) for c in columns} for r in rows])
+    pq_path = out_dir / f"{stem}.parquet"
+    tmp = pq_path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, pq_path)
+    paths.append(pq_path)
+    return paths
+
+
+def _plain(v: Any) -> Any:
+    return str(v) if isinstance(v, (list, dict)) else v
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def summarise(rows: Sequence[dict[str, Any]], metric: str = "acc") -> dict[tuple, tuple[float, float]]:
+    """(classes, method, shots) -> (mean, std) of ``metric`` over seeds."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        groups[(r["classes"], r["method"], str(r["shots"]))].append(float(r[metric]))
+    return {k: mean_std(v) for k, v in groups.items()}
+
+
+def format_table(rows: Sequence[dict[str, Any]], metric: str = "acc") -> str:
+    """Methods against shots, one block per class subset: mean accuracy (%) over seeds."""
+    summary = summarise(rows, metric)
+    subsets = list(dict.fromkeys(r["classes"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    shots = list(dict.fromkeys(str(r["shots"]) for r in rows))
+    seeds = len({r["seed"] for r in rows})
+    width = max(len(m) for m in methods)
+    out = []
+    for subset in subsets:
+        out.append(f"\n{metric} (%) on classes '{subset}', mean ± std over {seeds} seed(s)")
+        out.append(f"{'method':<{width}} " + " ".join(f"{s + '-shot':>13}" for s in shots))
+        for m in methods:
+            cells = []
+            for s in shots:
+                if (subset, m, s) in summary:
+                    mu, sd = summary[(subset, m, s)]
+                    cells.append(f"{100 * mu:6.1f} ±{100 * sd:4.1f}")
+                else:
+                    cells.append("-")
+            out.append(f"{m:<{width}} " + " ".join(f"{c:>13}" for c in cells))
+    return "\n".join(out)
+
+
+def multiproxy_verdict(rows: Sequence[dict[str, Any]], subset: str, mean_method: str = "qi2018") -> str | None:
+    """Does the best multi-proxy k-means head beat mean imprinting at the higher shot counts?"""
+    summary = summarise(rows)
+    shots = list(dict.fromkeys(str(r["shots"]) for r in rows if r["classes"] == subset))
+    kmeans = sorted({r["method"] for r in rows if r.get("gen") == "kmeans" and int(r.get("gen.k") or 1) > 1})
+    if not kmeans or (subset, mean_method, shots[-1] if shots else "") not in summary:
+        return None
+    high = shots[len(shots) // 2:]
+    parts, wins = [], 0
+    for s in high:
+        best = max(kmeans, key=lambda m: summary.get((subset, m, s), (-1, 0))[0])
+        k_acc, base = summary[(subset, best, s)][0], summary[(subset, mean_method, s)][0]
+        wins += k_acc > base
+        parts.append(f"{s}-shot: {best} {100 * k_acc:.1f}% vs {mean_method} {100 * base:.1f}%")
+    verdict = (
+        "multi-proxy k-means beats mean imprinting" if wins == len(high)
+        else "multi-proxy k-means does NOT beat mean imprinting everywhere" if wins
+        else "multi-proxy k-means does NOT beat mean imprinting"
+    )
+    return f"On '{subset}' classes at higher shot counts, {verdict} ({'; '.join(parts)})."
