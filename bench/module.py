@@ -44,7 +44,8 @@ class SupportCollector(Metric):
         self.indices.append(indices.long())
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self.indices:
+        # After a cross-rank sync the list states arrive already concatenated as tensors.
+        if isinstance(self.indices, list) and not self.indices:
             raise BenchError("the support set is empty; the episode selected no samples")
         idx = dim_zero_cat(self.indices)
         uniq, first = _first_occurrence(idx)

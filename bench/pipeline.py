@@ -123,7 +123,9 @@ def reference_mean(cfg: RunConfig, emb: Embeddings) -> torch.Tensor | None:
     return emb.pool.embeddings[keep].float().mean(0)
 
 
-def imprint_stage(cfg: RunConfig, emb: Embeddings, out_dir: Path | None = None) -> tuple[list[dict], list]:
+def imprint_stage(
+    cfg: RunConfig, emb: Embeddings, out_dir: Path | None = None
+) -> tuple[list[dict], list, int]:
     """Imprint and evaluate every method on every episode of the suite."""
     grid = expand_grid(cfg.methods)
     center = reference_mean(cfg, emb)
@@ -131,6 +133,7 @@ def imprint_stage(cfg: RunConfig, emb: Embeddings, out_dir: Path | None = None) 
     episodes = list(emb.suite.episodes(emb.pool.labels.numpy(), q_labels))
     dataset = cfg.dataset.name or emb.suite.dataset
     rows = []
+    world_size = 1
     bar = tqdm(episodes, desc="imprint + evaluate", unit="episode", disable=not is_rank_zero())
     for subset, episode in bar:
         bar.set_postfix_str(f"{subset} {episode.shots}-shot seed {episode.seed}")
@@ -139,6 +142,7 @@ def imprint_stage(cfg: RunConfig, emb: Embeddings, out_dir: Path | None = None) 
         trainer = trainer_for_imprinting(**cfg.trainer.kwargs())
         trainer.fit(module, datamodule=dm)
         trainer.test(module, datamodule=dm, verbose=False)
+        world_size = trainer.world_size
         for spec in grid.specs:
             rows.append({
                 "backbone": emb.backbone.name, "dataset": dataset, "task": emb.suite.name,
@@ -149,7 +153,7 @@ def imprint_stage(cfg: RunConfig, emb: Embeddings, out_dir: Path | None = None) 
                 head_dir = out_dir / "heads" / f"{subset}-{episode.shots}shot-seed{episode.seed}"
                 head_dir.mkdir(parents=True, exist_ok=True)
                 module.heads[module.head_key(spec)].save(head_dir / f"{slug(spec.name)}.safetensors")
-    return rows, grid.dropped
+    return rows, grid.dropped, world_size
 
 
 def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
@@ -160,13 +164,37 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
     if is_rank_zero():
         check_writable(out_dir)
     emb = extract_stage(cfg, require_cached=require_cached)
-    rows, dropped = imprint_stage(cfg, emb, out_dir)
+    rows, dropped, world_size = imprint_stage(cfg, emb, out_dir)
     result = RunResult(rows, out_dir, dropped=dropped)
     if is_rank_zero():
         result.paths = write_table(rows, out_dir)
+        write_run_record(out_dir, cfg, emb, world_size, dropped)
         result.wandb = log_to_wandb(rows, cfg.to_dict(), name, out_dir, cfg.wandb.mode,
                                     cfg.wandb.project, cfg.wandb.entity)
     return result
+
+
+def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings, world_size: int, dropped) -> Path:
+    """run.json: the config, where the embeddings came from and how many processes ran."""
+    import json
+    import platform
+
+    import lightning
+
+    record = {
+        "config": cfg.to_dict(),
+        "world_size": world_size,
+        "cache_entries": [str(e.path) for e in (emb.pool, emb.queries) if e is not None],
+        "backbone_sha256": emb.backbone.fingerprint,
+        "dropped_methods": dropped,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "lightning": lightning.__version__},
+    }
+    path = out_dir / "run.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
 
 
 def report(result: RunResult) -> str:

@@ -163,7 +163,8 @@ def extract(
             if skipped:
                 print(f"skipped {len(skipped)} corrupt image(s): dataset indices {skipped[:20]}"
                       + (" ..." if len(skipped) > 20 else ""))
-            cache.write(key, fields, emb, lab, idx, class_names=source.class_names, skipped=skipped)
+            cache.write(key, fields, emb, lab, idx, class_names=source.class_names, skipped=skipped,
+                        world_size=trainer.world_size)
     finally:
         if trainer.is_global_zero:
             shutil.rmtree(shard_dir, ignore_errors=True)

@@ -257,7 +257,9 @@ def gen_kmedoids(
     k_run = min(k, x.shape[1])
     b = len(x)
     rows = torch.arange(b, device=x.device)
-    dist = torch.cdist(x, x)  # (C, S, S)
+    # Pairwise differences rather than the matmul expansion: medoid choice is discrete, and
+    # the matmul path rounds differently with the padded batch width.
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # (C, S, S)
     big = torch.finfo(x.dtype).max
     # Seed: the samples nearest to k-means++ centres are medoid candidates.
     seeds = _kmeanspp(x, mask, k_run, RowRandom.of(rng, b))

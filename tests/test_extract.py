@@ -1,0 +1,127 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from bench import BenchError
+from bench.backbones import build_backbone
+from bench.data.sources import build_source
+from bench.extract import EmbeddingCache, extract, open_entry
+from tests.helpers import write_image_folder
+
+QUIET = {"enable_progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_backbone("tiny-digits")
+
+
+def test_extract_writes_a_complete_entry_and_reuses_it(tmp_path, tiny):
+    cache = EmbeddingCache(tmp_path)
+    src = build_source("digits", split="test")
+    entry = extract(tiny, src, cache, trainer_kwargs=QUIET, batch_size=100)
+    assert entry.embeddings.shape == (len(src), 64)
+    assert torch.equal(entry.indices, torch.arange(len(src)))
+    assert torch.equal(entry.labels, torch.from_numpy(src.labels))
+    manifest = json.loads((entry.path / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["fields"]["weights_sha256"] == tiny.fingerprint
+    # direct embedding of the same images agrees with the cache
+    x = torch.stack([tiny.transform(src.load(i)) for i in range(5)])
+    assert torch.allclose(tiny.model(x), entry.embeddings[:5], atol=1e-5)
+
+    mtime = (entry.path / "tensors.safetensors").stat().st_mtime_ns
+    again = extract(tiny, src, cache, trainer_kwargs=QUIET)
+    assert again.path == entry.path
+    assert (entry.path / "tensors.safetensors").stat().st_mtime_ns == mtime  # a hit, not a rewrite
+
+
+def test_a_different_transform_or_dtype_is_a_miss(tmp_path, tiny):
+    cache = EmbeddingCache(tmp_path)
+    src = build_source("digits", split="test")
+    a = extract(tiny, src, cache, trainer_kwargs=QUIET)
+    other = build_backbone("tiny-digits", transform={"size": 8, "channels": 1, "mean": [0.5], "std": [0.5]})
+    b = extract(other, src, cache, trainer_kwargs=QUIET)
+    c = extract(tiny, src, cache, trainer_kwargs=QUIET, dtype="float16")
+    assert len({a.path, b.path, c.path}) == 3
+    assert c.embeddings.dtype == torch.float16
+    assert not torch.allclose(a.embeddings, b.embeddings)
+
+
+def test_a_manifest_that_does_not_match_is_refused(tmp_path, tiny):
+    cache = EmbeddingCache(tmp_path)
+    src = build_source("digits", split="test")
+    entry = extract(tiny, src, cache, trainer_kwargs=QUIET)
+    manifest = json.loads((entry.path / "manifest.json").read_text())
+    manifest["num_samples"] += 1
+    manifest["tensors_sha256"] = "0" * 64
+    (entry.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BenchError, match="broken.*checksum.*extract.rebuild=true"):
+        open_entry(entry.path)
+    with pytest.raises(BenchError, match="broken"):
+        extract(tiny, src, cache, trainer_kwargs=QUIET)
+    fixed = extract(tiny, src, cache, trainer_kwargs=QUIET, rebuild=True)
+    assert fixed.manifest["num_samples"] == len(src)
+
+
+class Boom(L.Callback):
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx + 1 == self.after:
+            raise RuntimeError("injected failure")
+
+
+def test_an_interrupted_extraction_leaves_nothing_reusable(tmp_path, tiny):
+    cache = EmbeddingCache(tmp_path)
+    src = build_source("digits", split="train")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        extract(tiny, src, cache, trainer_kwargs=QUIET, batch_size=64, shard_size=128, callbacks=[Boom(5)])
+    entries = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert entries == []  # no directory that looks like an entry
+    full = extract(tiny, src, cache, trainer_kwargs=QUIET, batch_size=64, shard_size=128)
+    ref = extract(tiny, src, EmbeddingCache(tmp_path / "ref"), trainer_kwargs=QUIET, batch_size=500)
+    assert torch.equal(full.indices, torch.arange(len(src)))
+    assert torch.allclose(full.embeddings, ref.embeddings, atol=1e-6)
+
+
+def test_corrupt_images_fail_by_name_or_are_skipped_and_counted(tmp_path, tiny):
+    root = write_image_folder(tmp_path / "imgs")
+    bad = root / "dog" / "001.png"
+    bad.write_bytes(b"garbage")
+    bb = build_backbone("tiny-digits", transform={"size": 8, "channels": 1})
+    src = build_source(f"imagefolder:{root}")
+    cache = EmbeddingCache(tmp_path / "cache")
+    with pytest.raises(BenchError, match="001.png"):
+        extract(bb, src, cache, trainer_kwargs=QUIET, batch_size=4)
+    entry = extract(bb, src, cache, trainer_kwargs=QUIET, batch_size=4, skip_corrupt=True)
+    index = src.files.index(bad)
+    assert entry.manifest["skipped"] == [index]
+    assert index not in entry.indices.tolist() and len(entry.indices) == len(src) - 1
+
+
+def _cli(args, cwd, env_extra=None):
+    env = {**os.environ, "WANDB_MODE": "disabled", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_ddp_extraction_on_two_processes_equals_one(tmp_path):
+    common = ["extract", "task=digits-base-novel", "extract.batch_size=64", "extract.shard_size=256"]
+    one = _cli([*common, f"cache_dir={tmp_path / 'one'}"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _cli([*common, f"cache_dir={tmp_path / 'two'}", "trainer.devices=2", "trainer.strategy=ddp"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for split_dir in (tmp_path / "one").iterdir():
+        assert open_entry(tmp_path / "two" / split_dir.name).manifest["world_size"] == 2
+        a = open_entry(split_dir)
+        b = open_entry(tmp_path / "two" / split_dir.name)  # same key: same backbone, data, dtype
+        assert torch.equal(b.indices, torch.arange(len(b.indices)))  # every index once, in order
+        assert torch.equal(a.labels, b.labels)
+        assert torch.equal(a.embeddings, b.embeddings)
