@@ -161,6 +161,7 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
     suite = TaskSuite.load(cfg.task)
     name = cfg.name or slug(f"{suite.name}-{cfg.backbone.name}")
     out_dir = Path(cfg.out_dir) / name
+    expand_grid(cfg.methods)  # a typo in the grid should stop us before any extraction
     if is_rank_zero():
         check_writable(out_dir)
     emb = extract_stage(cfg, require_cached=require_cached)
