@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         "imprint": "imprint and evaluate the method grid from cached embeddings",
         "run": "extract if not cached, then imprint and evaluate the whole grid",
         "quickstart": "the embedded default: digits, the tiny backbone, base and novel classes",
+        "diagnose": "neural collapse, CDNV, geometric complexity and transferability per backbone",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
@@ -48,6 +49,32 @@ def _methods(grid_entries: list[str]) -> None:
         print(f"dropped {text}: {why}")
 
 
+def _diagnose(cfg) -> int:
+    from bench import pipeline
+    from bench.diagnostics.report import diagnose, format_correlations, write_diagnostics
+    from bench.report.wandb_log import log_tables
+
+    d = cfg.diagnose
+    result = diagnose(cfg, d.backbone_configs(cfg.backbone), d.methods, d.gc_samples, d.gc_probes, d.pool_split)
+    if not pipeline.is_rank_zero():
+        return 0
+    name = cfg.name or pipeline.slug(f"{cfg.task}-diagnose")
+    out_dir = Path(cfg.out_dir) / name
+    paths = write_diagnostics(result, out_dir)
+    summary = {f"{r['backbone']}/{r['classes']}/{k}": v for r in result["diagnostics"]
+               for k, v in r.items() if isinstance(v, float)}
+    where = log_tables({k: result[k] for k in ("diagnostics", "correlations", "cka")}, summary,
+                       cfg.to_dict(), name, out_dir, cfg.wandb.mode, cfg.wandb.project, cfg.wandb.entity)
+    cols = ["nc1", "l2_nc1", "cdnv", "ncc_accuracy", "logme", "h_score", "gc", "gc_normalized"]
+    print(f"{'backbone':28s} {'classes':8s} " + " ".join(f"{c:>13s}" for c in cols))
+    for r in result["diagnostics"]:
+        print(f"{r['backbone'][:28]:28s} {r['classes'][:8]:8s} " + " ".join(f"{r[c]:13.4g}" for c in cols))
+    print("\n" + format_correlations(result["correlations"]))
+    print(f"\ndiagnostics: {', '.join(map(str, paths))}")
+    print(f"W&B: {where}" if where else "W&B: disabled")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -70,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{entry.manifest['fields']['split']}: {entry.path} "
                               f"({entry.manifest['num_samples']} x {entry.manifest['dim']})")
             return 0
+        if args.command == "diagnose":
+            return _diagnose(cfg)
         result = pipeline.run(cfg, require_cached=args.command == "imprint")
         if pipeline.is_rank_zero():
             print(pipeline.report(result))

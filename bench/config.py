@@ -83,12 +83,30 @@ class WandbConfig:
 
 
 @dataclass
+class DiagnoseConfig:
+    backbones: list = field(default_factory=list)  # names or backbone sections; empty: `backbone`
+    methods: list = field(default_factory=lambda: ["qi2018", "l2/kmeans:k=5/l2/l2/max"])
+    gc_samples: int = 256
+    gc_probes: int = 16
+    pool_split: str | None = None  # default: the test split when the task has one
+
+    def backbone_configs(self, default: BackboneConfig) -> list[BackboneConfig]:
+        if not self.backbones:
+            return [default]
+        out = []
+        for item in self.backbones:
+            out.append(_build(BackboneConfig, {"name": item} if isinstance(item, str) else item,
+                              "diagnose.backbones"))
+        return out
+
+
+@dataclass
 class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     task: str = "digits-base-novel"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     methods: list = field(default_factory=lambda: list(QUICKSTART_METHODS))
-    center: str | None = "base"  # center-l2 reference: null (support mean) or a class subset
+    center: str | None = None  # center-l2 reference: null (support mean) or a class subset, e.g. base
     name: str | None = None
     cache_dir: str = ".cache/bench"
     out_dir: str = "runs"
@@ -97,6 +115,7 @@ class RunConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

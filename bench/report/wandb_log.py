@@ -93,3 +93,34 @@ def log_to_wandb(
         where = run.url if mode == "online" else str(Path(run.dir).parent.parent)
         run.finish()
     return where
+
+
+def log_tables(
+    tables: dict[str, Sequence[dict[str, Any]]],
+    summary: dict[str, float],
+    config: dict[str, Any],
+    run_name: str,
+    save_dir: Path,
+    mode: str = "auto",
+    project: str = "bench",
+    entity: str | None = None,
+) -> str | None:
+    """One W&B run holding several tables and summary numbers (used by ``bench diagnose``)."""
+    mode = resolve_mode(mode)
+    if mode == "disabled":
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logger = WandbLogger(project=project, entity=entity, name=run_name, job_type="diagnose",
+                         save_dir=str(save_dir), offline=(mode == "offline"), config=config,
+                         reinit="create_new")
+    logger.log_metrics(summary)
+    for key, rows in tables.items():
+        if rows:
+            columns = list(dict.fromkeys(c for r in rows for c in r))
+            logger.log_table(key, columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+    run = logger.experiment
+    where = run.url if mode == "online" else str(Path(run.dir).parent.parent)
+    run.finish()
+    return where
