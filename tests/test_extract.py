@@ -125,3 +125,81 @@ def test_ddp_extraction_on_two_processes_equals_one(tmp_path):
         assert torch.equal(b.indices, torch.arange(len(b.indices)))  # every index once, in order
         assert torch.equal(a.labels, b.labels)
         assert torch.equal(a.embeddings, b.embeddings)
+
+
+def test_a_rerun_extracts_only_what_is_missing(tmp_path, tiny, capsys):
+    cache = EmbeddingCache(tmp_path)
+    src = build_source("digits", split="train")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        extract(tiny, src, cache, trainer_kwargs=QUIET, batch_size=50, shard_size=100, callbacks=[Boom(7)])
+    shards = list(tmp_path.glob(".shards-*/rank*.safetensors"))
+    assert len(shards) == 3  # 3 full shards of 100 rows were written before the failure
+
+    counter = Counter()
+    entry = extract(tiny, src, cache, trainer_kwargs=QUIET, batch_size=50, shard_size=100, callbacks=[counter])
+    assert counter.seen == len(src) - 300  # only the missing samples were extracted
+    assert "resuming extraction: 300 of" in capsys.readouterr().out
+    ref = extract(tiny, src, EmbeddingCache(tmp_path / "ref"), trainer_kwargs=QUIET)
+    assert torch.equal(entry.indices, ref.indices) and torch.allclose(entry.embeddings, ref.embeddings, atol=1e-6)
+    assert not list(tmp_path.glob(".shards-*"))  # merged shards are cleaned up
+
+
+class Counter(L.Callback):
+    seen = 0
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.seen += len(outputs["indices"])
+
+
+def test_shards_of_a_changed_dataset_or_another_config_are_refused(tmp_path, tiny):
+    from bench.extract.extractor import scan_shards
+
+    cache = EmbeddingCache(tmp_path)
+    src = build_source("digits", split="test")
+    with pytest.raises(RuntimeError):
+        extract(tiny, src, cache, trainer_kwargs=QUIET, batch_size=50, shard_size=50, callbacks=[Boom(3)])
+    shard_dir = next(tmp_path.glob(".shards-*"))
+    key = shard_dir.name.removeprefix(".shards-")
+    with pytest.raises(BenchError, match="dataset changed|changed between runs"):
+        scan_shards(shard_dir, key, len(src) + 5)
+    with pytest.raises(BenchError, match="another extraction"):
+        scan_shards(shard_dir, "someotherkey", len(src))
+
+
+def test_killed_ddp_extraction_resumes_to_the_single_process_cache(tmp_path):
+    import signal
+    import time
+
+    from bench.backbones import save_checkpoint
+
+    torch.manual_seed(0)
+    resnet = build_backbone("torchvision:resnet18", weights=None)
+    save_checkpoint(resnet.model, tmp_path / "r18.safetensors", arch="torchvision:resnet18",
+                    transform={"size": 64, "channels": 3})
+    common = ["extract", "task=digits-base-novel", f"backbone.name=checkpoint:{tmp_path / 'r18.safetensors'}",
+              "extract.batch_size=16", "extract.shard_size=32"]
+    ddp = [*common, f"cache_dir={tmp_path / 'ddp'}", "trainer.devices=2", "trainer.strategy=ddp"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", *ddp], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((tmp_path / "ddp").glob(".shards-*/rank*.safetensors"))) < 6:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole DDP group, mid-run
+    proc.wait()
+    written = list((tmp_path / "ddp").glob(".shards-*/rank*.safetensors"))
+    assert len(written) >= 6
+    assert not [p for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")]  # no entry yet
+    assert {p.name[:8] for p in written} == {"rank0000", "rank0001"}  # both ranks had written
+
+    again = _cli(ddp, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    one = _cli([*common, f"cache_dir={tmp_path / 'one'}"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for entry_dir in (tmp_path / "one").iterdir():
+        if entry_dir.name.startswith("."):
+            continue
+        a, b = open_entry(entry_dir), open_entry(tmp_path / "ddp" / entry_dir.name)
+        assert torch.equal(b.indices, torch.arange(len(b.indices)))  # every index exactly once
+        assert torch.equal(a.labels, b.labels)
+        assert torch.allclose(a.embeddings, b.embeddings, atol=1e-5)

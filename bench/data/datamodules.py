@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from bench.data.episodes import Episode
 from bench.data.sources import CorruptImage, Source
@@ -50,18 +50,24 @@ class ImageDataModule(L.LightningDataModule):
     """Serves one source with the backbone's transform, in dataset order, for prediction."""
 
     def __init__(self, source: Source, transform: Callable, batch_size: int = 256,
-                 num_workers: int = 0, skip_corrupt: bool = False) -> None:
+                 num_workers: int = 0, skip_corrupt: bool = False, indices: list[int] | None = None,
+                 pin_memory: bool = False) -> None:
         super().__init__()
         self.source, self.transform = source, transform
         self.batch_size, self.num_workers, self.skip_corrupt = batch_size, num_workers, skip_corrupt
+        self.indices, self.pin_memory = indices, pin_memory
 
     def predict_dataloader(self) -> DataLoader:
+        data: Dataset = IndexedImages(self.source, self.transform, self.skip_corrupt)
+        if self.indices is not None:  # resume: only what earlier runs did not extract
+            data = Subset(data, self.indices)
         return DataLoader(
-            IndexedImages(self.source, self.transform, self.skip_corrupt),
+            data,
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate_skipping,
+            pin_memory=self.pin_memory,
             persistent_workers=False,
         )
 

@@ -15,20 +15,20 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from bench.errors import BenchError
 
 CACHE_VERSION = 1
 TENSORS = "tensors.safetensors"
 MANIFEST = "manifest.json"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def cache_key(fields: dict[str, Any]) -> str:
@@ -42,6 +42,66 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+ST_DTYPES = {torch.float32: ("F32", "float32"), torch.float16: ("F16", "float16"),
+             torch.int64: ("I64", "int64")}
+VERIFY_CHECKSUM_MAX_BYTES = 512 << 20  # larger entries are checked by size and shape only
+
+
+def create_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                       metadata: dict[str, str] | None = None) -> dict[str, np.memmap]:
+    """Lay out a safetensors file and return writable memory maps of its tensors.
+
+    Lets a writer fill tensors larger than memory piece by piece; the file is a standard
+    safetensors file that any reader opens.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in specs.items():
+        if dtype not in ST_DTYPES:
+            raise BenchError(f"cannot store {dtype} in the cache; use float32 or float16")
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": ST_DTYPES[dtype][0], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.truncate(start + offset)
+    maps = {}
+    for name, (dtype, shape) in specs.items():
+        begin = header[name]["data_offsets"][0]
+        if int(np.prod(shape)) == 0:
+            maps[name] = np.zeros(shape, dtype=ST_DTYPES[dtype][1])
+            continue
+        maps[name] = np.memmap(path, dtype=ST_DTYPES[dtype][1], mode="r+", offset=start + begin, shape=shape)
+    return maps
+
+
+def mmap_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read-only, memory-mapped tensors of a safetensors file (nothing is loaded up front)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", {}) or {}
+    names = {v[0]: v[1] for v in ST_DTYPES.values()}
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in names:
+            raise BenchError(f"{path}: unexpected dtype {info['dtype']} for tensor {name}")
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if begin == end:
+            out[name] = torch.empty(shape, dtype=getattr(torch, names[info["dtype"]]))
+            continue
+        arr = np.memmap(path, dtype=names[info["dtype"]], mode="r", offset=8 + n + begin, shape=shape)
+        with warnings.catch_warnings():  # read-only by design: entries are never modified in place
+            warnings.simplefilter("ignore", UserWarning)
+            out[name] = torch.from_numpy(arr)
+    return out, meta
 
 
 @dataclass
@@ -68,8 +128,12 @@ def _refuse(path: Path, why: str) -> BenchError:
     )
 
 
-def open_entry(path: str | Path) -> CacheEntry:
-    """Open and validate an entry directory."""
+def open_entry(path: str | Path, verify: bool = False) -> CacheEntry:
+    """Open and validate an entry directory; tensors are memory-mapped, not loaded.
+
+    The checksum is verified for files up to 512 MiB, or always with ``verify=True``; larger
+    files are checked by size and shape, so that opening them does not read them whole.
+    """
     path = Path(path)
     mpath, tpath = path / MANIFEST, path / TENSORS
     if not mpath.is_file() or not tpath.is_file():
@@ -80,12 +144,15 @@ def open_entry(path: str | Path) -> CacheEntry:
         raise _refuse(path, f"unreadable manifest: {err}") from err
     if manifest.get("complete") is not True:
         raise _refuse(path, "manifest does not mark it complete")
-    if tpath.stat().st_size != manifest.get("tensors_bytes") or file_sha256(tpath) != manifest.get(
-        "tensors_sha256"
-    ):
+    size = tpath.stat().st_size
+    if size != manifest.get("tensors_bytes"):
+        raise _refuse(path, f"tensor file has {size} bytes, the manifest says {manifest.get('tensors_bytes')}")
+    if (size <= VERIFY_CHECKSUM_MAX_BYTES or verify) and file_sha256(tpath) != manifest.get("tensors_sha256"):
         raise _refuse(path, "tensor file does not match the checksum in its manifest")
-    with safe_open(str(tpath), framework="pt") as f:
-        t = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        t, _ = mmap_safetensors(tpath)
+    except (ValueError, OSError, json.JSONDecodeError) as err:
+        raise _refuse(path, f"unreadable tensor file: {err}") from err
     n, dim = manifest["num_samples"], manifest["dim"]
     emb, labels, idx = t.get("embeddings"), t.get("labels"), t.get("indices")
     if emb is None or labels is None or idx is None:
@@ -133,23 +200,51 @@ class EmbeddingCache:
         indices: torch.Tensor,
         **extra: Any,
     ) -> CacheEntry:
-        """Write an entry atomically: a temporary directory, fsync, then one rename."""
+        """Write an entry from tensors in memory (see :meth:`write_streaming`)."""
+
+        def fill(maps: dict[str, np.memmap]) -> None:
+            maps["embeddings"][:] = embeddings.cpu().numpy()
+            maps["labels"][:] = labels.long().cpu().numpy()
+            maps["indices"][:] = indices.long().cpu().numpy()
+
+        return self.write_streaming(key, fields, len(embeddings), int(embeddings.shape[1]), embeddings.dtype,
+                                    fill, **extra)
+
+    def write_streaming(
+        self,
+        key: str,
+        fields: dict[str, Any],
+        num_samples: int,
+        dim: int,
+        dtype: torch.dtype,
+        fill: Callable[[dict[str, np.memmap]], None],
+        **extra: Any,
+    ) -> CacheEntry:
+        """Write an entry atomically: lay out the tensor file, let ``fill`` write into its memory
+        maps (piece by piece if it likes), fsync, write the manifest, then one rename.
+
+        A full disk or any other failure removes the temporary directory and says so; nothing
+        that looks like an entry is left behind.
+        """
         final = self.path_for(key)
         tmp = self.scratch_dir(key)
         try:
             tpath = tmp / TENSORS
-            save_file(
-                {"embeddings": embeddings.contiguous(), "labels": labels.long().contiguous(),
-                 "indices": indices.long().contiguous()},
-                str(tpath),
-            )
+            maps = create_safetensors(tpath, {"embeddings": (dtype, (num_samples, dim)),
+                                              "labels": (torch.int64, (num_samples,)),
+                                              "indices": (torch.int64, (num_samples,))})
+            fill(maps)
+            for m in maps.values():
+                if isinstance(m, np.memmap):
+                    m.flush()
+            del maps
             manifest = {
                 "key": key,
                 "cache_version": CACHE_VERSION,
                 "fields": fields,
-                "num_samples": int(len(embeddings)),
-                "dim": int(embeddings.shape[1]),
-                "dtype": str(embeddings.dtype).removeprefix("torch."),
+                "num_samples": int(num_samples),
+                "dim": int(dim),
+                "dtype": str(dtype).removeprefix("torch."),
                 "tensors_bytes": tpath.stat().st_size,
                 "tensors_sha256": file_sha256(tpath),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -167,7 +262,8 @@ class EmbeddingCache:
                 os.rename(tmp, final)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise BenchError(f"could not write cache entry {final}: {err}") from err
+            raise BenchError(f"could not write cache entry {final}: {err.strerror or err}; free space "
+                             "or choose another cache_dir, then rerun") from err
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

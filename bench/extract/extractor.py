@@ -9,12 +9,14 @@ dataset order into one cache entry, written atomically.
 from __future__ import annotations
 
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bench.backbones.registry import Backbone
@@ -25,20 +27,30 @@ from bench.extract.cache import DTYPES, CacheEntry, EmbeddingCache, cache_key, o
 
 
 class EmbeddingExtractor(L.LightningModule):
-    """A frozen backbone in a LightningModule; ``predict_step`` returns embeddings + indices."""
+    """A frozen backbone in a LightningModule; ``predict_step`` returns embeddings + indices.
 
-    def __init__(self, model: torch.nn.Module, dtype: str = "float32") -> None:
+    Precision (e.g. ``bf16-mixed`` autocast) comes from the Trainer. ``channels_last`` helps
+    convolutional backbones on GPUs; ``compile`` wraps the backbone in ``torch.compile``.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: str = "float32", channels_last: bool = False,
+                 compile: bool = False) -> None:
         super().__init__()
         if dtype not in DTYPES:
             raise BenchError(f"embedding dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-        self.model = model
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.forward_fn = torch.compile(self.model) if compile else self.model
+        self.channels_last = channels_last
         self.out_dtype = DTYPES[dtype]
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         if batch["images"] is None:
             emb = torch.empty(0, 0)
         else:
-            emb = self.model(batch["images"]).flatten(1)
+            images = batch["images"]
+            if self.channels_last and images.ndim == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            emb = self.forward_fn(images).flatten(1).float()
             if not torch.isfinite(emb).all():
                 bad = batch["indices"][~torch.isfinite(emb).all(1).cpu()].tolist()
                 raise BenchError(
@@ -54,12 +66,18 @@ class EmbeddingExtractor(L.LightningModule):
 
 
 class ShardWriter(BasePredictionWriter):
-    """Buffers a rank's predictions and writes ``rank<r>-<n>.safetensors`` shards of at most
-    ``shard_size`` rows, so no rank holds the whole dataset."""
+    """Buffers a rank's predictions and writes shards of at most ``shard_size`` rows as it goes,
+    so no rank holds the whole dataset and an interrupted run keeps what it finished.
 
-    def __init__(self, shard_dir: Path, shard_size: int = 65536) -> None:
+    Shard names carry the rank and a per-run tag, so a resumed run never overwrites the shards
+    of the run before; each shard's metadata names the cache key and the dataset length, so a
+    merge can refuse shards of another config or of a dataset that changed size.
+    """
+
+    def __init__(self, shard_dir: Path, key: str, num_samples: int, shard_size: int = 65536) -> None:
         super().__init__(write_interval="batch")
-        self.shard_dir, self.shard_size = Path(shard_dir), shard_size
+        self.shard_dir, self.key, self.num_samples, self.shard_size = Path(shard_dir), key, num_samples, shard_size
+        self.tag = uuid.uuid4().hex[:8]
         self._buf: list[dict[str, torch.Tensor]] = []
         self._rows = 0
         self._count = 0
@@ -85,37 +103,88 @@ class ShardWriter(BasePredictionWriter):
         if parts:
             shard["embeddings"] = torch.cat([p["embeddings"] for p in parts]).contiguous()
             shard["labels"] = torch.cat([p["labels"] for p in parts])
-        tmp = self.shard_dir / f".rank{rank:04d}-{self._count:06d}.tmp"
-        save_file(shard, str(tmp))
-        tmp.rename(self.shard_dir / f"rank{rank:04d}-{self._count:06d}.safetensors")
+        name = f"rank{rank:04d}-{self.tag}-{self._count:06d}"
+        tmp = self.shard_dir / f".{name}.tmp"
+        meta = {"key": self.key, "num_samples": str(self.num_samples)}
+        try:
+            save_file(shard, str(tmp), metadata=meta)
+            tmp.rename(self.shard_dir / f"{name}.safetensors")
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise BenchError(
+                f"could not write shard {name} to {self.shard_dir}: {err.strerror or err}. Free space "
+                "and rerun: the shards already written are kept and only the rest is extracted"
+            ) from err
         self._count += 1
         self._buf, self._rows = [], 0
 
 
-def merge_shards(shard_dir: Path, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """Concatenate every rank's shards, order by dataset index, check each index once."""
-    embs, labels, idxs, skipped = [], [], [], []
-    for f in sorted(shard_dir.glob("rank*.safetensors")):
-        t = load_file(str(f))
-        skipped.append(t["skipped"])
-        if "embeddings" in t:
-            embs.append(t["embeddings"])
-            labels.append(t["labels"])
-            idxs.append(t["indices"])
-    if not embs:
+def _shard_files(shard_dir: Path) -> list[Path]:
+    return sorted(shard_dir.glob("rank*.safetensors"))
+
+
+def scan_shards(shard_dir: Path, key: str, num_samples: int) -> torch.Tensor:
+    """Dataset indices already covered (extracted or skipped) by valid shards in ``shard_dir``."""
+    done = []
+    for f in _shard_files(shard_dir):
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata() or {}
+            if meta.get("key") != key:
+                raise BenchError(
+                    f"shard {f} belongs to another extraction (key {meta.get('key')}, expected {key}); "
+                    f"shards of two configs must not share {shard_dir}: remove it"
+                )
+            if int(meta.get("num_samples", -1)) != num_samples:
+                raise BenchError(
+                    f"shard {f} was written for a dataset of {meta.get('num_samples')} samples, but the "
+                    f"dataset now has {num_samples}: it changed between runs, so the shards cannot be "
+                    f"merged. Remove {shard_dir} to extract from scratch"
+                )
+            done.append(h.get_tensor("indices"))
+            done.append(h.get_tensor("skipped"))
+    return torch.unique(torch.cat(done)) if done else torch.empty(0, dtype=torch.long)
+
+
+def merge_shards(cache: EmbeddingCache, shard_dir: Path, key: str, fields: dict[str, Any], num_samples: int,
+                 **extra: Any) -> CacheEntry:
+    """Merge every rank's shards into one entry in dataset order, one shard in memory at a time.
+
+    Every dataset index must be covered exactly once (extracted or skipped as corrupt); an index
+    written twice (a shard of a crashed rank that was also redone) is kept once.
+    """
+    files = _shard_files(shard_dir)
+    index_parts, skip_parts, dim, dtype = [], [], None, None
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            skip_parts.append(h.get_tensor("skipped"))
+            if "embeddings" in h.keys():
+                index_parts.append(h.get_tensor("indices"))
+                sl = h.get_slice("embeddings")
+                dim = sl.get_shape()[1]
+                dtype = {"F32": torch.float32, "F16": torch.float16}[sl.get_dtype()]
+    if dim is None:
         raise BenchError("extraction produced no embeddings (every image was skipped?)")
-    emb, lab, idx = torch.cat(embs), torch.cat(labels), torch.cat(idxs)
-    skip = torch.cat(skipped) if skipped else torch.empty(0, dtype=torch.long)
-    order = torch.argsort(idx)
-    emb, lab, idx = emb[order], lab[order], idx[order]
-    seen = torch.cat([idx, skip])
-    if len(seen) != num_samples or not torch.equal(torch.sort(seen).values, torch.arange(num_samples)):
-        counts = torch.bincount(seen, minlength=num_samples)
+    indices = torch.unique(torch.cat(index_parts))
+    skipped = torch.unique(torch.cat(skip_parts)) if skip_parts else torch.empty(0, dtype=torch.long)
+    covered = torch.cat([indices, skipped])
+    if len(covered) != num_samples or not torch.equal(torch.sort(covered).values, torch.arange(num_samples)):
+        counts = torch.bincount(covered, minlength=num_samples)
         raise BenchError(
             f"shards in {shard_dir} do not cover the dataset exactly once: "
-            f"{int((counts == 0).sum())} missing, {int((counts > 1).sum())} repeated"
+            f"{int((counts == 0).sum())} missing, {int((counts > 1).sum())} both extracted and skipped"
         )
-    return emb, lab, idx, sorted(skip.tolist())
+
+    def fill(maps) -> None:
+        maps["indices"][:] = indices.numpy()
+        for f in files:
+            t = load_file(str(f))  # one shard in memory at a time
+            if "embeddings" not in t:
+                continue
+            pos = torch.searchsorted(indices, t["indices"]).numpy()
+            maps["embeddings"][pos] = t["embeddings"].numpy()
+            maps["labels"][pos] = t["labels"].numpy()
+
+    return cache.write_streaming(key, fields, len(indices), dim, dtype, fill, skipped=skipped.tolist(), **extra)
 
 
 def entry_fields(backbone: Backbone, source: Source, dtype: str) -> dict[str, Any]:
@@ -135,38 +204,48 @@ def extract(
     rebuild: bool = False,
     shard_size: int = 65536,
     callbacks: list | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> CacheEntry:
-    """Return the cache entry for (backbone, source, dtype), extracting it if needed."""
+    """Return the cache entry for (backbone, source, dtype), extracting what is missing.
+
+    Shards of an interrupted run (same key) are kept: a rerun extracts only the indices they do
+    not cover, then merges everything. The merged entry equals an uninterrupted run's.
+    """
     fields = entry_fields(backbone, source, dtype)
     key = cache_key(fields)
     final = cache.path_for(key)
-    if final.exists() and rebuild:
-        shutil.rmtree(final)
+    shard_dir = cache.root / f".shards-{key}"
+    if rebuild:
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(shard_dir, ignore_errors=True)
     if final.exists():
         return open_entry(final)
 
     kwargs = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
               "enable_model_summary": False, **(trainer_kwargs or {})}
-    shard_dir = cache.root / f".shards-{key}"
-    writer = ShardWriter(shard_dir, shard_size)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    done = scan_shards(shard_dir, key, len(source))
+    todo = sorted(set(range(len(source))) - set(done.tolist()))
+    writer = ShardWriter(shard_dir, key, len(source), shard_size)
     trainer = L.Trainer(callbacks=[writer, *(callbacks or [])], **kwargs)
+    if todo:
+        if len(done) and trainer.is_global_zero:
+            print(f"resuming extraction: {len(done)} of {len(source)} samples already in {shard_dir}")
+        dm = ImageDataModule(source, backbone.transform, batch_size, num_workers, skip_corrupt,
+                             indices=todo if len(done) else None,
+                             pin_memory=kwargs.get("accelerator") not in ("cpu", None))
+        module = EmbeddingExtractor(backbone.model, dtype, channels_last=channels_last, compile=compile)
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    trainer.strategy.barrier("bench-extract-written")
     if trainer.is_global_zero:
-        shutil.rmtree(shard_dir, ignore_errors=True)  # leftovers of an interrupted run
-        shard_dir.mkdir(parents=True)
-    trainer.strategy.barrier("bench-extract-start")
-    dm = ImageDataModule(source, backbone.transform, batch_size, num_workers, skip_corrupt)
-    try:
-        trainer.predict(EmbeddingExtractor(backbone.model, dtype), datamodule=dm, return_predictions=False)
-        trainer.strategy.barrier("bench-extract-written")
-        if trainer.is_global_zero:
-            emb, lab, idx, skipped = merge_shards(shard_dir, len(source))
-            if skipped:
-                print(f"skipped {len(skipped)} corrupt image(s): dataset indices {skipped[:20]}"
-                      + (" ..." if len(skipped) > 20 else ""))
-            cache.write(key, fields, emb, lab, idx, class_names=source.class_names, skipped=skipped,
-                        world_size=trainer.world_size)
-    finally:
-        if trainer.is_global_zero:
-            shutil.rmtree(shard_dir, ignore_errors=True)
+        merge_shards(cache, shard_dir, key, fields, len(source), class_names=source.class_names,
+                     world_size=trainer.world_size)
+        shutil.rmtree(shard_dir, ignore_errors=True)
     trainer.strategy.barrier("bench-extract-merged")
-    return open_entry(final)
+    entry = open_entry(final)
+    skipped = entry.manifest.get("skipped", [])
+    if skipped and trainer.is_global_zero:
+        print(f"skipped {len(skipped)} corrupt image(s): dataset indices {skipped[:20]}"
+              + (" ..." if len(skipped) > 20 else ""))
+    return entry
