@@ -31,15 +31,24 @@ QUICKSTART_METHODS = [
 @dataclass
 class BackboneConfig:
     name: str = "tiny-digits"
-    weights: Any = None  # torchvision only: DEFAULT, an enum name, a local file, or null
+    # torchvision/timm/hf: DEFAULT (the hub), a local file, or null (random); openclip: a tag
+    weights: Any = None
     transform: dict | None = None  # override the backbone's transform (see backbones.transforms)
+    pool: str | None = None  # timm: global_pool (avg, token, ...)
+    pooling: str | None = None  # hf: cls or mean
+    config: dict | None = None  # hf: a model config for random init without a network
 
     def options(self) -> dict[str, Any]:
+        family = self.name.split(":", 1)[0]
+        allowed = {"torchvision": {"weights"}, "timm": {"weights", "pool"}, "openclip": {"weights"},
+                   "hf": {"weights", "pooling", "config"}}.get(family, set())
         opts: dict[str, Any] = {}
-        if self.name.startswith("torchvision:"):
-            opts["weights"] = self.weights
-        elif self.weights is not None:
-            raise BenchError(f"backbone.weights only applies to torchvision backbones, not {self.name}")
+        for key in ("weights", "pool", "pooling", "config"):
+            value = getattr(self, key)
+            if key in allowed and (value is not None or key == "weights"):
+                opts[key] = value
+            elif value is not None:
+                raise BenchError(f"backbone.{key} does not apply to {self.name}")
         if self.transform is not None:
             opts["transform"] = self.transform
         return opts

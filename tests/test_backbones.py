@@ -65,3 +65,39 @@ def test_bad_backbones_are_named(tmp_path):
         build_backbone(f"checkpoint:{tmp_path / 'bare.safetensors'}")
     with pytest.raises(BenchError, match="could not load|unknown weights"):
         build_backbone("torchvision:resnet18", weights="NOT_A_WEIGHT")
+
+
+FAMILY_CONFIGS = [
+    ("timm", dict(name="timm:resnet18", weights=None), 512),
+    ("timm", dict(name="timm:vit_tiny_patch16_224", weights=None, pool="token"), 192),
+    ("open_clip", dict(name="openclip:RN50", weights=None), 1024),
+    ("transformers", dict(name="hf:tiny-vit", weights=None, pooling="mean",
+                          config={"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2,
+                                  "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32,
+                                  "patch_size": 8}), 32),
+]
+
+
+@pytest.mark.parametrize("package, options, dim", FAMILY_CONFIGS, ids=lambda v: str(v)[:24])
+def test_optional_families_build_offline_and_extract(tmp_path, package, options, dim):
+    pytest.importorskip(package, reason=f"{package} is not installed (install the matching extra)")
+    from bench.config import BackboneConfig
+    from bench.data.sources import build_source
+    from bench.extract import EmbeddingCache, extract
+    from tests.helpers import write_image_folder
+
+    cfg = BackboneConfig(**options)
+    bb = build_backbone(cfg.name, **cfg.options())
+    assert bb.dim == dim and len(bb.fingerprint) == 64
+    src = build_source(f"imagefolder:{write_image_folder(tmp_path / 'imgs', per_class=2)}")
+    entry = extract(bb, src, EmbeddingCache(tmp_path / "c"), trainer_kwargs={"enable_progress_bar": False},
+                    batch_size=4)
+    assert entry.embeddings.shape == (len(src), dim)
+    assert torch.isfinite(entry.embeddings).all()
+
+
+def test_options_that_do_not_apply_are_refused():
+    from bench.config import BackboneConfig
+
+    with pytest.raises(BenchError, match="backbone.pool does not apply"):
+        BackboneConfig(name="tiny-digits", pool="avg").options()

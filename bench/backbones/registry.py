@@ -61,7 +61,8 @@ def register_family(name: str):
 
 
 def known_backbones() -> list[str]:
-    return ["tiny-digits", "torchvision:<arch>", "checkpoint:<path.safetensors>"]
+    return ["tiny-digits", "torchvision:<arch>", "checkpoint:<path.safetensors>", "timm:<name>",
+            "openclip:<arch>", "hf:<name or folder>"]
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -83,6 +84,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def build_backbone(name: str, **options: Any) -> Backbone:
     """Build a backbone by name; see the module docstring for the name forms."""
+    import bench.backbones.families  # noqa: F401  (registers the optional families)
+
     family, _, arg = name.partition(":")
     if family not in _FAMILIES:
         raise BenchError(f"unknown backbone '{name}'; known: {', '.join(known_backbones())}")

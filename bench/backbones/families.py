@@ -1,0 +1,157 @@
+"""Optional backbone families: timm, open_clip image towers and Hugging Face transformers.
+
+Each is an extra (``pip install ".[timm,openclip,hf]"``); asking for a family whose package is
+missing names the extra. Weights come from the hub when there is a network (``weights:
+DEFAULT`` or a pretrained tag), from a local file or folder, or are random (``weights: null``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from bench.backbones.registry import Backbone, freeze, register_family, weights_fingerprint
+from bench.backbones.transforms import build_transform, describe_transform
+from bench.errors import BenchError
+
+EXTRAS = {"timm": ("timm", "timm"), "openclip": ("open_clip", "openclip"), "hf": ("transformers", "hf")}
+
+
+def _need(family: str):
+    module, extra = EXTRAS[family]
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise BenchError(
+            f"backbone family '{family}' needs the {module} package: pip install \".[{extra}]\""
+        ) from err
+
+
+def _load_local(model: nn.Module, path: Path, what: str) -> None:
+    if not path.is_file():
+        raise BenchError(f"weights file {path} for {what} does not exist")
+    state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(
+        path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing, _ = model.load_state_dict(state, strict=False)
+    if missing:
+        raise BenchError(f"{path} lacks weights for {what}: {missing[:5]}")
+
+
+def _is_local(weights: Any) -> bool:
+    return weights is not None and Path(str(weights)).suffix in (".safetensors", ".pth", ".pt", ".bin")
+
+
+@register_family("timm")
+def _timm(name: str, weights: Any = "DEFAULT", pool: str | None = None, transform: dict | None = None) -> Backbone:
+    """Any ``timm.create_model`` name; the classifier is removed and ``pool`` names the pooling
+    (timm's ``global_pool``: avg, max, token for a ViT's CLS token, ...)."""
+    timm = _need("timm")
+    kwargs = {"num_classes": 0}
+    if pool is not None:
+        kwargs["global_pool"] = pool
+    try:
+        model = timm.create_model(name, pretrained=weights == "DEFAULT", **kwargs)
+    except RuntimeError as err:
+        raise BenchError(f"timm:{name}: {err}. Without a network use weights: /path/file or null") from err
+    except Exception as err:  # timm raises several types for unknown names
+        if "Unknown model" in str(err) or isinstance(err, (KeyError, ValueError)):
+            raise BenchError(f"unknown timm model '{name}'; see timm.list_models()") from err
+        raise
+    if _is_local(weights):
+        _load_local(model, Path(str(weights)), f"timm:{name}")
+    if transform is not None:
+        tfm, desc = build_transform(transform), describe_transform(transform)
+    else:
+        cfg = timm.data.resolve_data_config({}, model=model)
+        tfm = timm.data.create_transform(**cfg)
+        desc = describe_transform(tfm)
+    pool_name = getattr(model, "global_pool", pool)
+    return Backbone(f"timm:{name}", freeze(model), tfm, desc, int(model.num_features),
+                    weights_fingerprint(model), f"pool={getattr(pool_name, 'pool_type', pool_name)}")
+
+
+@register_family("openclip")
+def _openclip(arch: str, weights: Any = None, transform: dict | None = None) -> Backbone:
+    """An open_clip image tower. ``weights``: a pretrained tag (downloaded), a local file, or null."""
+    open_clip = _need("openclip")
+    tag = None if weights is None or _is_local(weights) else str(weights)
+    try:
+        model = open_clip.create_model(arch, pretrained=tag)
+    except RuntimeError as err:
+        raise BenchError(f"openclip:{arch} ({tag}): {err}") from err
+    if _is_local(weights):
+        _load_local(model, Path(str(weights)), f"openclip:{arch}")
+    visual = model.visual
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    if transform is not None:
+        tfm, desc = build_transform(transform), describe_transform(transform)
+    else:
+        mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        tfm = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
+        desc = describe_transform(tfm)
+    return Backbone(f"openclip:{arch}", freeze(visual), tfm, desc, int(visual.output_dim),
+                    weights_fingerprint(visual), "image-embedding")
+
+
+class _HFEmbedder(nn.Module):
+    """A transformers vision model reduced to one vector per image: CLS token or mean of tokens."""
+
+    def __init__(self, model: nn.Module, pooling: str) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise BenchError(f"hf pooling '{pooling}' is not one of cls, mean")
+        self.model, self.pooling = model, pooling
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(pixel_values=pixel_values).last_hidden_state
+        if hidden.ndim == 4:  # convolutional models: (B, C, H, W)
+            return hidden.mean((2, 3))
+        return hidden[:, 0] if self.pooling == "cls" else hidden.mean(1)
+
+
+@register_family("hf")
+def _hf(name: str, weights: Any = "DEFAULT", pooling: str = "cls", config: dict | None = None,
+        transform: dict | None = None) -> Backbone:
+    """A Hugging Face transformers vision model: a hub name or local folder (``weights``
+    DEFAULT loads its pretrained weights; null with ``config`` builds a random one offline)."""
+    transformers = _need("hf")
+    try:
+        if config is not None:
+            cfg = transformers.AutoConfig.for_model(**config)
+            model = transformers.AutoModel.from_config(cfg)
+        elif weights is None:
+            model = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(name))
+        else:
+            model = transformers.AutoModel.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise BenchError(
+            f"hf:{name}: {err}. Without a network give a local folder, or config: {{model_type: vit, ...}} "
+            "with weights: null"
+        ) from err
+    if _is_local(weights):
+        _load_local(model, Path(str(weights)), f"hf:{name}")
+    mcfg = model.config
+    if transform is not None:
+        tspec = transform
+    else:
+        size = getattr(mcfg, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        tspec = {"size": size, "channels": getattr(mcfg, "num_channels", 3), "mean": [0.5] * 3, "std": [0.5] * 3}
+        if config is None:  # the model's own preprocessing, when it ships one
+            try:
+                proc = transformers.AutoImageProcessor.from_pretrained(name)
+                tspec["mean"], tspec["std"] = list(proc.image_mean), list(proc.image_std)
+            except (OSError, ValueError, TypeError):
+                pass
+    dim = getattr(mcfg, "hidden_size", None) or getattr(mcfg, "hidden_sizes", [None])[-1]
+    embedder = _HFEmbedder(model, pooling)
+    return Backbone(f"hf:{name}", freeze(embedder), build_transform(tspec), describe_transform(tspec), int(dim),
+                    weights_fingerprint(embedder), f"pooling={pooling}")
