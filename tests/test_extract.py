@@ -203,3 +203,36 @@ def test_killed_ddp_extraction_resumes_to_the_single_process_cache(tmp_path):
         assert torch.equal(b.indices, torch.arange(len(b.indices)))  # every index exactly once
         assert torch.equal(a.labels, b.labels)
         assert torch.allclose(a.embeddings, b.embeddings, atol=1e-5)
+
+
+def test_streamed_hf_dataset_extracts_like_the_random_access_one(tmp_path, tiny):
+    import datasets
+
+    root = write_image_folder(tmp_path / "imgs", per_class=5)
+    folder = build_source(f"imagefolder:{root}")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=folder.class_names)})
+    ds = datasets.Dataset.from_dict({"image": [str(f) for f in folder.files], "label": folder.labels.tolist()},
+                                    features=features)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    bb = build_backbone("tiny-digits", transform={"size": 8, "channels": 1})
+    stream = build_source(f"hf:{tmp_path / 'd.parquet'}", streaming=True)
+    assert stream.labels.tolist() == folder.labels.tolist()
+    a = extract(bb, stream, EmbeddingCache(tmp_path / "s"), trainer_kwargs=QUIET, batch_size=4, shard_size=4)
+    b = extract(bb, build_source(f"hf:{tmp_path / 'd.parquet'}"), EmbeddingCache(tmp_path / "r"),
+                trainer_kwargs=QUIET, batch_size=7)
+    assert torch.equal(a.indices, torch.arange(len(folder)))
+    assert torch.equal(a.labels, b.labels) and torch.allclose(a.embeddings, b.embeddings, atol=1e-6)
+
+
+def test_torchrun_launch_uses_two_ranks(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "bench.cli", "extract",
+                           "task=digits-base-novel", f"cache_dir={tmp_path / 'c'}", "trainer.devices=2",
+                           "trainer.strategy=ddp"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for d in (tmp_path / "c").iterdir():
+        entry = open_entry(d)
+        assert entry.manifest["world_size"] == 2
+        assert torch.equal(entry.indices, torch.arange(entry.manifest["num_samples"]))

@@ -74,3 +74,54 @@ def test_unknown_dataset_and_bad_columns(tmp_path):
     datasets.Dataset.from_dict({"img": [np.zeros((2, 2), np.uint8)], "y": [0]}).save_to_disk(str(tmp_path / "d"))
     with pytest.raises(BenchError, match="no column 'image'"):
         build_source(f"hf:{tmp_path / 'd'}")
+
+
+def _write_idx(path, array):
+    """MNIST's idx format: magic (type 0x08 = ubyte, ndim), big-endian sizes, then the bytes."""
+    import struct
+
+    with open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 0x08, array.ndim))
+        f.write(struct.pack(">" + "I" * array.ndim, *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("name", ["MNIST", "FashionMNIST"])
+def test_torchvision_dataset_from_a_local_root(tmp_path, name):
+    raw = tmp_path / name / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    train = build_source(f"tv:{name}", split="train", root=str(tmp_path))
+    test = build_source(f"tv:{name}", split="test", root=str(tmp_path))
+    assert len(train) == 30 and len(test) == 10 and len(train.class_names) == 10
+    assert train.labels.tolist() == [i % 10 for i in range(30)]
+    assert train.load(3).size == (28, 28)
+
+
+def test_torchvision_dataset_missing_says_how_to_get_it(tmp_path):
+    with pytest.raises(BenchError, match="download=true"):
+        build_source("tv:CIFAR10", root=str(tmp_path))
+    with pytest.raises(BenchError, match="unknown torchvision dataset 'CIFAR11'"):
+        build_source("tv:CIFAR11", root=str(tmp_path))
+
+
+def test_hf_dataset_and_image_folder_give_the_same_episodes(tmp_path):
+    import datasets
+
+    from bench.data import TaskSuite
+
+    root = write_image_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=8)
+    folder = build_source(f"imagefolder:{root}")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=folder.class_names)})
+    datasets.Dataset.from_dict({"image": [str(f) for f in folder.files], "label": folder.labels.tolist()},
+                               features=features).save_to_disk(str(tmp_path / "saved"))
+    hf = build_source(f"hf:{tmp_path / 'saved'}")
+    suite = TaskSuite.from_dict({"name": "s", "dataset": "x", "classes": ["all", "even"], "shots": [1, 3],
+                                 "queries": 2, "seeds": [0, 1, 2]})
+    a, b = list(suite.episodes(folder.labels)), list(suite.episodes(hf.labels))
+    assert len(a) == 12
+    for (na, ea), (nb, eb) in zip(a, b):
+        assert na == nb and np.array_equal(ea.support, eb.support) and np.array_equal(ea.query, eb.query)

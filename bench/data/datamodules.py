@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, get_worker_info
 
 from bench.data.episodes import Episode
 from bench.data.sources import CorruptImage, Source
@@ -30,6 +30,35 @@ class IndexedImages(Dataset):
                 return None, int(self.source.labels[index]), index
             raise
         return image, int(self.source.labels[index]), index
+
+
+class StreamedImages(IterableDataset):
+    """A streaming source split across ranks and DataLoader workers by stream position:
+    slot r of n takes positions r, r + n, ... (n = world size x workers), skipping positions
+    already extracted."""
+
+    def __init__(self, source: Any, transform: Callable, rank: int, world_size: int,
+                 todo: set[int] | None = None, skip_corrupt: bool = False) -> None:
+        self.source, self.transform, self.rank, self.world_size = source, transform, rank, world_size
+        self.todo, self.skip_corrupt = todo, skip_corrupt
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        slots, slot = self.world_size * workers, self.rank * workers + wid
+
+        def keep(i: int) -> bool:
+            return i % slots == slot and (self.todo is None or i in self.todo)
+
+        for index, raw in self.source.iterate(keep):
+            label = int(self.source.labels[index])
+            try:
+                image = self.transform(self.source.decode(raw, index))
+            except CorruptImage:
+                if not self.skip_corrupt:
+                    raise
+                image = None
+            yield image, label, index
 
 
 def collate_skipping(batch: list) -> dict[str, torch.Tensor]:
@@ -58,9 +87,16 @@ class ImageDataModule(L.LightningDataModule):
         self.indices, self.pin_memory = indices, pin_memory
 
     def predict_dataloader(self) -> DataLoader:
-        data: Dataset = IndexedImages(self.source, self.transform, self.skip_corrupt)
-        if self.indices is not None:  # resume: only what earlier runs did not extract
-            data = Subset(data, self.indices)
+        data: Dataset
+        if getattr(self.source, "streaming", False):
+            rank = self.trainer.global_rank if self.trainer else 0
+            world = self.trainer.world_size if self.trainer else 1
+            todo = set(self.indices) if self.indices is not None else None
+            data = StreamedImages(self.source, self.transform, rank, world, todo, self.skip_corrupt)
+        else:
+            data = IndexedImages(self.source, self.transform, self.skip_corrupt)
+            if self.indices is not None:  # resume: only what earlier runs did not extract
+                data = Subset(data, self.indices)
         return DataLoader(
             data,
             batch_size=self.batch_size,

@@ -7,7 +7,9 @@ alone) and describes itself for the cache key. Sources:
   fixed stratified train/test partition;
 - ``imagefolder``: ``root/<class name>/<image>`` on disk;
 - ``hf``: a Hugging Face ``datasets`` dataset, from the hub by name, or from disk
-  (``load_from_disk`` folders, local ``imagefolder`` folders or parquet files).
+  (``load_from_disk`` folders, local ``imagefolder`` folders or parquet files);
+- ``tv``: torchvision's datasets (MNIST, FashionMNIST, CIFAR-10/100, SVHN, USPS, Flowers102,
+  DTD, Food101, OxfordIIITPet, StanfordCars, FGVCAircraft, ImageNet from a local root).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -27,6 +29,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 class CorruptImage(BenchError):
     """An image that cannot be decoded (the message names the file and index)."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 @dataclass
@@ -103,7 +109,7 @@ class ImageFolderSource(Source):
                 img.load()
                 return img.copy()
         except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise CorruptImage(f"cannot decode image {path} (index {index}): {err}") from err
+            raise CorruptImage(f"cannot decode image {path} (index {index}): {err}", index) from err
 
     def key_fields(self) -> dict[str, Any]:
         # File names and sizes catch added, removed or replaced files without reading them all.
@@ -187,15 +193,163 @@ class HFSource(Source):
         return {**super().key_fields(), "hf_fingerprint": self._fingerprint}
 
 
+# torchvision datasets: how each names its splits and where it keeps its labels.
+TV_DATASETS: dict[str, dict[str, Any]] = {
+    "MNIST": {"split": "train_flag", "labels": "targets"},
+    "FashionMNIST": {"split": "train_flag", "labels": "targets"},
+    "KMNIST": {"split": "train_flag", "labels": "targets"},
+    "CIFAR10": {"split": "train_flag", "labels": "targets"},
+    "CIFAR100": {"split": "train_flag", "labels": "targets"},
+    "USPS": {"split": "train_flag", "labels": "targets"},
+    "SVHN": {"split": {"train": "train", "test": "test"}, "labels": "labels"},
+    "Flowers102": {"split": {"train": "train", "val": "val", "test": "test"}, "labels": "_labels"},
+    "DTD": {"split": {"train": "train", "val": "val", "test": "test"}, "labels": "_labels"},
+    "Food101": {"split": {"train": "train", "test": "test"}, "labels": "_labels"},
+    "OxfordIIITPet": {"split": {"train": "trainval", "test": "test"}, "labels": "_labels"},
+    "StanfordCars": {"split": {"train": "train", "test": "test"}, "labels": "_samples"},
+    "FGVCAircraft": {"split": {"train": "trainval", "val": "val", "test": "test"}, "labels": "_labels"},
+    "ImageNet": {"split": {"train": "train", "test": "val", "val": "val"}, "labels": "targets"},
+}
+
+
+class HFStreamingSource(Source):
+    """A Hugging Face dataset read as a stream (``hf:<name or files>`` with ``streaming: true``),
+    for datasets larger than disk or memory.
+
+    Labels come from one streaming pass over the label column only; images are decoded only by
+    the process (and DataLoader worker) that embeds them. There is no random access: extraction
+    walks the stream in order, and each rank takes every world_size-th sample.
+    """
+
+    streaming = True
+
+    def __init__(self, path: str, split: str = "train", image_key: str = "image", label_key: str = "label",
+                 revision: str | None = None) -> None:
+        import datasets
+
+        p = Path(path)
+        try:
+            if p.suffix == ".parquet" or "*" in path:
+                ds = datasets.load_dataset("parquet", data_files={split: path}, split=split, streaming=True)
+            elif p.is_dir():
+                ds = datasets.load_dataset("imagefolder", data_dir=str(p), split=split, streaming=True)
+            else:
+                ds = datasets.load_dataset(path, split=split, revision=revision, streaming=True)
+        except (FileNotFoundError, ValueError, ConnectionError) as err:
+            raise BenchError(f"cannot stream split '{split}' of Hugging Face dataset '{path}': {err}") from err
+        features = ds.features or {}
+        for key in (image_key, label_key):
+            if features and key not in features:
+                raise BenchError(f"Hugging Face dataset '{path}' has no column '{key}'; columns: {list(features)}")
+        labels = np.fromiter((ex[label_key] for ex in ds.select_columns([label_key])), dtype=np.int64)
+        names = list(getattr(features.get(label_key), "names", None) or []) or [
+            str(c) for c in range(int(labels.max()) + 1)]
+        self.stream = ds.cast_column(image_key, datasets.Image(decode=False))
+        self.image_key, self.path, self.revision = image_key, path, revision
+        super().__init__(f"hf-stream:{path}", split, labels, names)
+
+    def iterate(self, keep) -> Iterator[tuple[int, Any]]:
+        """(index, undecoded image) for the stream positions where ``keep(index)`` is true."""
+        for i, ex in enumerate(self.stream):
+            if keep(i):
+                yield i, ex[self.image_key]
+
+    def decode(self, value: Any, index: int) -> Image.Image:
+        try:
+            if isinstance(value, dict):
+                img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+            else:
+                img = value
+            img.load()
+            return img
+        except (OSError, UnidentifiedImageError, ValueError, KeyError) as err:
+            raise CorruptImage(f"cannot decode image at stream position {index} of {self.name}: {err}",
+                               index) from err
+
+    def load(self, index: int) -> Image.Image:
+        raise BenchError(f"{self.name} is a stream without random access; iterate it instead")
+
+    def key_fields(self) -> dict[str, Any]:
+        return {**super().key_fields(), "revision": self.revision}
+
+
+class TorchvisionSource(Source):
+    """A torchvision dataset by class name (``tv:CIFAR10``), read from ``root``.
+
+    ``download`` fetches it when there is a network; without one, point ``root`` at a local
+    copy in torchvision's layout. ImageNet is never downloaded (torchvision needs the archives).
+    """
+
+    def __init__(self, name: str, split: str = "train", root: str = "~/.cache/bench/datasets",
+                 download: bool = False) -> None:
+        import torchvision
+
+        if name not in TV_DATASETS:
+            raise BenchError(f"unknown torchvision dataset '{name}'; known: {', '.join(TV_DATASETS)}")
+        info = TV_DATASETS[name]
+        kwargs: dict[str, Any] = {"root": str(Path(root).expanduser())}
+        if info["split"] == "train_flag":
+            if split not in ("train", "test"):
+                raise BenchError(f"tv:{name} has splits train and test, not '{split}'")
+            kwargs["train"] = split == "train"
+        else:
+            if split not in info["split"]:
+                raise BenchError(f"tv:{name} has splits {list(info['split'])}, not '{split}'")
+            kwargs["split"] = info["split"][split]
+        if name != "ImageNet":
+            kwargs["download"] = download
+        try:
+            self.ds = getattr(torchvision.datasets, name)(**kwargs)
+        except (RuntimeError, FileNotFoundError) as err:
+            raise BenchError(
+                f"tv:{name} ({split}) is not under {kwargs['root']}: {err}. Pass dataset.options.download=true "
+                "with a network, or dataset.options.root=<folder holding a local copy>"
+            ) from err
+        raw = getattr(self.ds, info["labels"])
+        if info["labels"] == "_samples":
+            raw = [label for _, label in raw]
+        labels = np.asarray(raw.tolist() if hasattr(raw, "tolist") else list(raw), dtype=np.int64)
+        classes = getattr(self.ds, "classes", None) or [str(c) for c in range(int(labels.max()) + 1)]
+        classes = [c if isinstance(c, str) else c[0] for c in classes]
+        super().__init__(f"tv:{name}", split, labels, list(classes))
+
+    def load(self, index: int) -> Image.Image:
+        try:
+            img = self.ds[int(index)][0]
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise CorruptImage(f"cannot decode image at index {index} of {self.name}: {err}") from err
+        return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+
+
+class SyntheticSource(Source):
+    """``synthetic:<n>``: n random RGB images made on the fly from their index (nothing stored),
+    for throughput and memory measurements at any dataset size."""
+
+    def __init__(self, n: str | int, split: str = "train", size: int = 64, classes: int = 10) -> None:
+        self.size = int(size)
+        n = int(n)
+        super().__init__(f"synthetic:{n}", split, np.arange(n, dtype=np.int64) % classes,
+                         [str(c) for c in range(classes)])
+
+    def load(self, index: int) -> Image.Image:
+        rng = np.random.default_rng(int(index) + (0 if self.split == "train" else 1 << 40))
+        return Image.fromarray(rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8))
+
+    def key_fields(self) -> dict[str, Any]:
+        return {**super().key_fields(), "size": self.size}
+
+
 _SOURCES: dict[str, Callable[..., Source]] = {
     "digits": DigitsSource,
     "imagefolder": ImageFolderSource,
     "hf": HFSource,
+    "tv": TorchvisionSource,
+    "synthetic": SyntheticSource,
 }
 
 
 def known_sources() -> list[str]:
-    return ["digits", "imagefolder:<root>", "hf:<name or path>"]
+    return ["digits", "imagefolder:<root>", "hf:<name or path>", "tv:<torchvision dataset>"]
 
 
 def build_source(name: str, split: str = "train", **options: Any) -> Source:
@@ -207,4 +361,6 @@ def build_source(name: str, split: str = "train", **options: Any) -> Source:
         return DigitsSource(split, **options)
     if not arg:
         raise BenchError(f"dataset '{name}' needs a path or name after the colon, e.g. {family}:/data/x")
+    if family == "hf" and options.pop("streaming", False):
+        return HFStreamingSource(arg, split=split, **options)
     return _SOURCES[family](arg, split=split, **options)

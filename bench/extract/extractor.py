@@ -8,12 +8,14 @@ dataset order into one cache entry, written atomically.
 
 from __future__ import annotations
 
+import mmap
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
@@ -183,8 +185,20 @@ def merge_shards(cache: EmbeddingCache, shard_dir: Path, key: str, fields: dict[
             pos = torch.searchsorted(indices, t["indices"]).numpy()
             maps["embeddings"][pos] = t["embeddings"].numpy()
             maps["labels"][pos] = t["labels"].numpy()
+            release_pages(maps["embeddings"])
 
     return cache.write_streaming(key, fields, len(indices), dim, dtype, fill, skipped=skipped.tolist(), **extra)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Write a memory map's dirty pages to disk and drop them from this process's memory, so
+    peak memory stays at one shard however large the entry is."""
+    mm = getattr(array, "_mmap", None)  # numpy keeps the mmap object here
+    if mm is None:
+        return
+    array.flush()
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def entry_fields(backbone: Backbone, source: Source, dtype: str) -> dict[str, Any]:
