@@ -109,3 +109,23 @@ def test_task_suite_from_yaml(tmp_path):
         TaskSuite.load(bad)
     with pytest.raises(BenchError, match="known suites"):
         TaskSuite.load("no-such-suite")
+
+
+def test_every_shipped_task_suite_loads():
+    from bench.data.tasks import TASKS_DIR
+
+    names = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+    assert {"digits-base-novel", "cifar100", "imagenet"} <= set(names)
+    for name in names:
+        suite = TaskSuite.load(name)
+        assert suite.shots and suite.seeds and suite.classes
+        for split in suite.class_splits.values():
+            assert split == sorted(set(split))
+    assert TaskSuite.load("cifar100").class_splits["novel"] == list(range(50, 100))
+
+
+def test_class_ranges_must_be_well_formed(tmp_path):
+    bad = tmp_path / "b.yaml"
+    bad.write_text("name: b\ndataset: digits\nclass_splits: {base: 'zero-four'}\n")
+    with pytest.raises(BenchError, match="range like '0-49'"):
+        TaskSuite.load(bad)

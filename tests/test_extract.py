@@ -236,3 +236,26 @@ def test_torchrun_launch_uses_two_ranks(tmp_path):
         entry = open_entry(d)
         assert entry.manifest["world_size"] == 2
         assert torch.equal(entry.indices, torch.arange(entry.manifest["num_samples"]))
+
+
+def test_a_full_disk_fails_clearly_and_leaves_no_entry(tmp_path):
+    """RLIMIT_FSIZE makes every write past 100 KB fail as a full disk would (EFBIG)."""
+    import resource
+    import signal
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONDONTWRITEBYTECODE": "1"}
+    args = [sys.executable, "-m", "bench.cli", "extract", "task=digits-base-novel", f"cache_dir={tmp_path}",
+            "extract.shard_size=64", "extract.batch_size=64"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "could not write cache entry" in proc.stderr and "free space" in proc.stderr
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # nothing looks complete
+    assert not list(tmp_path.glob(".tmp-*"))  # the half-written entry was removed
+    again = _cli(args[3:], tmp_path)  # with space again, the kept shards are merged
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2

@@ -4,7 +4,7 @@ A suite file looks like::
 
     name: digits-base-novel
     dataset: digits                 # a dataset source name (see bench.data.sources)
-    class_splits: {base: [0, 1, 2, 3, 4], novel: [5, 6, 7, 8, 9]}
+    class_splits: {base: [0, 1, 2, 3, 4], novel: "5-9"}   # lists or inclusive ranges
     classes: [base, novel]          # subsets: all | even | odd | a split name | [explicit list]
     shots: [1, 5, 20, all]
     queries: test                   # an int per class, 'rest', or 'test' (the test split)
@@ -26,6 +26,18 @@ from bench.errors import BenchError
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 
 
+def _class_list(value: Any, where: str) -> list[int]:
+    """A list of class ids, or a range written as "first-last" (inclusive), e.g. "0-49"."""
+    if isinstance(value, str):
+        first, sep, last = value.partition("-")
+        if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+            raise BenchError(f"{where}: '{value}' must be a list of class ids or a range like '0-49'")
+        return list(range(int(first), int(last) + 1))
+    if not isinstance(value, list):
+        raise BenchError(f"{where}: must be a list of class ids or a range like '0-49'")
+    return [int(v) for v in value]
+
+
 @dataclass
 class TaskSuite:
     name: str
@@ -45,6 +57,9 @@ class TaskSuite:
         for key in ("name", "dataset"):
             if key not in data:
                 raise BenchError(f"{source}: missing required key '{key}'")
+        data = dict(data)
+        data["class_splits"] = {k: _class_list(v, f"{source}: class_splits.{k}")
+                                for k, v in (data.get("class_splits") or {}).items()}
         suite = cls(**data)
         for key in ("classes", "shots", "seeds"):
             if not isinstance(getattr(suite, key), list):
