@@ -92,3 +92,33 @@ def test_imprinting_on_two_processes_equals_one(tmp_path):
         assert torch.equal(a.proxies, b.proxies) and torch.equal(a.classes, b.classes)
     accs = np.array([float(r["acc"]) for r in rows_one])
     assert accs.min() > 0.1 and accs.max() <= 1.0
+
+
+def test_end_to_end_on_images_equals_the_cached_path(tmp_path):
+    from bench.backbones import build_backbone
+    from bench.data.datamodules import ImageEpisodeDataModule
+    from bench.data.sources import build_source
+    from bench.extract import EmbeddingCache, extract
+
+    bb = build_backbone("tiny-digits")
+    pool, test = build_source("digits", "train"), build_source("digits", "test")
+    ep = sample_episode(pool.labels, [5, 6, 7, 8, 9], 5, "test", seed=1, test_labels=test.labels)
+    methods = ["qi2018", "westerhoff2025"]
+
+    e2e = ImprintingModule(methods, backbone=bb.model, seed=1)
+    trainer = trainer_for_imprinting(accelerator="cpu", devices=1)
+    dm = ImageEpisodeDataModule(pool, test, ep, bb.transform, batch_size=16)
+    trainer.fit(e2e, datamodule=dm)
+    trainer.test(e2e, datamodule=dm, verbose=False)
+
+    quiet = {"enable_progress_bar": False}
+    cache = EmbeddingCache(tmp_path)
+    cached = ImprintingModule(methods, seed=1)
+    dm2 = EpisodeDataModule(extract(bb, pool, cache, trainer_kwargs=quiet), extract(bb, test, cache, trainer_kwargs=quiet), ep)
+    trainer = trainer_for_imprinting(accelerator="cpu", devices=1)
+    trainer.fit(cached, datamodule=dm2)
+    trainer.test(cached, datamodule=dm2, verbose=False)
+    for key in e2e.heads:
+        assert torch.allclose(e2e.heads[key].proxies, cached.heads[key].proxies, atol=1e-5)
+    for name in e2e.results:
+        assert e2e.results[name]["acc"] == pytest.approx(cached.results[name]["acc"], abs=1e-6)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subs
 
 from bench.data.episodes import Episode
 from bench.data.sources import CorruptImage, Source
+from bench.errors import BenchError
 
 
 class IndexedImages(Dataset):
@@ -161,3 +162,30 @@ class EpisodeDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         entry = self.queries if self.episode.query_split == "test" else self.pool
         return self._loader(self._rows(entry, self.episode.query))
+
+
+class ImageEpisodeDataModule(L.LightningDataModule):
+    """Support and queries of one episode as images, for an ImprintingModule that holds its
+    backbone (the end-to-end path, no cache). Batches are (images, labels, dataset indices)."""
+
+    def __init__(self, pool: Source, queries: Source | None, episode: Episode, transform: Callable,
+                 batch_size: int = 256, num_workers: int = 0) -> None:
+        super().__init__()
+        self.pool, self.queries, self.episode, self.transform = pool, queries, episode, transform
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def _loader(self, source: Source, positions: np.ndarray) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        data = Subset(IndexedImages(source, self.transform), [int(i) for i in positions])
+        return DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers,
+                          sampler=RankShardSampler(len(data), rank, world))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.pool, self.episode.support)
+
+    def test_dataloader(self) -> DataLoader:
+        source = self.queries if self.episode.query_split == "test" else self.pool
+        if source is None:
+            raise BenchError("the episode's queries come from a test split, but no test source was given")
+        return self._loader(source, self.episode.query)
