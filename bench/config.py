@@ -14,18 +14,10 @@ from typing import Any
 import yaml
 
 from bench.errors import BenchError
+from bench.imprint.presets import PRESETS
 
-QUICKSTART_METHODS = [
-    "qi2018",
-    "hosoda2024",
-    "janson2022",
-    "westerhoff2025",
-    "simpleshot",
-    "ncm",
-    "knn",
-    "ls-oracle",
-    "l2/kmeans:k=[2,5,10]/l2/l2/max",
-]
+# Every preset, plus a k-means grid: the quickstart's method grid.
+QUICKSTART_METHODS = [*PRESETS, "l2/kmeans:k=[2,5,10]/l2/l2/max"]
 
 
 @dataclass

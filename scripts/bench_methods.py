@@ -30,18 +30,11 @@ from sklearn.neighbors import NearestNeighbors
 
 from bench.data.episodes import sample_episode
 from bench.data.synthetic import gaussian_mixture
-from bench.imprint import MethodSpec, expand_grid
+from bench.imprint import PRESETS, MethodSpec, expand_grid
 from bench.imprint.head import SupportSet, build_heads
 
 DEFAULT_METHODS = [
-    "qi2018",
-    "hosoda2024",
-    "janson2022",
-    "westerhoff2025",
-    "simpleshot",
-    "ncm",
-    "knn",
-    "ls-oracle",
+    *PRESETS,
     "l2/kmeans:k=[1,5,20]/l2/l2/max",
     "l2/all/l2/l2/max",  # kmeans with k = all: every support sample is a proxy
 ]

@@ -39,6 +39,23 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
+def _open_run(mode: str, project: str, entity: str | None, name: str, group: str | None, job_type: str,
+              save_dir: Path, config: dict[str, Any]):
+    from lightning.pytorch.loggers import WandbLogger
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(project=project, entity=entity, name=name, group=group, job_type=job_type,
+                       save_dir=str(save_dir), offline=(mode == "offline"), config=config, reinit="create_new")
+
+
+def _close_run(logger, mode: str) -> str:
+    """Finish the run; return its URL (online) or the folder holding the offline runs."""
+    run = logger.experiment
+    where = run.url if mode == "online" else str(Path(run.dir).parent.parent)
+    run.finish()
+    return where
+
+
 def log_to_wandb(
     rows: Sequence[dict[str, Any]],
     run_config: dict[str, Any],
@@ -52,9 +69,6 @@ def log_to_wandb(
     mode = resolve_mode(mode)
     if mode == "disabled" or not rows:
         return None
-    from lightning.pytorch.loggers import WandbLogger
-
-    os.environ.setdefault("WANDB_SILENT", "true")
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_method[r["method"]].append(r)
@@ -74,10 +88,7 @@ def log_to_wandb(
             **{k: v for k, v in first.items() if k in method_keys},
             "run": run_config,
         }
-        logger = WandbLogger(
-            project=project, entity=entity, name=method, group=run_name, job_type=first["task"],
-            save_dir=str(save_dir), offline=(mode == "offline"), config=config, reinit="create_new",
-        )
+        logger = _open_run(mode, project, entity, method, run_name, first["task"], save_dir, config)
         groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for r in mrows:
             groups[(r["classes"], str(r["shots"]))].append(r)
@@ -89,9 +100,7 @@ def log_to_wandb(
                 metrics[f"{subset}/{m}@{shots}shot_std"] = sd
         logger.log_metrics(metrics)
         logger.log_table("episodes", columns=columns, data=[[r.get(c) for c in columns] for r in mrows])
-        run = logger.experiment
-        where = run.url if mode == "online" else str(Path(run.dir).parent.parent)
-        run.finish()
+        where = _close_run(logger, mode)
     return where
 
 
@@ -109,18 +118,10 @@ def log_tables(
     mode = resolve_mode(mode)
     if mode == "disabled":
         return None
-    from lightning.pytorch.loggers import WandbLogger
-
-    os.environ.setdefault("WANDB_SILENT", "true")
-    logger = WandbLogger(project=project, entity=entity, name=run_name, job_type="diagnose",
-                         save_dir=str(save_dir), offline=(mode == "offline"), config=config,
-                         reinit="create_new")
+    logger = _open_run(mode, project, entity, run_name, None, "diagnose", save_dir, config)
     logger.log_metrics(summary)
     for key, rows in tables.items():
         if rows:
             columns = list(dict.fromkeys(c for r in rows for c in r))
             logger.log_table(key, columns=columns, data=[[r.get(c) for c in columns] for r in rows])
-    run = logger.experiment
-    where = run.url if mode == "online" else str(Path(run.dir).parent.parent)
-    run.finish()
-    return where
+    return _close_run(logger, mode)
