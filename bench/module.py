@@ -18,7 +18,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from bench.errors import BenchError
-from bench.imprint import ImprintedHead, MethodSpec, expand_grid
+from bench.imprint import MethodSpec, expand_grid
 from bench.imprint.head import SupportSet, build_heads
 from bench.metrics import flatten_metrics, head_metrics
 
@@ -191,5 +191,4 @@ def trainer_for_imprinting(**kwargs: Any) -> L.Trainer:
     return L.Trainer(strategy=strategy, **{**defaults, **kwargs})
 
 
-__all__ = ["ImprintingModule", "SupportCollector", "TrainingFreeDDPStrategy", "trainer_for_imprinting",
-           "ImprintedHead"]
+__all__ = ["ImprintingModule", "SupportCollector", "TrainingFreeDDPStrategy", "trainer_for_imprinting"]

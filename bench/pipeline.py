@@ -22,8 +22,8 @@ from bench.data.episodes import select_classes
 from bench.data.sources import build_source
 from bench.data.tasks import TaskSuite
 from bench.errors import BenchError
-from bench.extract.cache import CacheEntry, EmbeddingCache
-from bench.extract.extractor import extract
+from bench.extract.cache import CacheEntry, EmbeddingCache, cache_key
+from bench.extract.extractor import entry_fields, extract
 from bench.imprint import expand_grid
 from bench.module import ImprintingModule, trainer_for_imprinting
 from bench.report.results import format_table, multiproxy_verdict, write_table
@@ -92,9 +92,6 @@ def extract_stage(cfg: RunConfig, require_cached: bool = False) -> Embeddings:
     for split in splits:
         source = build_source(dataset, split=split, **cfg.dataset.options)
         if require_cached:
-            from bench.extract.cache import cache_key
-            from bench.extract.extractor import entry_fields
-
             entry = cache.lookup(cache_key(entry_fields(backbone, source, cfg.extract.dtype)))
             if entry is None:
                 raise BenchError(
