@@ -57,11 +57,26 @@ class DatasetConfig:
 @dataclass
 class ExtractConfig:
     batch_size: int = 256
-    num_workers: int = 0
+    num_workers: Any = "auto"  # or an int; see workers_for
     dtype: str = "float32"
     skip_corrupt: bool = False
     rebuild: bool = False
     shard_size: int = 65536
+
+
+def workers_for(num_workers: Any, accelerator: str, devices: Any) -> int:
+    """DataLoader workers per process. ``auto``: none on the CPU, where workers would compete
+    with the model for the same cores; on accelerators, the CPUs per device minus one, at most 8."""
+    if num_workers != "auto":
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise BenchError(f"extract.num_workers must be 'auto' or an int >= 0, got {num_workers!r}")
+        return num_workers
+    if accelerator == "cpu":
+        return 0
+    import os
+
+    per_device = (os.cpu_count() or 2) // max(int(devices) if str(devices).isdigit() else 1, 1)
+    return max(0, min(8, per_device - 1))
 
 
 @dataclass

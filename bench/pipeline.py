@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 from bench.backbones.registry import Backbone, build_backbone
-from bench.config import RunConfig
+from bench.config import RunConfig, workers_for
 from bench.data.datamodules import EpisodeDataModule
 from bench.data.episodes import select_classes
 from bench.data.sources import build_source
@@ -102,7 +102,8 @@ def extract_stage(cfg: RunConfig, require_cached: bool = False) -> Embeddings:
             entry = extract(
                 backbone, source, cache,
                 trainer_kwargs={**cfg.trainer.kwargs(), "enable_progress_bar": is_rank_zero()},
-                batch_size=cfg.extract.batch_size, num_workers=cfg.extract.num_workers,
+                batch_size=cfg.extract.batch_size,
+                num_workers=workers_for(cfg.extract.num_workers, cfg.trainer.accelerator, cfg.trainer.devices),
                 dtype=cfg.extract.dtype, skip_corrupt=cfg.extract.skip_corrupt,
                 rebuild=cfg.extract.rebuild, shard_size=cfg.extract.shard_size,
             )

@@ -132,3 +132,13 @@ def test_methods_command_lists_presets_and_expands_grids(capsys):
     assert main(["methods", "l2/kmeans:k=[1,5]|mean/l2/l2/max|mnn:m=3"]) == 0
     out = capsys.readouterr().out
     assert "l2/kmeans:k=5/l2/l2/mnn:m=3" in out and "dropped l2/mean/l2/l2/mnn:m=3" in out
+
+
+def test_dataloader_workers_default_to_the_hardware():
+    from bench.config import workers_for
+
+    assert workers_for("auto", "cpu", 2) == 0
+    assert 0 <= workers_for("auto", "gpu", 1) <= 8
+    assert workers_for(3, "gpu", 1) == 3
+    with pytest.raises(BenchError, match="num_workers"):
+        workers_for(-1, "cpu", 1)
