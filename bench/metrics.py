@@ -8,7 +8,6 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from bench.errors import BenchError
 from bench.imprint.head import ImprintedHead
 
 
@@ -44,16 +43,9 @@ def evaluate_head(
     head: ImprintedHead, queries: torch.Tensor, labels: torch.Tensor, batch_size: int = 4096
 ) -> dict[str, float]:
     """Score one head on an episode's queries. Labels are in the original label space."""
-    classes = head.classes.to(labels.device)
-    target = torch.searchsorted(classes, labels)
-    if not torch.equal(classes[target.clamp(max=len(classes) - 1)], labels):
-        unknown = sorted(set(labels.tolist()) - set(classes.tolist()))
-        raise BenchError(f"query labels {unknown} are not among the head's classes")
+    target = head.targets(labels)
     metrics = head_metrics(head.num_classes).to(queries.device)
     for start in range(0, len(queries), batch_size):
         end = start + batch_size
         metrics.update(head(queries[start:end]), target[start:end].to(queries.device))
-    out = flatten_metrics(metrics.compute(), head.classes.tolist())
-    out["gen_time_s"] = float(head.meta.get("gen_time_s", float("nan")))
-    out["num_proxies"] = int(head.meta.get("num_proxies", len(head.proxies)))
-    return out
+    return {**flatten_metrics(metrics.compute(), head.classes.tolist()), **head.summary()}

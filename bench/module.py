@@ -132,23 +132,15 @@ class ImprintingModule(L.LightningModule):
         x, y, _ = batch
         emb = self.embed(x)
         for key, head in self.heads.items():
-            target = torch.searchsorted(head.classes, y)
-            if not torch.equal(head.classes[target.clamp(max=head.num_classes - 1)], y):
-                unknown = sorted(set(y.tolist()) - set(head.classes.tolist()))
-                raise BenchError(f"query labels {unknown} were not in the support set")
-            self.test_metrics[key].update(head(emb), target)
+            self.test_metrics[key].update(head(emb), head.targets(y))
 
     def on_test_epoch_end(self) -> None:
         self.results = {}
         for spec in self.specs:
             key = self.head_key(spec)
             head = self.heads[key]
-            values = flatten_metrics(self.test_metrics[key].compute(), head.classes.tolist())
-            values["gen_time_s"] = float(head.meta["gen_time_s"])
-            values["num_proxies"] = int(head.meta["num_proxies"])
-            values["effective_k_min"] = int(head.meta["effective_k_min"])
-            values["effective_k_max"] = int(head.meta["effective_k_max"])
-            self.results[spec.name] = values
+            metrics = flatten_metrics(self.test_metrics[key].compute(), head.classes.tolist())
+            self.results[spec.name] = {**metrics, **head.summary()}
             self.test_metrics[key].reset()
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:

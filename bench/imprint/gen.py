@@ -32,6 +32,16 @@ class GenResult:
     effective_k: torch.Tensor  # (C,) long: proxies per class actually produced
 
 
+def class_positions(classes: torch.Tensor, labels: torch.Tensor, what: str = "labels") -> torch.Tensor:
+    """Position of each label in the sorted ``classes``; unknown labels are an error."""
+    classes = classes.to(labels.device)
+    pos = torch.searchsorted(classes, labels.contiguous()).clamp(max=len(classes) - 1)
+    if not torch.equal(classes[pos], labels):
+        unknown = sorted(set(labels.tolist()) - set(classes.tolist()))
+        raise BenchError(f"{what} {unknown} are not among the head's classes {classes.tolist()[:20]}")
+    return pos
+
+
 def group_by_class(
     x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,11 +50,7 @@ def group_by_class(
     Samples keep their input order within a class, so the padded batch is a deterministic
     function of the inputs.
     """
-    pos = torch.searchsorted(classes, y.contiguous())
-    pos = pos.clamp(max=len(classes) - 1)
-    if not torch.equal(classes[pos], y):
-        unknown = sorted(set(y.tolist()) - set(classes.tolist()))
-        raise BenchError(f"labels {unknown} are not among the head's classes")
+    pos = class_positions(classes, y)
     counts = torch.bincount(pos, minlength=len(classes))
     if (counts == 0).any():
         empty = classes[counts == 0].tolist()
@@ -341,11 +347,10 @@ def gen_ls(x: torch.Tensor, mask: torch.Tensor, lam: float = 1e-3) -> GenResult:
     """
     c, _, d = x.shape
     flat = x[mask]
-    # The Gram matrix in the input precision (the costly part), the solve in float64.
+    # The Gram matrix and means in the input precision (the costly part), the solve in float64.
     second = (flat.T @ flat).double() / len(flat)
-    xd = x.double()
     ridge = lam * torch.trace(second) / d + 1e-12
-    means = gen_mean(xd, mask).proxies[:, 0]  # (C, D)
+    means = gen_mean(x, mask).proxies[:, 0].double()  # (C, D)
     eye = torch.eye(d, dtype=torch.float64, device=x.device)
     w = torch.linalg.solve(second + ridge * eye, means.T).T / c
     ones = torch.ones(c, 1, dtype=torch.bool, device=x.device)

@@ -250,6 +250,19 @@ class ImprintedHead(nn.Module):
             self.spec.agg.name, q, p, self.proxy_labels, self.num_classes, **dict(self.spec.agg.options)
         )
 
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Original labels as score columns (0..C-1); labels the head lacks are an error."""
+        return gen_mod.class_positions(self.classes, labels, "query labels")
+
+    def summary(self) -> dict[str, float | int]:
+        """What result tables record about how the head was built."""
+        return {
+            "gen_time_s": float(self.meta.get("gen_time_s", float("nan"))),
+            "num_proxies": int(self.meta.get("num_proxies", len(self.proxies))),
+            "effective_k_min": int(self.meta.get("effective_k_min", 0)),
+            "effective_k_max": int(self.meta.get("effective_k_max", 0)),
+        }
+
     @torch.no_grad()
     def predict(self, queries: torch.Tensor) -> torch.Tensor:
         """Predicted labels in the original label space."""
