@@ -24,7 +24,7 @@ from bench.data.tasks import TaskSuite
 from bench.errors import BenchError
 from bench.extract.cache import CacheEntry, EmbeddingCache, cache_key
 from bench.extract.extractor import entry_fields, extract
-from bench.imprint import expand_grid
+from bench.imprint import Grid, expand_grid
 from bench.module import ImprintingModule, trainer_for_imprinting
 from bench.report.results import format_table, multiproxy_verdict, write_table
 from bench.report.wandb_log import log_to_wandb
@@ -81,9 +81,9 @@ def check_writable(path: Path) -> None:
                          "out_dir=... (or cache_dir=...)") from err
 
 
-def extract_stage(cfg: RunConfig, require_cached: bool = False) -> Embeddings:
+def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite | None = None) -> Embeddings:
     """Embeddings of the task's dataset: the pool (train split) and, if needed, the test split."""
-    suite = TaskSuite.load(cfg.task)
+    suite = suite or TaskSuite.load(cfg.task)
     backbone = build_backbone(cfg.backbone.name, **cfg.backbone.options())
     dataset = cfg.dataset.name or suite.dataset
     cache = EmbeddingCache(cfg.cache_dir)
@@ -122,10 +122,10 @@ def reference_mean(cfg: RunConfig, emb: Embeddings) -> torch.Tensor | None:
 
 
 def imprint_stage(
-    cfg: RunConfig, emb: Embeddings, out_dir: Path | None = None
+    cfg: RunConfig, emb: Embeddings, out_dir: Path | None = None, grid: Grid | None = None
 ) -> tuple[list[dict], list, int]:
     """Imprint and evaluate every method on every episode of the suite."""
-    grid = expand_grid(cfg.methods)
+    grid = grid or expand_grid(cfg.methods)
     center = reference_mean(cfg, emb)
     q_labels = emb.queries.labels.numpy() if emb.queries is not None else None
     episodes = list(emb.suite.episodes(emb.pool.labels.numpy(), q_labels))
@@ -159,11 +159,11 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
     suite = TaskSuite.load(cfg.task)
     name = cfg.name or slug(f"{suite.name}-{cfg.backbone.name}")
     out_dir = Path(cfg.out_dir) / name
-    expand_grid(cfg.methods)  # a typo in the grid should stop us before any extraction
+    grid = expand_grid(cfg.methods)  # a typo in the grid should stop us before any extraction
     if is_rank_zero():
         check_writable(out_dir)
-    emb = extract_stage(cfg, require_cached=require_cached)
-    rows, dropped, world_size = imprint_stage(cfg, emb, out_dir)
+    emb = extract_stage(cfg, require_cached=require_cached, suite=suite)
+    rows, dropped, world_size = imprint_stage(cfg, emb, out_dir, grid)
     result = RunResult(rows, out_dir, dropped=dropped)
     if is_rank_zero():
         result.paths = write_table(rows, out_dir)

@@ -128,11 +128,11 @@ def _refuse(path: Path, why: str) -> BenchError:
     )
 
 
-def open_entry(path: str | Path, verify: bool = False) -> CacheEntry:
+def open_entry(path: str | Path, verify: bool | None = None) -> CacheEntry:
     """Open and validate an entry directory; tensors are memory-mapped, not loaded.
 
-    The checksum is verified for files up to 512 MiB, or always with ``verify=True``; larger
-    files are checked by size and shape, so that opening them does not read them whole.
+    ``verify=None`` checks the checksum for files up to 512 MiB and only size and shape for
+    larger ones, so that opening them does not read them whole; True or False force it.
     """
     path = Path(path)
     mpath, tpath = path / MANIFEST, path / TENSORS
@@ -147,7 +147,9 @@ def open_entry(path: str | Path, verify: bool = False) -> CacheEntry:
     size = tpath.stat().st_size
     if size != manifest.get("tensors_bytes"):
         raise _refuse(path, f"tensor file has {size} bytes, the manifest says {manifest.get('tensors_bytes')}")
-    if (size <= VERIFY_CHECKSUM_MAX_BYTES or verify) and file_sha256(tpath) != manifest.get("tensors_sha256"):
+    if verify is None:
+        verify = size <= VERIFY_CHECKSUM_MAX_BYTES
+    if verify and file_sha256(tpath) != manifest.get("tensors_sha256"):
         raise _refuse(path, "tensor file does not match the checksum in its manifest")
     try:
         t, _ = mmap_safetensors(tpath)
@@ -256,10 +258,11 @@ class EmbeddingCache:
             for p in (tpath, mpath):
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-            if final.exists():  # another process finished the same entry first: keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
+            ours = not final.exists()
+            if ours:
                 os.rename(tmp, final)
+            else:  # another process finished the same entry first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise BenchError(f"could not write cache entry {final}: {err.strerror or err}; free space "
@@ -267,4 +270,5 @@ class EmbeddingCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return open_entry(final)
+        # The checksum was just computed from the file we wrote; no need to read it again.
+        return open_entry(final, verify=None if not ours else False)

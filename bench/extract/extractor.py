@@ -248,16 +248,17 @@ def extract(
             print(f"resuming extraction: {len(done)} of {len(source)} samples already in {shard_dir}")
         dm = ImageDataModule(source, backbone.transform, batch_size, num_workers, skip_corrupt,
                              indices=todo if len(done) else None,
-                             pin_memory=kwargs.get("accelerator") not in ("cpu", None))
+                             pin_memory=kwargs.get("accelerator") != "cpu" and torch.cuda.is_available())
         module = EmbeddingExtractor(backbone.model, dtype, channels_last=channels_last, compile=compile)
         trainer.predict(module, datamodule=dm, return_predictions=False)
     trainer.strategy.barrier("bench-extract-written")
+    entry = None
     if trainer.is_global_zero:
-        merge_shards(cache, shard_dir, key, fields, len(source), class_names=source.class_names,
-                     world_size=trainer.world_size)
+        entry = merge_shards(cache, shard_dir, key, fields, len(source), class_names=source.class_names,
+                             world_size=trainer.world_size)
         shutil.rmtree(shard_dir, ignore_errors=True)
     trainer.strategy.barrier("bench-extract-merged")
-    entry = open_entry(final)
+    entry = entry or open_entry(final)
     skipped = entry.manifest.get("skipped", [])
     if skipped and trainer.is_global_zero:
         print(f"skipped {len(skipped)} corrupt image(s): dataset indices {skipped[:20]}"
