@@ -58,12 +58,14 @@ def group_by_class(
             f"classes {empty} have no support samples; drop them from the class list or "
             "provide support for them"
         )
-    order = torch.argsort(pos, stable=True)
     s_max = int(counts.max())
     if bool((counts == s_max).all()):
-        # Balanced episodes (the usual case): grouping is a gather and a reshape.
-        out = x[order].view(len(classes), s_max, x.shape[-1])
+        # Balanced episodes (the usual case): grouping is a reshape, after a gather unless
+        # the samples already come class by class.
+        in_order = bool((pos[1:] >= pos[:-1]).all())
+        out = (x if in_order else x[torch.argsort(pos, stable=True)]).reshape(len(classes), s_max, x.shape[-1])
         return out, torch.ones(len(classes), s_max, dtype=torch.bool, device=x.device)
+    order = torch.argsort(pos, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(y), device=y.device) - starts[pos[order]]
     out = x.new_zeros(len(classes), s_max, x.shape[-1])
@@ -105,7 +107,12 @@ class RowRandom:
 
 
 def _sample_weighted(weights: torch.Tensor, n: int, rng: RowRandom) -> torch.Tensor:
-    """Draw ``n`` indices per row with probability proportional to ``weights`` (B, S).
+    """Draw ``n`` indices per row with probability proportional to ``weights`` (B, S)."""
+    return _inverse_cdf(weights, rng.rand((n,), weights.device))
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Indices drawn with probability proportional to ``weights`` (B, S) from uniforms (B, n).
 
     Inverse-CDF sampling with CPU uniforms keeps draws identical across devices. Rows whose
     weights are all zero (every sample already a centre) fall back to the last index;
@@ -113,8 +120,7 @@ def _sample_weighted(weights: torch.Tensor, n: int, rng: RowRandom) -> torch.Ten
     separately.
     """
     cdf = weights.double().cumsum(-1)
-    u = (rng.rand((n,), weights.device) * cdf[:, -1:]).contiguous()
-    idx = torch.searchsorted(cdf, u, right=True)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1:]).contiguous(), right=True)
     return idx.clamp(max=weights.shape[1] - 1)
 
 
@@ -163,31 +169,77 @@ def gen_all(x: torch.Tensor, mask: torch.Tensor) -> GenResult:
     return GenResult(x, mask, mask.sum(1))
 
 
+def _kmeanspp_draws(k: int) -> int:
+    """Uniforms one row consumes in k-means++ seeding: one for the first centre, then
+    ``trials`` per further centre."""
+    return 1 + (k - 1) * (2 + int(math.log(k)))
+
+
 def _kmeanspp(
     x: torch.Tensor,
     mask: torch.Tensor,
     k: int,
-    rng: RowRandom,
+    rng: RowRandom | torch.Tensor,
     x_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Greedy k-means++ seeding (as in scikit-learn), batched: returns centres (B, k, D)."""
+    """Greedy k-means++ seeding (as in scikit-learn), batched: returns centres (B, k, D).
+
+    ``rng`` may be the uniforms themselves, (B, :func:`_kmeanspp_draws`) float64: a row's
+    draws then depend only on its own position in its episode, so rows can be seeded in
+    any chunks and give the same centres.
+    """
     b, s, _ = x.shape
     x_sq = _sq_norms(x) if x_sq is None else x_sq
     trials = 2 + int(math.log(k))
+    u = rng if isinstance(rng, torch.Tensor) else rng.rand((_kmeanspp_draws(k),), "cpu")
+    u = u.to(x.device)
     rows = torch.arange(b, device=x.device)
-    # Draw counts depend only on the number of rows, never on the padded width, so an
-    # episode's draws are the same alone and inside a wider batch.
-    first = _sample_weighted(mask.to(x.dtype), 1, rng)[:, 0]
+    first = _inverse_cdf(mask.to(x.dtype), u[:, :1])[:, 0]
     centres = [x[rows, first]]
     closest = _sq_dist(x, centres[0][:, None], x_sq)[..., 0] * mask
-    for _ in range(1, k):
-        cand = _sample_weighted(closest, trials, rng)  # (B, T)
+    for i in range(1, k):
+        lo = 1 + (i - 1) * trials
+        cand = _inverse_cdf(closest, u[:, lo : lo + trials])  # (B, T)
         d_cand = _sq_dist(x, x[rows[:, None], cand], x_sq)  # (B, S, T)
         new_closest = torch.minimum(closest[..., None], d_cand) * mask[..., None]
         best = new_closest.sum(1).argmin(1)  # (B,)
         centres.append(x[rows, cand[rows, best]])
         closest = new_closest[rows, :, best]
     return torch.stack(centres, 1)
+
+
+def _lloyd(
+    x: torch.Tensor, w: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, iters: int, tol_abs: torch.Tensor
+) -> torch.Tensor:
+    """Lloyd iterations with a per-row stop, as if every row ran alone.
+
+    A row stops when no assignment changes or its centres move less than ``tol_abs``;
+    stopped rows leave the batch, so the work shrinks as rows converge and no row iterates
+    longer because another shares its batch.
+    """
+    k = centres.shape[1]
+    final = centres.clone()
+    live = torch.arange(len(x), device=x.device)  # batch rows still iterating
+    labels = None
+    for _ in range(iters):
+        # ||x||^2 is constant per sample, so the nearest centre needs only ||c||^2 - 2 x.c.
+        new_labels = torch.baddbmm(_sq_norms(centres)[:, None, :], x, centres.transpose(1, 2), alpha=-2).argmin(-1)
+        onehot = torch.nn.functional.one_hot(new_labels, k).to(x.dtype) * w[..., None]
+        counts = onehot.sum(1)[..., None]
+        new = torch.where(counts > 0, (onehot.transpose(1, 2) @ x) / counts.clamp_min(1), centres)
+        same = (new_labels == labels).all(1) if labels is not None else torch.zeros_like(tol_abs, dtype=torch.bool)
+        new = torch.where(same[:, None, None], centres, new)  # unchanged labels: centres are final
+        done = same | (((new - centres) ** 2).sum((1, 2)) <= tol_abs)
+        final[live] = new
+        centres, labels = new, new_labels
+        if bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = ~done
+            live, x, w, x_sq, centres, labels, tol_abs = (
+                t[keep] for t in (live, x, w, x_sq, centres, labels, tol_abs)
+            )
+    return final
 
 
 def kmeans_batched(
@@ -199,46 +251,49 @@ def kmeans_batched(
     iters: int = 100,
     tol: float = 1e-4,
     rng: RowRandom | int,
+    chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on every row of a padded batch at once.
 
     Returns (centres (B, k, D), labels (B, S), inertia (B,)), keeping per row the best of
     ``n_init`` k-means++ restarts (1 by default, as scikit-learn's ``n_init='auto'``).
     ``tol`` is relative to the mean per-feature variance of each row's data, as in
-    scikit-learn; iteration also stops once no assignment changes. Empty clusters keep
+    scikit-learn; a row also stops once none of its assignments change. Empty clusters keep
     their previous centre.
+
+    Rows are clustered in chunks of about ``chunk_elements`` values (default: 2**22 on CPU,
+    where a chunk that stays in cache is faster than one large batch; unlimited on GPU).
+    Every row's result is independent of how rows are chunked or batched.
     """
     b = len(x)
     rng = RowRandom.of(rng, b).repeat(n_init)
     if n_init > 1:
         x, mask = x.repeat_interleave(n_init, 0), mask.repeat_interleave(n_init, 0)
+    draws = rng.rand((_kmeanspp_draws(k),), "cpu")
+    if chunk_elements is None:
+        chunk_elements = 1 << 22 if x.device.type == "cpu" else 1 << 62
+    step = max(1, chunk_elements // max(1, x.shape[1] * x.shape[2]))
+    centres = torch.cat([
+        _kmeans_rows(x[i : i + step], mask[i : i + step], k, draws[i : i + step], iters, tol)
+        for i in range(0, len(x), step)
+    ])
+    best_d, labels = _sq_dist(x, centres).min(-1)
+    inertia = (best_d * mask).sum(1)
+    if n_init == 1:
+        return centres, labels, inertia
+    pick = inertia.view(b, n_init).argmin(1) + torch.arange(b, device=x.device) * n_init
+    return centres[pick], labels[pick], inertia[pick]
+
+
+def _kmeans_rows(x, mask, k, draws, iters, tol) -> torch.Tensor:
     w = mask.to(x.dtype)
     x_sq = _sq_norms(x)
     n = w.sum(1)
     mean = (w[:, None, :] @ x)[:, 0] / n[:, None]
     # mean per-feature variance = (E||x||^2 - ||E x||^2) / D, without another pass over x
     tol_abs = tol * ((x_sq * w).sum(1) / n - _sq_norms(mean)).clamp_min(0) / x.shape[-1]
-
-    centres = _kmeanspp(x, mask, k, rng, x_sq)
-    labels = None
-    for _ in range(iters):
-        new_labels = _sq_dist(x, centres, x_sq).argmin(-1)
-        if labels is not None and torch.equal(new_labels, labels):
-            break
-        labels = new_labels
-        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype) * w[..., None]
-        counts = onehot.sum(1)[..., None]
-        new = torch.where(counts > 0, (onehot.transpose(1, 2) @ x) / counts.clamp_min(1), centres)
-        shift = ((new - centres) ** 2).sum((1, 2))
-        centres = new
-        if bool((shift <= tol_abs).all()):
-            break
-    best_d, labels = _sq_dist(x, centres, x_sq).min(-1)
-    inertia = (best_d * w).sum(1)
-    if n_init == 1:
-        return centres, labels, inertia
-    pick = inertia.view(b, n_init).argmin(1) + torch.arange(b, device=x.device) * n_init
-    return centres[pick], labels[pick], inertia[pick]
+    centres = _kmeanspp(x, mask, k, draws, x_sq)
+    return _lloyd(x, w, x_sq, centres, iters, tol_abs)
 
 
 def gen_kmeans(
@@ -343,24 +398,78 @@ def gen_ls(x: torch.Tensor, mask: torch.Tensor, lam: float = 1e-3) -> GenResult:
     Sigma_T + mu_G mu_G^T is the second moment of all support embeddings, so W is ridge
     regression onto one-hot targets for balanced classes. Not imprinting: every row depends
     on every class. ``lam`` is relative to the mean eigenvalue (trace / dim), so it is
-    scale-free. Solved in float64.
+    scale-free. Solved in float64, in the (dim x dim) form or, with fewer support samples
+    than dimensions, in the equal (samples x samples) form, which costs far less.
     """
     c, _, d = x.shape
     flat = x[mask]
-    # The Gram matrix and means in the input precision (the costly part), the solve in float64.
-    second = (flat.T @ flat).double() / len(flat)
-    ridge = lam * torch.trace(second) / d + 1e-12
-    means = gen_mean(x, mask).proxies[:, 0].double()  # (C, D)
-    eye = torch.eye(d, dtype=torch.float64, device=x.device)
-    w = torch.linalg.solve(second + ridge * eye, means.T).T / c
+    n = len(flat)
+    # mean eigenvalue of the second moment: its trace (the mean squared norm) over dim
+    ridge = lam * float(_sq_norms(flat).double().sum()) / n / d + 1e-12
+    if n < d:
+        w = _ls_dual(flat, mask, ridge)
+    else:
+        w = _ls_primal(flat, gen_mean(x, mask).proxies[:, 0], ridge)
     ones = torch.ones(c, 1, dtype=torch.bool, device=x.device)
-    return GenResult(w.to(x.dtype)[:, None], ones, ones.sum(1))
+    return GenResult((w / c).to(x.dtype)[:, None], ones, ones.sum(1))
+
+
+def _ls_primal(flat: torch.Tensor, means: torch.Tensor, ridge: float) -> torch.Tensor:
+    """M (X^T X / n + r I)^-1: a (dim x dim) solve."""
+    # The Gram matrix in the input precision (the costly part), the solve in float64.
+    second = (flat.T @ flat).double() / len(flat)
+    eye = torch.eye(flat.shape[1], dtype=torch.float64, device=flat.device)
+    return torch.linalg.solve(second + ridge * eye, means.double().T).T
+
+
+def _ls_dual(flat: torch.Tensor, mask: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The same M (X^T X / n + r I)^-1 through (X X^T / n + r I)^-1: an (n x n) solve.
+
+    M = A X, where A averages each class's rows, and X (X^T X/n + r I)^-1 = (X X^T/n + r I)^-1 X.
+    """
+    n = len(flat)
+    counts = mask.sum(1)
+    slot = torch.arange(len(mask), device=flat.device).repeat_interleave(counts)
+    avg = torch.zeros(len(mask), n, dtype=torch.float64, device=flat.device)
+    avg[slot, torch.arange(n, device=flat.device)] = 1.0 / counts[slot].double()
+    kernel = (flat @ flat.T).double() / n
+    kernel.diagonal().add_(ridge)
+    z = torch.linalg.solve(kernel, avg.T)  # (n, C)
+    return z.T @ flat.double()
+
+
+# Generators whose proxies are support samples themselves (so they keep the samples' norm).
+SAMPLE_GENS = frozenset({"all", "random", "fps", "kmedoids"})
+
+
+def effective_gen(name: str, options: dict, max_count: int) -> tuple[str, dict]:
+    """The simplest generator that gives exactly the same proxies, for classes of at most
+    ``max_count`` support samples.
+
+    - kmeans, kmedoids, random or fps with k >= every class's size: every sample is its own
+      proxy, which is ``all`` (effective k = the class size).
+    - kmeans with k = 1: the mean, the optimum that Lloyd's first update reaches from any start.
+    - the mean of one sample: the sample, which is ``all``.
+
+    :func:`generate` runs the effective generator, and grids use it to build each distinct
+    set of proxies once.
+    """
+    k = options.get("k")
+    if name in ("kmeans", "kmedoids", "random", "fps") and max_count <= k:
+        return "all", {}
+    if name == "kmeans" and k == 1:
+        return "mean", {}
+    if name == "mean" and max_count == 1:
+        return "all", {}
+    return name, options
 
 
 def generate(
     name: str, x: torch.Tensor, mask: torch.Tensor, rng: RowRandom | int, **options
 ) -> GenResult:
-    """Dispatch a GEN stage by name (options as parsed from the method spec)."""
+    """Run a GEN stage by name (options as parsed from the method spec), as its
+    :func:`effective_gen`."""
+    name, options = effective_gen(name, options, x.shape[1])
     if name == "mean":
         return gen_mean(x, mask)
     if name == "all":

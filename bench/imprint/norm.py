@@ -64,9 +64,9 @@ def quantile(proxies: torch.Tensor, reference: torch.Tensor | None = None) -> to
         raise BenchError(
             f"quantile reference has {q.shape[-1]} dims but proxies have {proxies.shape[-1]}"
         )
-    # argsort of argsort gives each value's rank within its row.
-    ranks = proxies.argsort(dim=-1, stable=True).argsort(dim=-1)
-    return q[ranks]
+    # Position j of the stable sort order holds the value of rank j: give it q[j].
+    order = proxies.argsort(dim=-1, stable=True)
+    return torch.empty_like(proxies).scatter_(-1, order, q.expand_as(proxies))
 
 
 def apply_proxy_norm(
