@@ -19,7 +19,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from bench.errors import BenchError
 from bench.imprint import MethodSpec, expand_grid
-from bench.imprint.head import SupportSet, build_heads
+from bench.imprint.bank import SupportSet, build_head_grid, score_heads
 from bench.metrics import flatten_metrics, head_metrics
 
 
@@ -119,8 +119,8 @@ class ImprintingModule(L.LightningModule):
         episode = SupportSet(emb, labels, self.seed, reference_mean=self.reference_mean)
         self.heads = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()
-        for spec in self.specs:
-            head = build_heads(spec, [episode])[0]
+        # One grid build: specs that share stages (normalised support, proxies) compute them once.
+        for spec, (head,) in zip(self.specs, build_head_grid(self.specs, [episode])):
             key = self.head_key(spec)
             self.heads[key] = head
             self.test_metrics[key] = head_metrics(head.num_classes).to(self.device)
@@ -131,8 +131,9 @@ class ImprintingModule(L.LightningModule):
             raise BenchError("no heads to test: call trainer.fit(module, datamodule) first")
         x, y, _ = batch
         emb = self.embed(x)
-        for key, head in self.heads.items():
-            self.test_metrics[key].update(head(emb), head.targets(y))
+        heads = list(self.heads.items())
+        for (key, head), scores in zip(heads, score_heads([h for _, h in heads], emb)):
+            self.test_metrics[key].update(scores, head.targets(y))
 
     def on_test_epoch_end(self) -> None:
         self.results = {}
@@ -146,7 +147,9 @@ class ImprintingModule(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         emb = self.embed(x)
-        return {name: head.predict(emb) for name, head in self.heads.items()}
+        heads = list(self.heads.items())
+        scores = score_heads([h for _, h in heads], emb)
+        return {name: head.classes[s.argmax(1)] for (name, head), s in zip(heads, scores)}
 
 
 class TrainingFreeDDPStrategy(DDPStrategy):

@@ -137,7 +137,7 @@ def test_bad_embeddings_are_refused(gmm):
 @pytest.mark.parametrize("method", ["westerhoff2025", "l2/kmedoids:k=3/l2/l2/max", "l2/random:k=2/l2/l2/max",
                                     "none/none/none/none/max", "ls-oracle", "knn", "hosoda2024"])
 def test_batched_heads_equal_heads_built_alone(gmm, method):
-    from bench.imprint.head import SupportSet, build_heads
+    from bench.imprint.bank import SupportSet, build_heads
 
     xs, ys, xq, _ = gmm
     # episodes of different sizes and class sets in one batch

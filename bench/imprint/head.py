@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -19,9 +18,6 @@ from bench.imprint import gen as gen_mod
 from bench.imprint import norm as norm_mod
 from bench.imprint.presets import resolve
 from bench.imprint.spec import MethodSpec
-
-# Generators whose proxies depend on every class of the episode: never batched across episodes.
-COUPLED_GENS = frozenset({"ls"})
 
 
 def check_embeddings(x: torch.Tensor, what: str, dim: int | None = None) -> None:
@@ -56,137 +52,6 @@ class SupportSet:
     seed: int = 0
     classes: torch.Tensor | None = None
     reference_mean: torch.Tensor | None = None
-
-
-def _prepare(spec: MethodSpec, ep: SupportSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    check_embeddings(ep.embeddings, "support embeddings")
-    x = ep.embeddings
-    labels = torch.as_tensor(ep.labels, device=x.device).long()
-    if labels.shape != (len(x),):
-        raise BenchError(f"support labels have shape {tuple(labels.shape)}; expected ({len(x)},)")
-    classes = torch.unique(labels) if ep.classes is None else torch.unique(torch.as_tensor(ep.classes))
-    center = None
-    if "center-l2" in (spec.norm_pre.name, spec.norm_inf.name):
-        center = x.mean(0) if ep.reference_mean is None else ep.reference_mean.to(x)
-        if center.shape != (x.shape[1],):
-            raise BenchError(
-                f"reference_mean has shape {tuple(center.shape)}; expected ({x.shape[1]},)"
-            )
-    return labels, classes.to(x.device), center
-
-
-def build_heads(
-    spec: MethodSpec | str,
-    episodes: Sequence[SupportSet],
-    *,
-    reference_weights: torch.Tensor | None = None,
-    max_batch_elements: int = 4_000_000,
-) -> list[ImprintedHead]:
-    """Imprint one head per episode with one spec, batching episodes' classes together.
-
-    Every head equals the head :meth:`ImprintedHead.build` makes alone from the same episode
-    and seed; batching only removes per-episode overhead. Episodes are batched while the
-    padded batch stays under ``max_batch_elements`` values: beyond that, per-op overhead is
-    already amortised and a larger batch only costs fresh memory. ``gen_time_s`` in each
-    head's meta is the total time divided by the number of episodes.
-    """
-    spec = resolve(spec)
-    if not episodes:
-        return []
-    prepared = [_prepare(spec, ep) for ep in episodes]
-    dims = {ep.embeddings.shape[1] for ep in episodes}
-    if len(dims) > 1:
-        raise BenchError(f"episodes in one batch have different embedding sizes {sorted(dims)}")
-    device = episodes[0].embeddings.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    grouped = []
-    for ep, (labels, classes, center) in zip(episodes, prepared):
-        x = norm_mod.apply_vector_norm(spec.norm_pre.name, ep.embeddings, center)
-        grouped.append(gen_mod.group_by_class(x, labels, classes))
-    opts = dict(spec.gen.options)
-    if spec.gen.name in COUPLED_GENS or len(grouped) == 1:
-        results = [
-            gen_mod.generate(spec.gen.name, b, m, gen_mod.RowRandom.of(ep.seed, len(b)), **opts)
-            for (b, m), ep in zip(grouped, episodes)
-        ]
-    else:
-        results = []
-        for chunk in _chunks(grouped, max_batch_elements):
-            results += _generate_batched(
-                spec.gen.name, [grouped[i] for i in chunk], [episodes[i].seed for i in chunk], opts
-            )
-    heads = []
-    for ep, (labels, classes, center), res in zip(episodes, prepared, results):
-        proxies = res.proxies[res.mask]
-        slots = torch.arange(len(classes), device=device)[:, None]
-        proxy_labels = slots.expand_as(res.mask)[res.mask]
-        proxies = norm_mod.apply_proxy_norm(spec.norm_post.name, proxies, reference_weights)
-        eff = res.effective_k.tolist()
-        meta = {
-            "seed": int(ep.seed),
-            "effective_k": eff,
-            "effective_k_min": min(eff),
-            "effective_k_max": max(eff),
-            "num_proxies": len(proxies),
-            "center": None
-            if center is None
-            else ("support" if ep.reference_mean is None else "reference"),
-            "quantile_reference": None
-            if spec.norm_post.name != "quantile"
-            else ("proxies" if reference_weights is None else "reference"),
-        }
-        heads.append(ImprintedHead(spec, proxies, proxy_labels, classes, center, meta))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    per_head = (time.perf_counter() - start) / len(heads)
-    for head in heads:
-        head.meta["gen_time_s"] = per_head
-        head.meta["batched_episodes"] = len(heads)
-    return heads
-
-
-def _chunks(grouped, max_elements: int) -> list[list[int]]:
-    """Consecutive runs of episodes whose padded batch stays under ``max_elements``."""
-    chunks: list[list[int]] = []
-    rows = width = 0
-    for i, (b, _) in enumerate(grouped):
-        new_rows, new_width = rows + b.shape[0], max(width, b.shape[1])
-        if chunks and new_rows * new_width * b.shape[2] > max_elements:
-            chunks.append([i])
-            rows, width = b.shape[0], b.shape[1]
-        else:
-            if not chunks:
-                chunks.append([])
-            chunks[-1].append(i)
-            rows, width = new_rows, new_width
-    return chunks
-
-
-def _generate_batched(name, grouped, seeds, opts) -> list[gen_mod.GenResult]:
-    """One GEN call over every episode's classes: pad samples to a common size and concat."""
-    if len(grouped) == 1:
-        b, m = grouped[0]
-        return [gen_mod.generate(name, b, m, gen_mod.RowRandom.of(seeds[0], len(b)), **opts)]
-    s_max = max(b.shape[1] for b, _ in grouped)
-    xs, ms = [], []
-    for b, m in grouped:
-        pad = s_max - b.shape[1]
-        xs.append(torch.nn.functional.pad(b, (0, 0, 0, pad)))
-        ms.append(torch.nn.functional.pad(m, (0, pad)))
-    rng = gen_mod.RowRandom([(seed, len(b)) for seed, (b, _) in zip(seeds, grouped)])
-    res = gen_mod.generate(name, torch.cat(xs), torch.cat(ms), rng, **opts)
-    out, start = [], 0
-    for b, m in grouped:
-        stop = start + len(b)
-        # Trim proxy slots that only exist because a larger episode shares the batch.
-        k = min(res.proxies.shape[1], b.shape[1]) if name == "all" else res.proxies.shape[1]
-        out.append(
-            gen_mod.GenResult(res.proxies[start:stop, :k], res.mask[start:stop, :k], res.effective_k[start:stop])
-        )
-        start = stop
-    return out
 
 
 class ImprintedHead(nn.Module):
@@ -230,6 +95,8 @@ class ImprintedHead(nn.Module):
         the support mean is used. ``reference_weights`` is the reference for quantile
         normalisation; without it the head's own proxies are used.
         """
+        from bench.imprint.bank import build_heads  # noqa: PLC0415 (bank builds on this module)
+
         episode = SupportSet(support, labels, seed, classes, reference_mean)
         return build_heads(spec, [episode], reference_weights=reference_weights)[0]
 
@@ -241,14 +108,17 @@ class ImprintedHead(nn.Module):
     def dim(self) -> int:
         return self.proxies.shape[1]
 
+    @property
+    def unit_inputs(self) -> bool:
+        """Whether both queries (after NORM_inf) and proxies are l2-normalised rows."""
+        return bool(self.meta.get("unit_proxies")) and self.spec.norm_inf.name in ("l2", "center-l2")
+
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
         check_embeddings(queries, "query embeddings", self.dim)
         center = self.center if self.center.numel() else None
         q = norm_mod.apply_vector_norm(self.spec.norm_inf.name, queries, center)
         p = self.proxies.to(q.dtype)
-        return agg_mod.aggregate(
-            self.spec.agg.name, q, p, self.proxy_labels, self.num_classes, **dict(self.spec.agg.options)
-        )
+        return agg_mod.aggregate(self.spec.agg, q, p, self.proxy_labels, self.num_classes, self.unit_inputs)
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Original labels as score columns (0..C-1); labels the head lacks are an error."""

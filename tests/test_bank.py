@@ -1,0 +1,128 @@
+"""Grids of heads: shared stages are computed once and change no number."""
+
+import pytest
+import torch
+
+from bench.data.synthetic import gaussian_mixture
+from bench.imprint import ImprintedHead, SupportSet, build_head_grid, expand_grid, score_heads
+from bench.imprint import agg, gen
+from bench.imprint.spec import StageSpec
+
+GRID = [
+    "qi2018", "hosoda2024", "janson2022", "westerhoff2025", "simpleshot", "ncm", "knn", "ls-oracle",
+    "l2/kmeans:k=[1,5]/l2/l2/max", "l2/all/l2/l2/max", "l2/fps:k=3/l2/l2/mnn:m=3,metric=cosine",
+    "center-l2/random:k=2/l2/center-l2/mnn:m=2,weight=distance,metric=manhattan",
+]
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = gaussian_mixture(num_classes=5, dim=24, per_class=80, modes=3, seed=3)
+    within = torch.arange(len(y)) % 80
+    return x[within < 60], y[within < 60], x[within >= 60], y[within >= 60]
+
+
+def _episodes(xs, ys, shots, seeds=(0, 1, 2)):
+    out = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.cat([torch.nonzero(ys == c).flatten()[torch.randperm(60, generator=g)[:shots]] for c in range(5)])
+        out.append(SupportSet(xs[idx], ys[idx], seed=seed))
+    return out
+
+
+@pytest.mark.parametrize("shots", [1, 3, 20])
+def test_grid_heads_and_scores_equal_heads_built_alone(data, shots):
+    xs, ys, xq, _ = data
+    specs = expand_grid(GRID).specs
+    eps = _episodes(xs, ys, shots)
+    grid = build_head_grid(specs, eps)
+    flat = [head for row in grid for head in row]
+    shared_scores = score_heads(flat, xq)
+    for i, spec in enumerate(specs):
+        for j, ep in enumerate(eps):
+            head = grid[i][j]
+            alone = ImprintedHead.build(spec, ep.embeddings, ep.labels, seed=ep.seed)
+            assert torch.equal(head.proxies, alone.proxies), (spec.name, shots, j)
+            assert torch.equal(head.proxy_labels, alone.proxy_labels)
+            assert head.meta["effective_k"] == alone.meta["effective_k"]
+            assert torch.equal(shared_scores[i * len(eps) + j], alone(xq)), (spec.name, shots, j)
+
+
+def test_grid_builds_each_distinct_set_of_proxies_once(data):
+    xs, ys, _, _ = data
+    names = ["westerhoff2025", "l2/all/l2/l2/max", "knn", "l2/kmeans:k=1/l2/l2/max", "qi2018", "l2/kmeans:k=5/l2/l2/max"]
+    grid = build_head_grid(names, _episodes(xs, ys, shots=5, seeds=(0,)))
+    ptr = {name: row[0].proxies.data_ptr() for name, row in zip(names, grid)}
+    # k = 20 >= 5 shots is `all`; l2 proxies of l2-normalised samples need no second l2
+    assert ptr["westerhoff2025"] == ptr["l2/all/l2/l2/max"] == ptr["knn"]
+    assert ptr["l2/kmeans:k=1/l2/l2/max"] == ptr["qi2018"]  # k-means with k = 1 is the mean
+    assert ptr["l2/kmeans:k=5/l2/l2/max"] == ptr["knn"]  # k = shots: every sample is a proxy
+    assert len(set(ptr.values())) == 2
+    assert grid[0][0].meta["unit_proxies"] and grid[0][0].unit_inputs
+
+
+def test_effective_generator_rules():
+    assert gen.effective_gen("kmeans", {"k": 20}, 20) == ("all", {})
+    assert gen.effective_gen("kmeans", {"k": 20}, 21) == ("kmeans", {"k": 20})
+    assert gen.effective_gen("kmeans", {"k": 1, "n_init": 3}, 50) == ("mean", {})
+    assert gen.effective_gen("fps", {"k": 4}, 3) == ("all", {})
+    assert gen.effective_gen("mean", {}, 1) == ("all", {})
+    assert gen.effective_gen("mean", {}, 2) == ("mean", {})
+    assert gen.effective_gen("none", {"k": 5}, 1) == ("none", {"k": 5})  # ignores the support
+
+
+def test_kmeans_rows_do_not_depend_on_chunking_or_batch_company():
+    x, y = gaussian_mixture(num_classes=6, dim=16, per_class=40, modes=3, seed=5)
+    batch, mask = gen.group_by_class(x, y, torch.arange(6))
+    rng = gen.RowRandom([(0, 3), (1, 3)])
+    whole = gen.kmeans_batched(batch, mask, 4, rng=rng, chunk_elements=1 << 30)
+    chunked = gen.kmeans_batched(batch, mask, 4, rng=gen.RowRandom([(0, 3), (1, 3)]), chunk_elements=1)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[2], chunked[2])
+    # the second episode alone gets the same centres as inside the batch
+    alone = gen.kmeans_batched(batch[3:], mask[3:], 4, rng=1)
+    assert torch.equal(alone[0], whole[0][3:])
+
+
+@pytest.mark.parametrize("n_per_class", [3, 30])  # fewer and more samples than dimensions
+def test_ls_sample_space_and_feature_space_solutions_agree(n_per_class):
+    x, y = gaussian_mixture(num_classes=4, dim=40, per_class=n_per_class, seed=2)
+    batch, mask = gen.group_by_class(x.double(), y, torch.arange(4))
+    flat = batch[mask]
+    ridge = 0.05
+    primal = gen._ls_primal(flat, gen.gen_mean(batch, mask).proxies[:, 0], ridge)
+    dual = gen._ls_dual(flat, mask, ridge)
+    assert torch.allclose(primal, dual, rtol=1e-8, atol=1e-10)
+    w = gen.gen_ls(batch, mask, lam=1e-3).proxies[:, 0]  # the public entry picks either form
+    second = flat.T @ flat / len(flat)
+    r = 1e-3 * torch.trace(second) / 40
+    expected = torch.linalg.solve(second + r * torch.eye(40, dtype=torch.float64), gen.gen_mean(batch, mask).proxies[:, 0].T).T / 4
+    assert torch.allclose(w, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_cosine_on_unit_inputs_reads_the_inner_products():
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    p = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
+    labels = torch.arange(4).repeat_interleave(3)
+    stage = StageSpec.parse("agg", "mnn:m=3,weight=distance,metric=cosine")
+    assert agg.matrix_kind(stage, unit_inputs=True) == "dot"
+    assert agg.matrix_kind(stage, unit_inputs=False) == "cosine"
+    fast = agg.aggregate(stage, q, p, labels, 4, unit_inputs=True)
+    general = agg.agg_mnn(q, p, labels, 4, m=3, weight="distance", metric="cosine")
+    assert torch.allclose(fast, general, rtol=1e-4)
+    assert torch.equal(fast.argmax(1), general.argmax(1))
+
+
+def test_score_heads_refuses_bad_queries(data):
+    from bench import BenchError
+
+    xs, ys, xq, _ = data
+    heads = build_head_grid(["qi2018", "knn"], _episodes(xs, ys, 3, seeds=(0,)))
+    flat = [row[0] for row in heads]
+    with pytest.raises(BenchError, match="same backbone"):
+        score_heads(flat, xq[:, :5])
+    bad = xq.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(BenchError, match="NaN or Inf"):
+        score_heads(flat, bad)
