@@ -125,7 +125,8 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:
-    return (x * x).sum(-1)
+    # vector_norm reduces without materialising x * x, several times faster on large batches.
+    return torch.linalg.vector_norm(x, dim=-1).square()
 
 
 def _sq_dist(
@@ -209,17 +210,18 @@ def _kmeanspp(
 
 
 def _lloyd(
-    x: torch.Tensor, w: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, iters: int, tol_abs: torch.Tensor
+    x: torch.Tensor, w: torch.Tensor, centres: torch.Tensor, iters: int, tol_abs: torch.Tensor
 ) -> torch.Tensor:
     """Lloyd iterations with a per-row stop, as if every row ran alone.
 
-    A row stops when no assignment changes or its centres move less than ``tol_abs``;
-    stopped rows leave the batch, so the work shrinks as rows converge and no row iterates
-    longer because another shares its batch.
+    A row stops when no assignment changes or its centres move less than ``tol_abs``; its
+    centres are final from then on. Once half the rows still in the batch have stopped, they
+    leave it, so work shrinks as rows converge while the copy that shrinking costs stays rare.
     """
     k = centres.shape[1]
     final = centres.clone()
-    live = torch.arange(len(x), device=x.device)  # batch rows still iterating
+    live = torch.arange(len(x), device=x.device)  # the original row of each batch row
+    stopped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     labels = None
     for _ in range(iters):
         # ||x||^2 is constant per sample, so the nearest centre needs only ||c||^2 - 2 x.c.
@@ -227,17 +229,18 @@ def _lloyd(
         onehot = torch.nn.functional.one_hot(new_labels, k).to(x.dtype) * w[..., None]
         counts = onehot.sum(1)[..., None]
         new = torch.where(counts > 0, (onehot.transpose(1, 2) @ x) / counts.clamp_min(1), centres)
-        same = (new_labels == labels).all(1) if labels is not None else torch.zeros_like(tol_abs, dtype=torch.bool)
+        same = (new_labels == labels).all(1) if labels is not None else torch.zeros_like(stopped)
         new = torch.where(same[:, None, None], centres, new)  # unchanged labels: centres are final
         done = same | (((new - centres) ** 2).sum((1, 2)) <= tol_abs)
-        final[live] = new
+        final[live[~stopped]] = new[~stopped]
+        stopped |= done
         centres, labels = new, new_labels
-        if bool(done.all()):
+        if bool(stopped.all()):
             break
-        if bool(done.any()):
-            keep = ~done
-            live, x, w, x_sq, centres, labels, tol_abs = (
-                t[keep] for t in (live, x, w, x_sq, centres, labels, tol_abs)
+        if 2 * int(stopped.sum()) >= len(stopped):
+            keep = ~stopped
+            live, x, w, centres, labels, tol_abs, stopped = (
+                t[keep] for t in (live, x, w, centres, labels, tol_abs, stopped)
             )
     return final
 
@@ -273,27 +276,28 @@ def kmeans_batched(
     if chunk_elements is None:
         chunk_elements = 1 << 22 if x.device.type == "cpu" else 1 << 62
     step = max(1, chunk_elements // max(1, x.shape[1] * x.shape[2]))
-    centres = torch.cat([
+    parts = [
         _kmeans_rows(x[i : i + step], mask[i : i + step], k, draws[i : i + step], iters, tol)
         for i in range(0, len(x), step)
-    ])
-    best_d, labels = _sq_dist(x, centres).min(-1)
-    inertia = (best_d * mask).sum(1)
+    ]
+    centres, labels, inertia = (torch.cat(t) for t in zip(*parts))
     if n_init == 1:
         return centres, labels, inertia
     pick = inertia.view(b, n_init).argmin(1) + torch.arange(b, device=x.device) * n_init
     return centres[pick], labels[pick], inertia[pick]
 
 
-def _kmeans_rows(x, mask, k, draws, iters, tol) -> torch.Tensor:
+def _kmeans_rows(x, mask, k, draws, iters, tol) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seed, iterate and score one chunk of rows while it is still in cache."""
     w = mask.to(x.dtype)
     x_sq = _sq_norms(x)
     n = w.sum(1)
     mean = (w[:, None, :] @ x)[:, 0] / n[:, None]
     # mean per-feature variance = (E||x||^2 - ||E x||^2) / D, without another pass over x
     tol_abs = tol * ((x_sq * w).sum(1) / n - _sq_norms(mean)).clamp_min(0) / x.shape[-1]
-    centres = _kmeanspp(x, mask, k, draws, x_sq)
-    return _lloyd(x, w, x_sq, centres, iters, tol_abs)
+    centres = _lloyd(x, w, _kmeanspp(x, mask, k, draws, x_sq), iters, tol_abs)
+    best_d, labels = _sq_dist(x, centres, x_sq).min(-1)
+    return centres, labels, (best_d * w).sum(1)
 
 
 def gen_kmeans(
