@@ -126,3 +126,13 @@ def test_score_heads_refuses_bad_queries(data):
     bad[2, 1] = float("nan")
     with pytest.raises(BenchError, match="NaN or Inf"):
         score_heads(flat, bad)
+
+
+def test_score_heads_does_not_mix_up_converted_proxies(data):
+    xs, ys, xq, _ = data
+    eps = _episodes(xs, ys, 4, seeds=range(10))  # same shapes, so freed copies get reused
+    heads = [row for row in build_head_grid(["l2/all/l2/l2/max"], eps)][0]
+    for head in heads:  # proxies stored in half precision: scoring converts a copy per head
+        head.proxies = head.proxies.half()
+    for head, scores in zip(heads, score_heads(heads, xq)):
+        assert torch.equal(scores, head(xq))

@@ -257,11 +257,12 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
         if qkey not in normed:
             normed[qkey] = norm_mod.apply_vector_norm(kind, queries, center)
         q = normed[qkey]
-        p = head.proxies.to(q.dtype)
         matrix_kind = agg_mod.matrix_kind(head.spec.agg, head.unit_inputs)
-        mkey = (matrix_kind, qkey, _identity(p))
+        # Keyed by the head's own buffer, which outlives this call; a dtype-converted copy
+        # could be freed and its address reused by another head's copy.
+        mkey = (matrix_kind, qkey, _identity(head.proxies))
         if mkey not in matrices:
-            matrices[mkey] = agg_mod.pair_matrix(matrix_kind, q, p)
+            matrices[mkey] = agg_mod.pair_matrix(matrix_kind, q, head.proxies.to(q.dtype))
         out.append(agg_mod.reduce(head.spec.agg, matrices[mkey], matrix_kind, head.proxy_labels, head.num_classes))
     return out
 
