@@ -136,3 +136,17 @@ def test_score_heads_does_not_mix_up_converted_proxies(data):
         head.proxies = head.proxies.half()
     for head, scores in zip(heads, score_heads(heads, xq)):
         assert torch.equal(scores, head(xq))
+
+
+@pytest.mark.parametrize("method", ["knn", "ncm", "l2/all/quantile/l2/mnn:m=3,metric=cosine",
+                                    "l2/kmeans:k=2/none/l2/mnn:m=2,metric=cosine",
+                                    "none/all/none/l2/mnn:m=3,metric=cosine"])
+def test_cosine_mnn_heads_match_the_general_cosine_distance(data, method):
+    xs, ys, xq, _ = data
+    head = ImprintedHead.build(method, xs, ys, seed=0)
+    q = torch.nn.functional.normalize(xq, dim=1)
+    m = head.spec.agg.get("agg", "m")
+    general = agg.agg_mnn(q, head.proxies, head.proxy_labels, head.num_classes, m=m, metric="cosine")
+    assert torch.allclose(head(xq), general, atol=1e-5)
+    unit = torch.allclose(head.proxies.norm(dim=1), torch.ones(len(head.proxies)), atol=1e-5)
+    assert head.meta["unit_proxies"] == unit  # only rows that really are unit take the fast path

@@ -70,12 +70,6 @@ def _gen_key(spec: MethodSpec, ep: _Episode) -> tuple[str, str, tuple]:
     return spec.norm_pre.name, name, tuple(sorted(opts.items()))
 
 
-def unit_proxies(norm_pre: str, gen_name: str, norm_post: str) -> bool:
-    """Whether proxies come out l2-normalised: either NORM_post made them so, or they are
-    support samples that NORM_pre already normalised (then an l2 NORM_post is skipped)."""
-    return norm_post == "l2" or (norm_pre in UNIT_NORMS and gen_name in gen_mod.SAMPLE_GENS)
-
-
 def build_head_grid(
     specs: Sequence[MethodSpec | str],
     episodes: Sequence[SupportSet],
@@ -116,10 +110,10 @@ def build_head_grid(
         for j, ep in enumerate(eps):
             key = _gen_key(spec, ep)
             res = gens[key][j]
-            post = spec.norm_post.name
-            unit = unit_proxies(spec.norm_pre.name, key[1], post)
-            if post == "l2" and spec.norm_pre.name in UNIT_NORMS and key[1] in gen_mod.SAMPLE_GENS:
-                post = "none"  # the samples are unit rows already
+            # Support samples that NORM_pre l2-normalised are unit rows: a second l2 is skipped.
+            unit_samples = spec.norm_pre.name in UNIT_NORMS and key[1] in gen_mod.SAMPLE_GENS
+            post = "none" if spec.norm_post.name == "l2" and unit_samples else spec.norm_post.name
+            unit = spec.norm_post.name == "l2" or (post == "none" and unit_samples)
             pkey = (key, post, j)
             if pkey not in proxies_cache:
                 start = _tick(device)
