@@ -183,7 +183,8 @@ def _generate(key, eps: list[_Episode], max_elements: int, device) -> list[gen_m
     results: list[gen_mod.GenResult] = []
     for chunk in chunks:
         start = _tick(device)
-        results += _generate_batched(name, [grouped[i] for i in chunk], [eps[i].support.seed for i in chunk], dict(opts))
+        seeds = [eps[i].support.seed for i in chunk]
+        results += _generate_batched(name, [grouped[i] for i in chunk], seeds, dict(opts))
         per_episode = (_tick(device) - start) / len(chunk)
         for i in chunk:
             eps[i].seconds[("gen", key)] = per_episode
@@ -257,7 +258,8 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
         mkey = (matrix_kind, qkey, _identity(head.proxies))
         if mkey not in matrices:
             matrices[mkey] = agg_mod.pair_matrix(matrix_kind, q, head.proxies.to(q.dtype))
-        out.append(agg_mod.reduce(head.spec.agg, matrices[mkey], matrix_kind, head.proxy_labels, head.num_classes))
+        scores = agg_mod.reduce(head.spec.agg, matrices[mkey], matrix_kind, head.proxy_labels, head.num_classes)
+        out.append(scores)
     return out
 
 

@@ -225,7 +225,8 @@ def _lloyd(
     labels = None
     for _ in range(iters):
         # ||x||^2 is constant per sample, so the nearest centre needs only ||c||^2 - 2 x.c.
-        new_labels = torch.baddbmm(_sq_norms(centres)[:, None, :], x, centres.transpose(1, 2), alpha=-2).argmin(-1)
+        near = torch.baddbmm(_sq_norms(centres)[:, None, :], x, centres.transpose(1, 2), alpha=-2)
+        new_labels = near.argmin(-1)
         onehot = torch.nn.functional.one_hot(new_labels, k).to(x.dtype) * w[..., None]
         counts = onehot.sum(1)[..., None]
         new = torch.where(counts > 0, (onehot.transpose(1, 2) @ x) / counts.clamp_min(1), centres)
