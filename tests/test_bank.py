@@ -62,6 +62,32 @@ def test_grid_builds_each_distinct_set_of_proxies_once(data):
     assert grid[0][0].meta["unit_proxies"] and grid[0][0].unit_inputs
 
 
+def test_identical_episodes_share_unseeded_stages_but_not_seeded_ones(data):
+    xs, ys, xq, _ = data
+    specs = expand_grid(["qi2018", "ls-oracle", "simpleshot", "l2/fps:k=3/l2/l2/max",
+                         "l2/kmeans:k=3/l2/l2/max", "l2/random:k=2/none/l2/max"]).specs
+    # The same support under three seeds (as every seed of shots='all' is) in separate tensors.
+    eps = [SupportSet(xs.clone(), ys.clone(), seed=seed) for seed in (0, 1, 2)]
+    grid = build_head_grid(specs, eps)
+    for spec, row in zip(specs, grid):
+        seeded = spec.gen.name in gen.SEEDED_GENS
+        ptrs = {head.proxies.data_ptr() for head in row}
+        assert len(ptrs) == (3 if seeded else 1), spec.name
+        if seeded:  # each seed still draws its own proxies
+            assert not torch.equal(row[0].proxies, row[1].proxies), spec.name
+        for head, ep in zip(row, eps):
+            alone = ImprintedHead.build(spec, ep.embeddings, ep.labels, seed=ep.seed)
+            assert head.meta["seed"] == ep.seed
+            assert torch.equal(head.proxies, alone.proxies), spec.name
+            assert torch.equal(score_heads([head], xq)[0], alone(xq)), spec.name
+    # a support that differs in one value is not identical
+    changed = xs.clone()
+    changed[7, 3] += 1e-3
+    pair = build_head_grid(["qi2018"], [SupportSet(xs, ys), SupportSet(changed, ys)])[0]
+    assert pair[0].proxies.data_ptr() != pair[1].proxies.data_ptr()
+    assert not torch.equal(pair[0].proxies, pair[1].proxies)
+
+
 def test_effective_generator_rules():
     assert gen.effective_gen("kmeans", {"k": 20}, 20) == ("all", {})
     assert gen.effective_gen("kmeans", {"k": 20}, 21) == ("kmeans", {"k": 20})

@@ -6,7 +6,9 @@ the shot count is ``all``, k-means with k = 1 is the mean, l2 after l2-normalise
 samples changes nothing), and heads with the same proxies and query normalisation read the
 same query-proxy similarity matrix. :func:`build_head_grid` and :func:`score_heads` find
 these shared stages from the specs and the episodes' class sizes, compute each once, and
-batch episodes together within a stage.
+batch episodes together within a stage. Episodes whose support is identical (same
+embeddings, labels, classes and reference mean; e.g. every seed of ``shots=all``) also share
+every stage that does not draw random numbers, so only seeded generators run once per seed.
 
 Sharing never changes a number: a head from a grid equals the head built alone (alone is a
 grid of one), because both run the same stage functions on the same inputs.
@@ -44,6 +46,7 @@ class _Episode:
     max_count: int
     grouped: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     seconds: dict[tuple, float] = field(default_factory=dict)  # stage key -> time it took
+    same_as: int = -1  # index of the first episode with identical inputs (itself if none)
 
 
 def _prepare(ep: SupportSet, need_center: bool) -> _Episode:
@@ -93,12 +96,14 @@ def build_head_grid(
     need_center = any("center-l2" in (s.norm_pre.name, s.norm_inf.name) for s in specs)
     device = episodes[0].embeddings.device
     eps = [_prepare(ep, need_center) for ep in episodes]
+    _link_identical(eps)
 
     gens: dict[tuple, dict[int, gen_mod.GenResult]] = {}  # GEN key -> episode -> result
     for spec in specs:
         _ensure_grouped(spec.norm_pre.name, eps, device)
         for j, ep in enumerate(eps):
-            gens.setdefault(_gen_key(spec, ep), {}).setdefault(j, None)
+            key = _gen_key(spec, ep)
+            gens.setdefault(key, {}).setdefault(_gen_owner(key, j, eps), None)
     for key, done in gens.items():
         todo = [j for j, res in done.items() if res is None]
         done.update(zip(todo, _generate(key, [eps[j] for j in todo], max_batch_elements, device)))
@@ -109,22 +114,24 @@ def build_head_grid(
         row = []
         for j, ep in enumerate(eps):
             key = _gen_key(spec, ep)
-            res = gens[key][j]
+            owner = _gen_owner(key, j, eps)  # the episode whose GEN result this head reuses
+            res = gens[key][owner]
             # Support samples that NORM_pre l2-normalised are unit rows: a second l2 is skipped.
             unit_samples = spec.norm_pre.name in UNIT_NORMS and key[1] in gen_mod.SAMPLE_GENS
             post = "none" if spec.norm_post.name == "l2" and unit_samples else spec.norm_post.name
             unit = spec.norm_post.name == "l2" or (post == "none" and unit_samples)
-            pkey = (key, post, j)
+            pkey = (key, post, owner)
             if pkey not in proxies_cache:
                 start = _tick(device)
                 flat = res.proxies[res.mask]
                 slots = torch.arange(len(ep.classes), device=device)[:, None]
                 labels = slots.expand_as(res.mask)[res.mask]
                 proxies_cache[pkey] = (norm_mod.apply_proxy_norm(post, flat, reference_weights), labels)
-                ep.seconds[("post", pkey)] = _tick(device) - start
+                eps[owner].seconds[("post", pkey)] = _tick(device) - start
             proxies, labels = proxies_cache[pkey]
             eff = res.effective_k.tolist()
-            used = [("pre", spec.norm_pre.name), ("gen", key), ("post", pkey)]
+            pre_s = eps[ep.same_as].seconds[("pre", spec.norm_pre.name)]
+            gen_s = eps[owner].seconds[("gen", key)] + eps[owner].seconds[("post", pkey)]
             meta = {
                 "seed": int(ep.support.seed),
                 "effective_k": eff,
@@ -138,7 +145,7 @@ def build_head_grid(
                 "quantile_reference": None
                 if spec.norm_post.name != "quantile"
                 else ("proxies" if reference_weights is None else "reference"),
-                "gen_time_s": sum(ep.seconds.get(u, 0.0) for u in used),
+                "gen_time_s": pre_s + gen_s,
                 "batched_episodes": len(eps),
             }
             center = ep.center if meta["center"] is not None else None
@@ -166,8 +173,38 @@ def _tick(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _link_identical(eps: list[_Episode]) -> None:
+    """Point each episode at the first one with identical inputs, sharing its centre.
+
+    Comparing embeddings costs one pass over them, far less than any stage it saves.
+    """
+    for j, ep in enumerate(eps):
+        ep.same_as = j
+        for i in range(j):
+            if eps[i].same_as == i and _same_inputs(eps[i], ep):
+                ep.same_as, ep.center, ep.grouped = i, eps[i].center, eps[i].grouped
+                break
+
+
+def _same_inputs(a: _Episode, b: _Episode) -> bool:
+    sa, sb = a.support, b.support
+    if sa.embeddings.shape != sb.embeddings.shape or not torch.equal(a.classes, b.classes):
+        return False
+    if (sa.reference_mean is None) != (sb.reference_mean is None):
+        return False
+    if sa.reference_mean is not None and not torch.equal(sa.reference_mean, sb.reference_mean):
+        return False
+    return torch.equal(a.labels, b.labels) and torch.equal(sa.embeddings, sb.embeddings)
+
+
+def _gen_owner(key: tuple, j: int, eps: list[_Episode]) -> int:
+    """The episode whose GEN result episode ``j`` uses: its own for seeded generators, else
+    the first identical episode's."""
+    return j if key[1] in gen_mod.SEEDED_GENS else eps[j].same_as
+
+
 def _ensure_grouped(norm_pre: str, eps: list[_Episode], device) -> None:
-    for ep in eps:
+    for ep in eps:  # identical episodes share one ``grouped`` dict, so they group once
         if norm_pre not in ep.grouped:
             start = _tick(device)
             x = norm_mod.apply_vector_norm(norm_pre, ep.support.embeddings, ep.center)

@@ -445,6 +445,8 @@ def _ls_dual(flat: torch.Tensor, mask: torch.Tensor, ridge: float) -> torch.Tens
 
 # Generators whose proxies are support samples themselves (so they keep the samples' norm).
 SAMPLE_GENS = frozenset({"all", "random", "fps", "kmedoids"})
+# Generators that draw random numbers: the episode's seed is one of their inputs.
+SEEDED_GENS = frozenset({"kmeans", "kmedoids", "random", "none"})
 
 
 def effective_gen(name: str, options: dict, max_count: int) -> tuple[str, dict]:
