@@ -104,9 +104,10 @@ def build_head_grid(
         for j, ep in enumerate(eps):
             key = _gen_key(spec, ep)
             gens.setdefault(key, {}).setdefault(_gen_owner(key, j, eps), None)
+    stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (NORM_pre, episodes) -> batch
     for key, done in gens.items():
         todo = [j for j, res in done.items() if res is None]
-        done.update(zip(todo, _generate(key, [eps[j] for j in todo], max_batch_elements, device)))
+        done.update(zip(todo, _generate(key, eps, todo, stacks, max_batch_elements, device)))
 
     out: list[list[ImprintedHead]] = []
     proxies_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -212,20 +213,41 @@ def _ensure_grouped(norm_pre: str, eps: list[_Episode], device) -> None:
             ep.seconds[("pre", norm_pre)] = _tick(device) - start
 
 
-def _generate(key, eps: list[_Episode], max_elements: int, device) -> list[gen_mod.GenResult]:
-    """Run one GEN stage for ``eps``, batching episodes unless the generator couples classes."""
+def _generate(
+    key, eps: list[_Episode], ids: list[int], stacks: dict, max_elements: int, device
+) -> list[gen_mod.GenResult]:
+    """Run one GEN stage for episodes ``ids``, batching them unless the generator couples
+    classes. ``stacks`` caches each padded batch of support so that every GEN stage with the
+    same NORM_pre and episodes reuses one copy: a fresh multi-megabyte copy per stage would
+    cost more than a mean or a few k-means++ steps on it."""
     norm_pre, name, opts = key
-    grouped = [ep.grouped[norm_pre] for ep in eps]
-    chunks = [[i] for i in range(len(eps))] if name in COUPLED_GENS else _chunks(grouped, max_elements)
+    grouped = [eps[j].grouped[norm_pre] for j in ids]
+    chunks = [[i] for i in range(len(ids))] if name in COUPLED_GENS else _chunks(grouped, max_elements)
     results: list[gen_mod.GenResult] = []
     for chunk in chunks:
         start = _tick(device)
-        seeds = [eps[i].support.seed for i in chunk]
-        results += _generate_batched(name, [grouped[i] for i in chunk], seeds, dict(opts))
+        skey = (norm_pre, tuple(ids[i] for i in chunk))
+        if skey not in stacks:
+            stacks[skey] = _stack([grouped[i] for i in chunk])
+        seeds = [eps[ids[i]].support.seed for i in chunk]
+        results += _generate_batched(name, stacks[skey], [grouped[i] for i in chunk], seeds, dict(opts))
         per_episode = (_tick(device) - start) / len(chunk)
         for i in chunk:
-            eps[i].seconds[("gen", key)] = per_episode
+            eps[ids[i]].seconds[("gen", key)] = per_episode
     return results
+
+
+def _stack(grouped) -> tuple[torch.Tensor, torch.Tensor]:
+    """Episodes' (classes, samples, dim) support padded to one sample count and concatenated."""
+    if len(grouped) == 1:
+        return grouped[0]
+    s_max = max(b.shape[1] for b, _ in grouped)
+    xs, ms = [], []
+    for b, m in grouped:
+        pad = s_max - b.shape[1]
+        xs.append(torch.nn.functional.pad(b, (0, 0, 0, pad)) if pad else b)
+        ms.append(torch.nn.functional.pad(m, (0, pad)) if pad else m)
+    return torch.cat(xs), torch.cat(ms)
 
 
 def _chunks(grouped, max_elements: int) -> list[list[int]]:
@@ -245,21 +267,13 @@ def _chunks(grouped, max_elements: int) -> list[list[int]]:
     return chunks
 
 
-def _generate_batched(name, grouped, seeds, opts) -> list[gen_mod.GenResult]:
-    """One GEN call over every episode's classes: pad samples to a common size and concat."""
-    if len(grouped) == 1:
-        b, m = grouped[0]
-        return [gen_mod.generate(name, b, m, gen_mod.RowRandom.of(seeds[0], len(b)), **opts)]
-    s_max = max(b.shape[1] for b, _ in grouped)
-    xs, ms = [], []
-    for b, m in grouped:
-        pad = s_max - b.shape[1]
-        xs.append(torch.nn.functional.pad(b, (0, 0, 0, pad)) if pad else b)
-        ms.append(torch.nn.functional.pad(m, (0, pad)) if pad else m)
+def _generate_batched(name, stack, grouped, seeds, opts) -> list[gen_mod.GenResult]:
+    """One GEN call over every episode's classes (``stack``, from :func:`_stack`)."""
+    x, mask = stack
     rng = gen_mod.RowRandom([(seed, len(b)) for seed, (b, _) in zip(seeds, grouped)])
-    res = gen_mod.generate(name, torch.cat(xs), torch.cat(ms), rng, **opts)
+    res = gen_mod.generate(name, x, mask, rng, **opts)
     out, start = [], 0
-    for b, m in grouped:
+    for b, _ in grouped:
         stop = start + len(b)
         # Trim proxy slots that only exist because a larger episode shares the batch.
         k = min(res.proxies.shape[1], b.shape[1]) if name == "all" else res.proxies.shape[1]

@@ -47,9 +47,13 @@ def reference_quantiles(reference: torch.Tensor) -> torch.Tensor:
     Averaging sorted rows is symmetric in the rows, so the result does not depend on the
     order in which classes (rows) were imprinted.
     """
+    _check_reference(reference)
+    return reference.sort(dim=-1).values.mean(dim=0)
+
+
+def _check_reference(reference: torch.Tensor) -> None:
     if reference.ndim != 2 or reference.shape[0] == 0:
         raise BenchError("quantile normalisation needs a non-empty (rows, dim) reference")
-    return reference.sort(dim=-1).values.mean(dim=0)
 
 
 def quantile(proxies: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,13 +63,18 @@ def quantile(proxies: torch.Tensor, reference: torch.Tensor | None = None) -> to
     normalisation); pass e.g. base-class proxies or a pretrained classifier's weights to map
     novel proxies onto their distribution as in Hosoda et al. 2024.
     """
-    q = reference_quantiles(proxies if reference is None else reference).to(proxies)
+    # Position j of the stable sort order holds the value of rank j: give it q[j]. Sorted
+    # values do not depend on stability, so a self-referenced row needs only this one sort.
+    values, order = proxies.sort(dim=-1, stable=True)
+    if reference is None:
+        _check_reference(proxies)
+        q = values.mean(dim=0)
+    else:
+        q = reference_quantiles(reference).to(proxies)
     if q.shape[-1] != proxies.shape[-1]:
         raise BenchError(
             f"quantile reference has {q.shape[-1]} dims but proxies have {proxies.shape[-1]}"
         )
-    # Position j of the stable sort order holds the value of rank j: give it q[j].
-    order = proxies.argsort(dim=-1, stable=True)
     return torch.empty_like(proxies).scatter_(-1, order, q.expand_as(proxies))
 
 
