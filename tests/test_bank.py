@@ -176,3 +176,29 @@ def test_cosine_mnn_heads_match_the_general_cosine_distance(data, method):
     assert torch.allclose(head(xq), general, atol=1e-5)
     unit = torch.allclose(head.proxies.norm(dim=1), torch.ones(len(head.proxies)), atol=1e-5)
     assert head.meta["unit_proxies"] == unit  # only rows that really are unit take the fast path
+
+
+def test_cluster_sums_leave_out_padding_and_match_a_loop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 4, generator=g)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 5:] = False  # a shorter class, padded
+    labels = torch.randint(0, 2, (3, 7), generator=g)
+    labels[1, 5:] = 0  # padding must not land in cluster 0
+    sums, counts = gen._cluster_sums(x, mask, labels, 2)
+    for b in range(3):
+        for c in range(2):
+            members = (labels[b] == c) & mask[b]
+            assert torch.allclose(sums[b, c], x[b][members].sum(0), atol=1e-6)
+            assert counts[b, c, 0] == members.sum()
+
+
+def test_kmeans_without_the_scoring_pass_gives_the_same_centres():
+    x, y = gaussian_mixture(num_classes=4, dim=16, per_class=30, modes=3, seed=2)
+    batch, mask = gen.group_by_class(x, y, torch.arange(4))
+    scored = gen.kmeans_batched(batch, mask, 3, rng=7)
+    centres, labels, inertia = gen.kmeans_batched(batch, mask, 3, rng=7, score=False)
+    assert labels is None and inertia is None
+    assert torch.equal(centres, scored[0])
+    # several restarts need the inertia to choose, so they score regardless
+    assert gen.kmeans_batched(batch, mask, 3, rng=7, n_init=2, score=False)[2] is not None

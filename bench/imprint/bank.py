@@ -217,9 +217,8 @@ def _generate(
     key, eps: list[_Episode], ids: list[int], stacks: dict, max_elements: int, device
 ) -> list[gen_mod.GenResult]:
     """Run one GEN stage for episodes ``ids``, batching them unless the generator couples
-    classes. ``stacks`` caches each padded batch of support so that every GEN stage with the
-    same NORM_pre and episodes reuses one copy: a fresh multi-megabyte copy per stage would
-    cost more than a mean or a few k-means++ steps on it."""
+    classes. ``stacks`` caches each padded batch of support, so GEN stages with the same
+    NORM_pre and episodes share one copy instead of each concatenating its own."""
     norm_pre, name, opts = key
     grouped = [eps[j].grouped[norm_pre] for j in ids]
     chunks = [[i] for i in range(len(ids))] if name in COUPLED_GENS else _chunks(grouped, max_elements)

@@ -250,11 +250,15 @@ def _cluster_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the sum (B, k, D) and count (B, k, 1) of the samples assigned to each centre.
 
-    One index_add pass over the samples, about twice as fast as a one-hot batched matmul.
-    Padding goes to a spare slot that is dropped. Each slot adds its samples in sample order,
-    so a row's sums do not depend on the other rows in the batch.
+    On CPU one index_add pass over the samples, about twice as fast as a one-hot batched
+    matmul; it adds each slot's samples in sample order, so a row's sums do not depend on the
+    other rows in the batch (padding goes to a spare slot that is dropped). CUDA's index_add
+    adds atomically in no fixed order, so there the one-hot matmul keeps results repeatable.
     """
     b, s, d = x.shape
+    if x.device.type != "cpu":
+        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype) * mask[..., None]
+        return onehot.transpose(1, 2) @ x, onehot.sum(1)[..., None]
     slot = labels + torch.arange(b, device=x.device)[:, None] * k
     slot = slot.masked_fill(~mask, b * k).flatten()
     sums = x.new_zeros(b * k + 1, d).index_add_(0, slot, x.reshape(b * s, d))
