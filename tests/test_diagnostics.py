@@ -78,7 +78,12 @@ def _ddp_worker(fabric, x, y):
     metric = ClassStatistics(4, x.shape[1]).to(fabric.device)
     shard = slice(fabric.global_rank, None, fabric.world_size)
     metric.update(x[shard], y[shard])
-    return metric.compute()
+    result = metric.compute()
+    # Without this, a rank could exit while gloo still serves the other rank's last
+    # collective, and its threads abort the process at exit (seen once in CI).
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
+    return result
 
 
 def test_two_processes_give_the_same_collapse_as_one():
