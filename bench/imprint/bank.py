@@ -105,7 +105,10 @@ def build_head_grid(
             key = _gen_key(spec, ep)
             gens.setdefault(key, {}).setdefault(_gen_owner(key, j, eps), None)
     stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (NORM_pre, episodes) -> batch
-    for key, done in gens.items():
+    # One NORM_pre at a time, so only that NORM_pre's support batches are held.
+    for key, done in sorted(gens.items(), key=lambda item: item[0][0]):
+        if stacks and next(iter(stacks))[0] != key[0]:
+            stacks.clear()
         todo = [j for j, res in done.items() if res is None]
         done.update(zip(todo, _generate(key, eps, todo, stacks, max_batch_elements, device)))
 
@@ -195,7 +198,7 @@ def _link_identical(eps: list[_Episode]) -> None:
 
 def _same_inputs(a: _Episode, b: _Episode) -> bool:
     sa, sb = a.support, b.support
-    if sa.embeddings.shape != sb.embeddings.shape or not torch.equal(a.classes, b.classes):
+    if not torch.equal(a.classes, b.classes):
         return False
     if (sa.reference_mean is None) != (sb.reference_mean is None):
         return False
