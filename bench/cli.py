@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("-c", "--config", help="YAML run config (see configs/)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    for name, (_, _, text) in GROUPS.items():
+        sub.add_parser(name, help=text, add_help=False)
     m = sub.add_parser("methods", help="list presets, or expand a method grid")
     m.add_argument("grid", nargs="*", help="grid entries, e.g. 'l2/kmeans:k=[1,5]/l2/l2/max'")
     return ap
@@ -75,7 +77,31 @@ def _diagnose(cfg) -> int:
     return 0
 
 
+# Command groups with parsers of their own: ``bench <group> ...`` hands the rest of the
+# command line to ``module:function(argv) -> exit code``.
+GROUPS = {
+    "report": ("bench.report.cli", "main", "merge runs: tables, statistics, figures, HTML, W&B"),
+    "zoo": ("bench.weightspace.cli", "zoo_main", "build or inspect a zoo of trained networks or heads"),
+    "weights": ("bench.weightspace.cli", "weights_main", "fit or apply the set-based weight encoder (SNE)"),
+    "generator": ("bench.weightspace.generator_cli", "main", "fit the support-conditioned head generator (D2NWG)"),
+}
+
+
+def _run_group(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module, func, _ = GROUPS[name]
+    try:
+        return int(getattr(importlib.import_module(module), func)(argv) or 0)
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in GROUPS:
+        return _run_group(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "methods":
