@@ -3,7 +3,10 @@
 
 A TinyCNN is trained with a temporary linear classifier on scikit-learn's digits, train split,
 classes 0-4 only; the classifier is then dropped. Everything is seeded and runs on one CPU
-thread with deterministic algorithms, so the file is rebuilt bit for bit:
+thread with deterministic algorithms, so the same torch version on the same kind of CPU rebuilds
+the file bit for bit. Other versions (or CPU kernels) round differently, and thirty epochs of SGD
+carry that into the weights, so the asset records the torch version and CPU capability that made
+it (tests compare bits only when both match, and predictions otherwise):
 
     python scripts/build_tiny_backbone.py                 # overwrite the shipped asset
     python scripts/build_tiny_backbone.py --out /tmp/t.safetensors
@@ -53,6 +56,11 @@ def train(epochs: int = 30, width: int = 16, seed: int = 0, weight_decay: float 
     return model.eval()
 
 
+def build_environment() -> dict[str, str]:
+    """What decides the asset's bits besides this script: the torch build and its CPU kernels."""
+    return {"torch_version": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def build(out: Path, **kwargs) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -65,7 +73,8 @@ def build(out: Path, **kwargs) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     save_checkpoint(model, tmp, arch="tiny-cnn", transform=TRANSFORM, width=model.width,
-                    in_channels=1, layer="global-avg-pool", trained_on="digits train, classes 0-4")
+                    in_channels=1, layer="global-avg-pool", trained_on="digits train, classes 0-4",
+                    **build_environment())
     tmp.replace(out)
     return out
 
