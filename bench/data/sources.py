@@ -112,13 +112,12 @@ class ImageFolderSource(Source):
             raise CorruptImage(f"cannot decode image {path} (index {index}): {err}", index) from err
 
     def key_fields(self) -> dict[str, Any]:
-        # File names and sizes catch added, removed or replaced files without reading them all.
-        import hashlib
+        # Every file's bytes, not its name and size: an image replaced by another of the same
+        # size must be a new key. Digests are memoised by path and stat, so a re-run reads no
+        # image again (bench.extract.hashing says where the memo lives).
+        from bench.extract.hashing import files_digest
 
-        h = hashlib.sha256()
-        for f in self.files:
-            h.update(f"{f.relative_to(self.root)}|{f.stat().st_size}".encode())
-        return {**super().key_fields(), "files_sha256": h.hexdigest()}
+        return {**super().key_fields(), "files_digest": files_digest(self.files, self.root)}
 
 
 class HFSource(Source):
