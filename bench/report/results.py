@@ -88,22 +88,7 @@ def format_table(rows: Sequence[dict[str, Any]], metric: str = "acc") -> str:
 
 
 def multiproxy_verdict(rows: Sequence[dict[str, Any]], subset: str, mean_method: str = "qi2018") -> str | None:
-    """Does the best multi-proxy k-means head beat mean imprinting at the higher shot counts?"""
-    summary = summarise(rows)
-    shots = list(dict.fromkeys(str(r["shots"]) for r in rows if r["classes"] == subset))
-    kmeans = sorted({r["method"] for r in rows if r.get("gen") == "kmeans" and int(r.get("gen.k") or 1) > 1})
-    if not kmeans or (subset, mean_method, shots[-1] if shots else "") not in summary:
-        return None
-    high = shots[len(shots) // 2:]
-    parts, wins = [], 0
-    for s in high:
-        best = max(kmeans, key=lambda m: summary.get((subset, m, s), (-1, 0))[0])
-        k_acc, base = summary[(subset, best, s)][0], summary[(subset, mean_method, s)][0]
-        wins += k_acc > base
-        parts.append(f"{s}-shot: {best} {100 * k_acc:.1f}% vs {mean_method} {100 * base:.1f}%")
-    verdict = (
-        "multi-proxy k-means beats mean imprinting" if wins == len(high)
-        else "multi-proxy k-means does NOT beat mean imprinting everywhere" if wins
-        else "multi-proxy k-means does NOT beat mean imprinting"
-    )
-    return f"On '{subset}' classes at higher shot counts, {verdict} ({'; '.join(parts)})."
+    """Kept for callers of the old name: the paired verdict of ``bench.report.verdict``."""
+    from bench.report.verdict import multiproxy_verdict as paired_verdict
+
+    return paired_verdict(rows, subset, mean_method)

@@ -1,0 +1,104 @@
+"""Does multi-proxy k-means imprinting beat mean imprinting? A paired comparison over the same
+episodes: a win is claimed only when the mean per-episode difference is larger than its 95%
+confidence half-width over seeds, i.e. larger than the spread that the seeds themselves show."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from bench.report.stats import ci95_halfwidth, ordered_shots
+
+EPISODE = ("backbone", "dataset", "task", "classes", "shots", "seed")
+
+
+@dataclass
+class Paired:
+    method: str
+    baseline: str
+    shots: str
+    method_mean: float
+    baseline_mean: float
+    diff: float  # mean over episodes of (method - baseline)
+    halfwidth: float  # 95% CI half-width of diff over episodes; NaN with one episode
+    n: int
+
+    @property
+    def outcome(self) -> str:
+        """'win', 'loss' or 'tie' (within the spread over seeds, or one seed: nothing to judge)."""
+        if self.n < 2 or math.isnan(self.halfwidth):
+            return "tie"
+        if self.diff > self.halfwidth and self.diff > 0:
+            return "win"
+        if self.diff < -self.halfwidth and self.diff < 0:
+            return "loss"
+        return "tie"
+
+    def describe(self) -> str:
+        spread = f"± {100 * self.halfwidth:.1f}" if self.n > 1 else "(one seed)"
+        return (f"{self.shots}-shot: {self.method} {100 * self.method_mean:.1f}% vs {self.baseline} "
+                f"{100 * self.baseline_mean:.1f}%, paired difference {100 * self.diff:+.1f} {spread} "
+                f"points over {self.n} episode(s)")
+
+
+def paired(rows: Sequence[dict[str, Any]], subset: str, shots: str, method: str, baseline: str,
+           metric: str = "acc") -> Paired | None:
+    """Pair the two methods' rows on the same episode; None when they share no episode."""
+    def by_episode(name: str) -> dict[tuple, float]:
+        return {tuple(str(r[c]) for c in EPISODE): float(r[metric]) for r in rows
+                if r["method"] == name and r["classes"] == subset and str(r["shots"]) == shots}
+
+    a, b = by_episode(method), by_episode(baseline)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    diffs = [a[e] - b[e] for e in common]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
+    # A constant difference over several seeds has no spread: it is a win (or a loss) as it stands.
+    half = 0.0 if n > 1 and sd == 0 else ci95_halfwidth(sd, n)
+    return Paired(method, baseline, shots, sum(a[e] for e in common) / n, sum(b[e] for e in common) / n,
+                  mean, half, n)
+
+
+def multiproxy_verdict(rows: Sequence[dict[str, Any]], subset: str, mean_method: str = "qi2018",
+                       metric: str = "acc") -> str | None:
+    """One sentence on the higher half of the shot counts, for the best k-means head (k > 1) at
+    each of them against ``mean_method``; None when the run has no such pair."""
+    subset_rows = [r for r in rows if r["classes"] == subset]
+    kmeans = sorted({r["method"] for r in subset_rows
+                     if r.get("gen") == "kmeans" and _k(r.get("gen.k")) > 1})
+    if not kmeans or not any(r["method"] == mean_method for r in subset_rows):
+        return None
+    shots = ordered_shots(r["shots"] for r in subset_rows)
+    results: list[Paired] = []
+    for s in shots[len(shots) // 2:]:
+        candidates = [p for m in kmeans if (p := paired(subset_rows, subset, s, m, mean_method, metric))]
+        if candidates:
+            results.append(max(candidates, key=lambda p: p.method_mean))
+    if not results:
+        return None
+    outcomes = [p.outcome for p in results]
+    wins, losses = outcomes.count("win"), outcomes.count("loss")
+    if wins == len(results):
+        verdict = "multi-proxy k-means beats mean imprinting"
+    elif losses == len(results):
+        verdict = "mean imprinting beats multi-proxy k-means"
+    elif wins or losses:
+        won = ", ".join(f"{p.shots}-shot" for p in results if p.outcome == "win") or "no shot count"
+        lost = ", ".join(f"{p.shots}-shot" for p in results if p.outcome == "loss")
+        verdict = f"multi-proxy k-means beats mean imprinting at {won} only" + (
+            f" and loses at {lost}" if lost else "")
+    else:
+        verdict = "multi-proxy k-means and mean imprinting are within the spread over seeds (no winner)"
+    return (f"On '{subset}' classes at higher shot counts, {verdict} "
+            f"({'; '.join(p.describe() for p in results)}).")
+
+
+def _k(value: Any) -> int:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return 1
