@@ -23,11 +23,14 @@ class Paired:
     diff: float  # mean over episodes of (method - baseline)
     halfwidth: float  # 95% CI half-width of diff over episodes; NaN with one episode
     n: int
+    # Both methods scored the same on every seed: the seeds drew the same episode (shots=all
+    # with a fixed query set), so there is one observation and no spread to judge against.
+    identical: bool = False
 
     @property
     def outcome(self) -> str:
         """'win', 'loss' or 'tie' (within the spread over seeds, or one seed: nothing to judge)."""
-        if self.n < 2 or math.isnan(self.halfwidth):
+        if self.n < 2 or self.identical or math.isnan(self.halfwidth):
             return "tie"
         if self.diff > self.halfwidth and self.diff > 0:
             return "win"
@@ -36,10 +39,14 @@ class Paired:
         return "tie"
 
     def describe(self) -> str:
-        spread = f"± {100 * self.halfwidth:.1f}" if self.n > 1 else "(one seed)"
+        if self.n < 2:
+            spread = "one seed: no spread to judge against"
+        elif self.identical:
+            spread = f"the same on all {self.n} seeds: no spread to judge against"
+        else:
+            spread = f"95% CI ± {100 * self.halfwidth:.1f} over {self.n} seeds"
         return (f"{self.shots}-shot: {self.method} {100 * self.method_mean:.1f}% vs {self.baseline} "
-                f"{100 * self.baseline_mean:.1f}%, paired difference {100 * self.diff:+.1f} {spread} "
-                f"points over {self.n} episode(s)")
+                f"{100 * self.baseline_mean:.1f}%, paired difference {100 * self.diff:+.1f} points, {spread}")
 
 
 def paired(rows: Sequence[dict[str, Any]], subset: str, shots: str, method: str, baseline: str,
@@ -59,8 +66,9 @@ def paired(rows: Sequence[dict[str, Any]], subset: str, shots: str, method: str,
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
     # A constant difference over several seeds has no spread: it is a win (or a loss) as it stands.
     half = 0.0 if n > 1 and sd == 0 else ci95_halfwidth(sd, n)
+    identical = n > 1 and len({a[e] for e in common}) == 1 and len({b[e] for e in common}) == 1
     return Paired(method, baseline, shots, sum(a[e] for e in common) / n, sum(b[e] for e in common) / n,
-                  mean, half, n)
+                  mean, half, n, identical)
 
 
 def multiproxy_verdict(rows: Sequence[dict[str, Any]], subset: str, mean_method: str = "qi2018",
@@ -92,7 +100,7 @@ def multiproxy_verdict(rows: Sequence[dict[str, Any]], subset: str, mean_method:
         verdict = f"multi-proxy k-means beats mean imprinting at {won} only" + (
             f" and loses at {lost}" if lost else "")
     else:
-        verdict = "multi-proxy k-means and mean imprinting are within the spread over seeds (no winner)"
+        verdict = "neither multi-proxy k-means nor mean imprinting wins beyond the spread over seeds"
     return (f"On '{subset}' classes at higher shot counts, {verdict} "
             f"({'; '.join(p.describe() for p in results)}).")
 

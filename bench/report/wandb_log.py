@@ -204,8 +204,9 @@ def _line_plots(run, summary, metric: str, prefix: str) -> None:
             by_shot = dict(zip(part[part["method"] == m]["shots"], part[part["method"] == m]["mean"]))
             ys.append([float(by_shot.get(s, float("nan"))) for s in shots])
         xname = "shots" if numeric else "shots (" + ", ".join(f"{i}: {s}" for i, s in enumerate(shots)) + ")"
-        plot_key = f"{prefix}{classes}/{metric}_vs_shots" if len(summary.groupby(GROUP_COLUMNS)) == 1 \
-            else f"{prefix}{task}/{dataset}/{backbone}/{classes}/{metric}_vs_shots"
+        one_benchmark = len(summary[GROUP_COLUMNS[:3]].drop_duplicates()) == 1
+        plot_key = (f"{prefix}{classes}/{metric}_vs_shots" if one_benchmark
+                    else f"{prefix}{task}/{dataset}/{backbone}/{classes}/{metric}_vs_shots")
         chart = wandb.plot.line_series(xs=xs, ys=ys, keys=methods, title=f"{metric} on '{classes}' classes",
                                        xname=xname)
         fig = figures.accuracy_vs_shots(part, metric, f"{classes} classes, {backbone} on {dataset}")
@@ -235,6 +236,7 @@ def log_bench_run(
     the artifact takes ``out_dir/results.parquet`` and ``out_dir/run.json`` (write them first).
     """
     import pandas as pd
+    import wandb
 
     from bench.report.stats import summarise
 
@@ -249,7 +251,7 @@ def log_bench_run(
     out_dir = Path(out_dir)
     run = _init(mode, project, entity, run_name, group, tags, "bench-run", out_dir, config)
     try:
-        run.log({"results": __import__("wandb").Table(dataframe=_plain_frame(frame))})
+        run.log({"results": wandb.Table(dataframe=_plain_frame(frame))})
         summary = summarise(frame, metric)
         for r in summary.itertuples(index=False):
             run.summary[f"{r.classes}/{r.method}/{metric}@{r.shots}shot"] = float(r.mean)

@@ -1,0 +1,88 @@
+"""One W&B run per bench run, read back offline with W&B's own reader (W&B is not mocked)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.report.wandb_log import log_bench_run
+from test_report import make_rows, make_run
+
+
+def wandb_records(run_file: Path) -> list[dict]:
+    """Records of an offline run, read back with W&B's own inspector."""
+    wandb_bin = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(wandb_bin), "leet", "inspect", "--json", str(run_file)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def read_offline_run(folder: Path) -> dict:
+    records = wandb_records(next(folder.glob("run-*.wandb")))
+    run = next(r["run"] for r in records if r.get("type") == "run")
+    summary, history = {}, {}
+    for r in records:
+        if r.get("type") == "summary":
+            summary.update(r["summary"].get("update", {}))
+        if r.get("type") == "history":
+            history.update(r["history"].get("item", {}))
+    artifacts = [r["artifact"] for r in records if r.get("type") == "artifact"]
+    return {"run": run, "config": run["config"]["update"], "summary": summary, "history": history,
+            "artifacts": artifacts}
+
+
+def test_one_offline_run_holds_config_table_summary_plots_and_artifact(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rows = make_rows(subsets=("base", "novel"))
+    run_dir = make_run(tmp_path / "runs" / "wb", rows, config={"task": "tiny-suite", "methods": ["qi2018"],
+                                                               "trainer": {"devices": 1}})
+    config = json.loads((run_dir / "run.json").read_text())["config"]
+    where = log_bench_run(rows, config, "wb", run_dir, mode="offline")
+    folders = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 1 and Path(where) == folders[0]
+    got = read_offline_run(folders[0])
+    assert got["run"]["run_group"] == "tiny-suite@digits" and got["run"]["job_type"] == "bench-run"
+    assert set(got["run"]["tags"]) == {"task:tiny-suite", "dataset:digits", "backbone:tiny-digits"}
+    assert got["config"]["trainer"] == {"devices": 1} and got["config"]["methods"] == ["qi2018"]
+    frame = pd.DataFrame(rows)
+    want = frame[(frame.classes == "novel") & (frame.method == "westerhoff2025") & (frame.shots == "5")]["acc"].mean()
+    assert got["summary"]["novel/westerhoff2025/acc@5shot"] == pytest.approx(want)
+    assert "base/qi2018/acc@allshot" in got["summary"]
+    # the results table: one row per method x episode, every method field a column
+    table_files = list((folders[0] / "files" / "media" / "table").glob("results_*.table.json"))
+    assert len(table_files) == 1
+    table = json.loads(table_files[0].read_text())
+    assert len(table["data"]) == len(rows)
+    assert {"method", "spec", "norm_pre", "gen", "gen.k", "norm_post", "norm_inf", "agg", "acc",
+            "seed"} <= set(table["columns"])
+    # line plots of accuracy against shots, as a W&B chart and as the report's figure
+    assert any(k.startswith("plots/novel/acc_vs_shots") for k in got["history"]), got["history"].keys()
+    assert (folders[0] / "files" / "media" / "images").is_dir()
+    # results.parquet + run.json as an artifact, with copies kept inside the run's own folder
+    results = [a for a in got["artifacts"] if a["type"] == "results"]
+    assert len(results) == 1
+    entries = {c["path"]: c for c in results[0]["manifest"]["contents"]}
+    assert set(entries) == {"results.parquet", "run.json"}
+    for name, entry in entries.items():
+        assert Path(entry["local_path"]).is_relative_to(folders[0])
+        assert int(entry["size"]) == (run_dir / name).stat().st_size
+
+
+def test_four_runs_leave_four_offline_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for i, backbone in enumerate(["a", "b", "c", "d"]):
+        rows = make_rows(backbone=backbone, seed=i)
+        run_dir = make_run(tmp_path / "runs" / backbone, rows)
+        log_bench_run(rows, {"name": backbone}, backbone, run_dir, mode="offline")
+    folders = sorted(tmp_path.glob("runs/*/wandb/offline-run-*"))
+    assert len(folders) == 4 and {f.parents[1].name for f in folders} == {"a", "b", "c", "d"}
+
+
+def test_disabled_writes_nothing(tmp_path):
+    rows = make_rows()
+    run_dir = make_run(tmp_path / "r", rows)
+    assert log_bench_run(rows, {}, "r", run_dir, mode="disabled") is None
+    assert not (run_dir / "wandb").exists()
