@@ -86,3 +86,47 @@ def test_disabled_writes_nothing(tmp_path):
     run_dir = make_run(tmp_path / "r", rows)
     assert log_bench_run(rows, {}, "r", run_dir, mode="disabled") is None
     assert not (run_dir / "wandb").exists()
+
+
+TASK = """name: tiny-suite
+dataset: digits
+class_splits: {base: [0, 1, 2, 3, 4], novel: [5, 6, 7, 8, 9]}
+classes: [novel]
+shots: [1, 5]
+queries: test
+seeds: [0, 1]
+"""
+
+
+def test_wandb_offline_run_holds_config_keys_and_metrics(tmp_path, monkeypatch):
+    """A real bench run, then its one W&B run (moved here from test_cli_run, which asserted one
+    W&B run per method)."""
+    from bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (tmp_path / "t.yaml").write_text(TASK)
+    code = main(["run", f"task={tmp_path / 't.yaml'}", "methods=[qi2018,westerhoff2025]",
+                 "wandb.mode=disabled", "name=wb"])
+    assert code == 0
+    run_dir = tmp_path / "runs" / "wb"
+    rows = pd.read_csv(run_dir / "results.csv").to_dict("records")
+    config = json.loads((run_dir / "run.json").read_text())["config"]
+    log_bench_run(rows, config, "wb", run_dir, mode="offline")
+    folders = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 1  # one W&B run for the bench run, not one per method
+    got = read_offline_run(folders[0])
+    assert got["run"]["display_name"] == "wb" and got["run"]["run_group"] == "tiny-suite@digits"
+    assert got["config"]["backbone"]["name"] == "tiny-digits" and got["config"]["task"].endswith("t.yaml")
+    assert got["config"]["methods"] == ["qi2018", "westerhoff2025"]
+    frame = pd.read_csv(run_dir / "results.csv", dtype={"shots": str})
+    for method in ("qi2018", "westerhoff2025"):
+        for shots in ("1", "5"):
+            want = frame[(frame.method == method) & (frame.shots == shots)]["acc"].mean()
+            assert got["summary"][f"novel/{method}/acc@{shots}shot"] == pytest.approx(want)
+    table = json.loads(next((folders[0] / "files" / "media" / "table").glob("results_*.table.json")).read_text())
+    columns = table["columns"]
+    by_method = {r[columns.index("method")]: r for r in table["data"]}
+    west = by_method["westerhoff2025"]
+    assert west[columns.index("gen")] == "kmeans" and west[columns.index("gen.k")] == 20
+    assert west[columns.index("norm_pre")] == "l2" and len(table["data"]) == len(frame)

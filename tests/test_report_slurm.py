@@ -1,0 +1,113 @@
+"""The SLURM array wrapper, run locally: three array tasks, one killed midway and the array
+re-submitted; the merged report must equal the one from uninterrupted runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import BenchError
+from bench.report.build import build_report
+
+ROOT = Path(__file__).resolve().parents[1]
+WRAPPER = ROOT / "scripts" / "slurm" / "grid_task.sh"
+TASK = """name: {name}
+dataset: digits
+class_splits: {{base: [0, 1, 2, 3, 4], novel: [5, 6, 7, 8, 9]}}
+classes: [{classes}]
+shots: [1, 5]
+queries: 20
+seeds: [0, 1]
+"""
+CONFIG = """methods: [qi2018, "l2/kmeans:k=[2,3]/l2/l2/max"]
+extract: {batch_size: 512}
+trainer: {accelerator: cpu, devices: 1}
+wandb: {mode: disabled}
+"""
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    for name, classes in (("t-novel", "novel"), ("t-base", "base"), ("t-all", "all")):
+        (root / f"{name}.yaml").write_text(TASK.format(name=name, classes=classes))
+    (root / "config.yaml").write_text(CONFIG + f"cache_dir: {root / 'cache'}\n")
+    (root / "grid.txt").write_text("# backbone task\n" + "".join(
+        f"tiny-digits {root / name}.yaml\n" for name in ("t-novel", "t-base", "t-all")))
+    return root
+
+
+def task(grid: Path, out: Path, task_id: int, wait: bool = True):
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task_id), "BENCH_OUT_DIR": str(out),
+           "BENCH_PYTHON": sys.executable, "WANDB_MODE": "disabled"}
+    env.pop("SLURM_JOB_ID", None)
+    cmd = ["bash", str(WRAPPER), str(grid / "config.yaml"), str(grid / "grid.txt")]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=grid, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    proc = subprocess.run(cmd, env=env, cwd=grid, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def complete(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("complete") is True
+    except (OSError, ValueError):
+        return False
+
+
+def tables(report_dir: Path) -> dict[str, str]:
+    """Every table of the report but the list of run folders (their paths differ)."""
+    return {p.name: p.read_text() for p in sorted((report_dir / "tables").glob("*.csv")) if p.name != "runs.csv"}
+
+
+def test_array_resumes_after_a_kill_and_merges_to_the_uninterrupted_report(grid, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for i in (1, 2, 3):
+        task(grid, straight, i)
+    names = sorted(p.name for p in straight.iterdir())
+    assert names == ["t-all-tiny-digits", "t-base-tiny-digits", "t-novel-tiny-digits"]
+    assert all(complete(straight / n) for n in names)
+
+    task(grid, resumed, 1)
+    killed = task(grid, resumed, 2, wait=False)
+    victim = resumed / "t-base-tiny-digits"
+    deadline = time.monotonic() + 120
+    # midway: once the run has started writing (its folder exists), before it completes
+    while not victim.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert killed.returncode == -signal.SIGKILL and not complete(victim)
+    task(grid, resumed, 3)
+    with pytest.raises(BenchError, match="t-base-tiny-digits"):
+        build_report([str(resumed / "*")], tmp_path / "partial")  # the killed task is named, not skipped
+
+    done = {n: (resumed / n / "run.json").stat().st_mtime_ns for n in ("t-novel-tiny-digits", "t-all-tiny-digits")}
+    outputs = {i: task(grid, resumed, i) for i in (1, 2, 3)}  # the array, re-submitted
+    assert "skipped" in outputs[1] and "skipped" in outputs[3] and "skipped" not in outputs[2]
+    assert {n: (resumed / n / "run.json").stat().st_mtime_ns for n in done} == done
+    assert complete(victim)
+
+    a = build_report([str(straight / "*")], tmp_path / "report-straight")
+    b = build_report([str(resumed / "*")], tmp_path / "report-resumed")
+    assert len(b.merged.runs) == 3 and not b.merged.skipped
+    ta, tb = tables(a.out_dir), tables(b.out_dir)
+    assert len(ta) >= 6 and ta == tb
+    # the report of real runs: page, markdown, tables as CSV and LaTeX, the CD diagram
+    assert b.html.stat().st_size > 10_000 and (b.out_dir / "report.md").is_file()
+    assert len(list((b.out_dir / "tables").glob("t-*-digits-tiny-digits-*.tex"))) == 3
+    assert b.figures["cd"]["svg"].stat().st_size > 1000
+
+
+def test_wrapper_names_a_missing_entry(grid, tmp_path):
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "4", "BENCH_OUT_DIR": str(tmp_path), "BENCH_PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(WRAPPER), str(grid / "config.yaml"), str(grid / "grid.txt")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "has 3 entries, there is no entry 4 (submit with --array=1-3)" in proc.stderr
