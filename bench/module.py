@@ -18,8 +18,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from bench.errors import BenchError
-from bench.imprint import MethodSpec, expand_grid
-from bench.imprint.bank import SupportSet, build_head_grid, score_heads
+from bench.imprint import MethodSpec, Reference, SupportSet, build_head_grid, expand_grid, score_heads
 from bench.metrics import flatten_metrics, head_metrics
 
 
@@ -73,7 +72,7 @@ class ImprintingModule(L.LightningModule):
         methods: Sequence[str | MethodSpec],
         backbone: nn.Module | None = None,
         seed: int = 0,
-        reference_mean: torch.Tensor | None = None,
+        reference: Reference | torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -86,7 +85,7 @@ class ImprintingModule(L.LightningModule):
         if backbone is not None:
             backbone.eval().requires_grad_(False)
         self.seed = seed
-        self.reference_mean = reference_mean
+        self.reference = reference
         self.support = SupportCollector()
         self.heads = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()
@@ -116,7 +115,7 @@ class ImprintingModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         emb, labels, _ = self.support.compute()
-        episode = SupportSet(emb, labels, self.seed, reference_mean=self.reference_mean)
+        episode = SupportSet(emb, labels, self.seed, reference=self.reference)
         self.heads = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()
         # One grid build: specs that share stages (normalised support, proxies) compute them once.

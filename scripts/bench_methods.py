@@ -37,7 +37,7 @@ from sklearn.neighbors import NearestNeighbors
 from bench.data.episodes import sample_episode
 from bench.data.synthetic import gaussian_mixture
 from bench.imprint import PRESETS, MethodSpec, expand_grid
-from bench.imprint.bank import SupportSet, build_head_grid, build_heads, score_heads
+from bench.imprint import SupportSet, build_head_grid, build_heads, score_heads
 
 DEFAULT_METHODS = [
     *PRESETS,

@@ -24,7 +24,7 @@ def test_tiny_digits_is_frozen_and_embeds():
 
 def _digits_predictions(backbone_name: str) -> torch.Tensor:
     """Mean-imprinting (qi2018) predictions on the digits test split, support = the train split."""
-    from bench.imprint import ImprintedHead
+    from bench.imprint import ImprintedHead, build_head
 
     bb = build_backbone(backbone_name)
     out = []
@@ -33,7 +33,7 @@ def _digits_predictions(backbone_name: str) -> torch.Tensor:
         with torch.no_grad():
             out.append(bb.model(torch.stack([bb.transform(src.load(i)) for i in range(len(src))])))
         out.append(torch.from_numpy(src.labels))
-    return ImprintedHead.build("qi2018", out[0], out[1]).predict(out[2]), out[3]
+    return build_head("qi2018", out[0], out[1]).predict(out[2]), out[3]
 
 
 def test_tiny_asset_is_small_and_rebuilds_as_recorded(tmp_path):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bench.data.synthetic import gaussian_mixture
-from bench.imprint import ImprintedHead, SupportSet, build_head_grid, expand_grid, score_heads
-from bench.imprint import agg, gen
+from bench.imprint import ImprintedHead, SupportSet, build_head, build_head_grid, expand_grid, score_heads
+from bench.imprint import agg, gen, kmeans, sampling
 from bench.imprint.spec import StageSpec
 
 GRID = [
@@ -42,7 +42,7 @@ def test_grid_heads_and_scores_equal_heads_built_alone(data, shots):
     for i, spec in enumerate(specs):
         for j, ep in enumerate(eps):
             head = grid[i][j]
-            alone = ImprintedHead.build(spec, ep.embeddings, ep.labels, seed=ep.seed)
+            alone = build_head(spec, ep.embeddings, ep.labels, seed=ep.seed)
             assert torch.equal(head.proxies, alone.proxies), (spec.name, shots, j)
             assert torch.equal(head.proxy_labels, alone.proxy_labels)
             assert head.meta["effective_k"] == alone.meta["effective_k"]
@@ -70,13 +70,13 @@ def test_identical_episodes_share_unseeded_stages_but_not_seeded_ones(data):
     eps = [SupportSet(xs.clone(), ys.clone(), seed=seed) for seed in (0, 1, 2)]
     grid = build_head_grid(specs, eps)
     for spec, row in zip(specs, grid):
-        seeded = spec.gen.name in gen.SEEDED_GENS
+        seeded = spec.gen.method('gen').seeded
         ptrs = {head.proxies.data_ptr() for head in row}
         assert len(ptrs) == (3 if seeded else 1), spec.name
         if seeded:  # each seed still draws its own proxies
             assert not torch.equal(row[0].proxies, row[1].proxies), spec.name
         for head, ep in zip(row, eps):
-            alone = ImprintedHead.build(spec, ep.embeddings, ep.labels, seed=ep.seed)
+            alone = build_head(spec, ep.embeddings, ep.labels, seed=ep.seed)
             assert head.meta["seed"] == ep.seed
             assert torch.equal(head.proxies, alone.proxies), spec.name
             assert torch.equal(score_heads([head], xq)[0], alone(xq)), spec.name
@@ -101,12 +101,12 @@ def test_effective_generator_rules():
 def test_kmeans_rows_do_not_depend_on_chunking_or_batch_company():
     x, y = gaussian_mixture(num_classes=6, dim=16, per_class=40, modes=3, seed=5)
     batch, mask = gen.group_by_class(x, y, torch.arange(6))
-    rng = gen.RowRandom([(0, 3), (1, 3)])
-    whole = gen.kmeans_batched(batch, mask, 4, rng=rng, chunk_elements=1 << 30)
-    chunked = gen.kmeans_batched(batch, mask, 4, rng=gen.RowRandom([(0, 3), (1, 3)]), chunk_elements=1)
+    rng = sampling.RowRandom([(0, 3), (1, 3)])
+    whole = kmeans.kmeans_batched(batch, mask, 4, rng=rng, chunk_elements=1 << 30)
+    chunked = kmeans.kmeans_batched(batch, mask, 4, rng=sampling.RowRandom([(0, 3), (1, 3)]), chunk_elements=1)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[2], chunked[2])
     # the second episode alone gets the same centres as inside the batch
-    alone = gen.kmeans_batched(batch[3:], mask[3:], 4, rng=1)
+    alone = kmeans.kmeans_batched(batch[3:], mask[3:], 4, rng=1)
     assert torch.equal(alone[0], whole[0][3:])
 
 
@@ -135,7 +135,7 @@ def test_cosine_on_unit_inputs_reads_the_inner_products():
     assert agg.matrix_kind(stage, unit_inputs=True) == "dot"
     assert agg.matrix_kind(stage, unit_inputs=False) == "cosine"
     fast = agg.aggregate(stage, q, p, labels, 4, unit_inputs=True)
-    general = agg.agg_mnn(q, p, labels, 4, m=3, weight="distance", metric="cosine")
+    general = agg.aggregate(StageSpec.parse("agg", "mnn:m=3,weight=distance,metric=cosine"), q, p, labels, 4)
     assert torch.allclose(fast, general, rtol=1e-4)
     assert torch.equal(fast.argmax(1), general.argmax(1))
 
@@ -169,10 +169,11 @@ def test_score_heads_does_not_mix_up_converted_proxies(data):
                                     "none/all/none/l2/mnn:m=3,metric=cosine"])
 def test_cosine_mnn_heads_match_the_general_cosine_distance(data, method):
     xs, ys, xq, _ = data
-    head = ImprintedHead.build(method, xs, ys, seed=0)
+    head = build_head(method, xs, ys, seed=0)
     q = torch.nn.functional.normalize(xq, dim=1)
     m = head.spec.agg.get("agg", "m")
-    general = agg.agg_mnn(q, head.proxies, head.proxy_labels, head.num_classes, m=m, metric="cosine")
+    general = agg.aggregate(StageSpec.parse("agg", f"mnn:m={m},metric=cosine"), q, head.proxies, head.proxy_labels,
+                            head.num_classes)
     assert torch.allclose(head(xq), general, atol=1e-5)
     unit = torch.allclose(head.proxies.norm(dim=1), torch.ones(len(head.proxies)), atol=1e-5)
     assert head.meta["unit_proxies"] == unit  # only rows that really are unit take the fast path
@@ -185,7 +186,7 @@ def test_cluster_sums_leave_out_padding_and_match_a_loop():
     mask[1, 5:] = False  # a shorter class, padded
     labels = torch.randint(0, 2, (3, 7), generator=g)
     labels[1, 5:] = 0  # padding must not land in cluster 0
-    sums, counts = gen._cluster_sums(x, mask, labels, 2)
+    sums, counts = kmeans._cluster_sums(x, mask, labels, 2)
     for b in range(3):
         for c in range(2):
             members = (labels[b] == c) & mask[b]
@@ -196,9 +197,9 @@ def test_cluster_sums_leave_out_padding_and_match_a_loop():
 def test_kmeans_without_the_scoring_pass_gives_the_same_centres():
     x, y = gaussian_mixture(num_classes=4, dim=16, per_class=30, modes=3, seed=2)
     batch, mask = gen.group_by_class(x, y, torch.arange(4))
-    scored = gen.kmeans_batched(batch, mask, 3, rng=7)
-    centres, labels, inertia = gen.kmeans_batched(batch, mask, 3, rng=7, score=False)
+    scored = kmeans.kmeans_batched(batch, mask, 3, rng=7)
+    centres, labels, inertia = kmeans.kmeans_batched(batch, mask, 3, rng=7, score=False)
     assert labels is None and inertia is None
     assert torch.equal(centres, scored[0])
     # several restarts need the inertia to choose, so they score regardless
-    assert gen.kmeans_batched(batch, mask, 3, rng=7, n_init=2, score=False)[2] is not None
+    assert kmeans.kmeans_batched(batch, mask, 3, rng=7, n_init=2, score=False)[2] is not None

@@ -8,8 +8,9 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from bench import BenchError
 from bench.data.synthetic import gaussian_mixture
-from bench.imprint import ImprintedHead
-from bench.imprint.gen import group_by_class, kmeans_batched
+from bench.imprint import ImprintedHead, build_head
+from bench.imprint.gen import group_by_class
+from bench.imprint.kmeans import kmeans_batched
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def gmm():
 
 def _pred(method, gmm, **kw):
     xs, ys, xq, _ = gmm
-    return ImprintedHead.build(method, xs, ys, **kw).predict(xq)
+    return build_head(method, xs, ys, **kw).predict(xq)
 
 
 @pytest.mark.parametrize("gen", ["mean", "kmeans:k=4", "all"])
@@ -42,15 +43,15 @@ def test_all_plus_max_is_1nn_over_the_support_set(gmm):
 
 def test_mean_with_l2_equals_qi2018(gmm):
     xs, ys, xq, _ = gmm
-    a = ImprintedHead.build("l2/mean/l2/l2/max", xs, ys)
-    b = ImprintedHead.build("qi2018", xs, ys)
+    a = build_head("l2/mean/l2/l2/max", xs, ys)
+    b = build_head("qi2018", xs, ys)
     assert torch.equal(a.proxies, b.proxies) and torch.equal(a(xq), b(xq))
 
 
 def test_kmeans_with_one_cluster_equals_the_mean(gmm):
     xs, ys, xq, _ = gmm
-    a = ImprintedHead.build("none/kmeans:k=1/none/none/max", xs, ys)
-    b = ImprintedHead.build("none/mean/none/none/max", xs, ys)
+    a = build_head("none/kmeans:k=1/none/none/max", xs, ys)
+    b = build_head("none/mean/none/none/max", xs, ys)
     assert torch.allclose(a.proxies, b.proxies, atol=1e-5)
 
 
@@ -58,8 +59,8 @@ def test_quantile_head_does_not_depend_on_class_order(gmm):
     xs, ys, _, _ = gmm
     perm = torch.tensor([3, 0, 5, 1, 4, 2])  # relabel class c as perm[c]
     order = torch.randperm(len(ys), generator=torch.Generator().manual_seed(0))
-    a = ImprintedHead.build("hosoda2024", xs, ys)
-    b = ImprintedHead.build("hosoda2024", xs[order], perm[ys[order]])
+    a = build_head("hosoda2024", xs, ys)
+    b = build_head("hosoda2024", xs[order], perm[ys[order]])
     # the support of each class keeps its sample order only up to the shuffle, and mean is
     # order-free, so class c of `a` must equal class perm[c] of `b` exactly.
     assert torch.allclose(a.proxies, b.proxies[perm], atol=1e-6)
@@ -68,16 +69,16 @@ def test_quantile_head_does_not_depend_on_class_order(gmm):
 def test_effective_k_is_recorded_when_k_exceeds_the_support(gmm):
     xs, ys, _, _ = gmm
     few = torch.cat([torch.nonzero(ys == c).flatten()[:3] for c in range(6)])
-    head = ImprintedHead.build("l2/kmeans:k=20/l2/l2/max", xs[few], ys[few])
+    head = build_head("l2/kmeans:k=20/l2/l2/max", xs[few], ys[few])
     assert head.meta["effective_k"] == [3] * 6 and head.meta["num_proxies"] == 18
 
 
 def test_center_l2_uses_reference_mean_when_given(gmm):
     xs, ys, xq, _ = gmm
     ref = torch.ones(xs.shape[1])
-    head = ImprintedHead.build("simpleshot", xs, ys, reference_mean=ref)
+    head = build_head("simpleshot", xs, ys, reference=ref)
     assert torch.equal(head.center, ref) and head.meta["center"] == "reference"
-    assert ImprintedHead.build("simpleshot", xs, ys).meta["center"] == "support"
+    assert build_head("simpleshot", xs, ys).meta["center"] == "support"
 
 
 def test_kmeans_inertia_within_one_percent_of_sklearn_and_deterministic():
@@ -95,7 +96,7 @@ def test_kmeans_inertia_within_one_percent_of_sklearn_and_deterministic():
                                     "l2/kmedoids:k=3/l2/l2/mnn:m=3,weight=distance"])
 def test_save_load_round_trip(tmp_path, gmm, method):
     xs, ys, xq, _ = gmm
-    head = ImprintedHead.build(method, xs, ys + 10, seed=4)  # labels need not start at 0
+    head = build_head(method, xs, ys + 10, seed=4)  # labels need not start at 0
     head.save(tmp_path / "head.safetensors")
     loaded = ImprintedHead.load(tmp_path / "head.safetensors")
     assert loaded.spec == head.spec and loaded.spec.name == head.spec.name
@@ -120,8 +121,8 @@ def test_bad_embeddings_are_refused(gmm):
     bad = xs.clone()
     bad[3, 0] = float("nan")
     with pytest.raises(BenchError, match="NaN or Inf in 1 row"):
-        ImprintedHead.build("qi2018", bad, ys)
-    head = ImprintedHead.build("qi2018", xs, ys)
+        build_head("qi2018", bad, ys)
+    head = build_head("qi2018", xs, ys)
     with pytest.raises(BenchError, match="same backbone"):
         head(xq[:, :10])
     inf = xq.clone()
@@ -129,15 +130,15 @@ def test_bad_embeddings_are_refused(gmm):
     with pytest.raises(BenchError, match="query embeddings contain NaN or Inf"):
         head(inf)
     with pytest.raises(BenchError, match=r"classes \[99\] have no support"):
-        ImprintedHead.build("qi2018", xs, ys, classes=torch.tensor([*range(6), 99]))
+        build_head("qi2018", xs, ys, classes=torch.tensor([*range(6), 99]))
     with pytest.raises(BenchError, match="labels have shape"):
-        ImprintedHead.build("qi2018", xs, ys[:-1])
+        build_head("qi2018", xs, ys[:-1])
 
 
 @pytest.mark.parametrize("method", ["westerhoff2025", "l2/kmedoids:k=3/l2/l2/max", "l2/random:k=2/l2/l2/max",
                                     "none/none/none/none/max", "ls-oracle", "knn", "hosoda2024"])
 def test_batched_heads_equal_heads_built_alone(gmm, method):
-    from bench.imprint.bank import SupportSet, build_heads
+    from bench.imprint import SupportSet, build_heads
 
     xs, ys, xq, _ = gmm
     # episodes of different sizes and class sets in one batch
@@ -148,7 +149,7 @@ def test_batched_heads_equal_heads_built_alone(gmm, method):
     ]
     batched = build_heads(method, eps)
     for ep, head in zip(eps, batched):
-        alone = ImprintedHead.build(method, ep.embeddings, ep.labels, seed=ep.seed)
+        alone = build_head(method, ep.embeddings, ep.labels, seed=ep.seed)
         assert torch.allclose(head.proxies, alone.proxies, atol=1e-6)
         assert torch.equal(head.proxy_labels, alone.proxy_labels)
         assert head.meta["effective_k"] == alone.meta["effective_k"]

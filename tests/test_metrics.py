@@ -3,7 +3,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from bench.data.synthetic import gaussian_mixture
-from bench.imprint import ImprintedHead
+from bench.imprint import ImprintedHead, build_head
 from bench.metrics import evaluate_head
 
 
@@ -11,7 +11,7 @@ def test_episode_metrics_match_sklearn():
     x, y = gaussian_mixture(num_classes=4, dim=16, per_class=50, seed=2)
     y = y + 5  # labels need not start at 0
     idx = torch.arange(len(y)) % 50
-    head = ImprintedHead.build("janson2022", x[idx < 3], y[idx < 3])
+    head = build_head("janson2022", x[idx < 3], y[idx < 3])
     xq, yq = x[idx >= 3], y[idx >= 3]
     m = evaluate_head(head, xq, yq, batch_size=37)  # several batches
     pred = head.predict(xq).numpy()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bench.imprint import agg, gen, norm
+from bench.imprint import StageSpec, agg, gen, norm
 
 G = lambda seed=0: torch.Generator().manual_seed(seed)  # noqa: E731
 
@@ -34,7 +34,7 @@ def test_quantile_maps_ranks_onto_mean_sorted_rows():
 def test_quantile_with_external_reference():
     p = torch.tensor([[0.3, -1.0, 7.0]])
     ref = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])  # quantiles [2, 3, 4]
-    assert torch.allclose(norm.quantile(p, ref), torch.tensor([[3.0, 2.0, 4.0]]))
+    assert torch.allclose(norm.quantile(p, reference=ref), torch.tensor([[3.0, 2.0, 4.0]]))
 
 
 def test_quantile_reference_is_independent_of_row_order():
@@ -67,7 +67,7 @@ def test_mean_ignores_padding():
 def test_kmeans_finds_two_tight_clusters():
     pts = [[0.0, 0.0], [0.0, 0.2], [10.0, 0.0], [10.0, 0.2], [0.1, 0.1], [10.1, 0.1]]
     x, mask = _batch(pts)
-    r = gen.gen_kmeans(x, mask, 2, rng=0)
+    r = gen.gen_kmeans(x, mask, k=2, rng=0)
     got = sorted(r.proxies[0].tolist())
     assert torch.allclose(torch.tensor(got), torch.tensor([[0.1 / 3, 0.1], [10.1 / 3 + 20 / 3, 0.1]]), atol=1e-5)
     assert r.effective_k.tolist() == [2]
@@ -75,22 +75,22 @@ def test_kmeans_finds_two_tight_clusters():
 
 def test_kmeans_with_k_at_least_the_sample_count_uses_every_sample():
     x, mask = _batch([[1.0], [2.0]], [[5.0], [6.0], [7.0], [8.0]])
-    r = gen.gen_kmeans(x, mask, 3, rng=0)
+    r = gen.gen_kmeans(x, mask, k=3, rng=0)
     assert r.effective_k.tolist() == [2, 3]
     assert sorted(r.proxies[0][r.mask[0]].flatten().tolist()) == [1.0, 2.0]
 
 
 def test_kmedoids_picks_the_central_member_of_each_cluster():
     x, mask = _batch([[0.0], [1.0], [2.0], [10.0], [11.0], [12.0]])
-    r = gen.gen_kmedoids(x, mask, 2, rng=0)
+    r = gen.gen_kmedoids(x, mask, k=2, rng=0)
     assert sorted(r.proxies[0].flatten().tolist()) == [1.0, 11.0]
 
 
 def test_random_picks_distinct_support_samples_reproducibly():
     pts = [[float(i)] for i in range(10)]
     x, mask = _batch(pts, pts)
-    a = gen.gen_random(x, mask, 4, rng=3)
-    b = gen.gen_random(x, mask, 4, rng=3)
+    a = gen.gen_random(x, mask, k=4, rng=3)
+    b = gen.gen_random(x, mask, k=4, rng=3)
     assert torch.equal(a.proxies, b.proxies)
     vals = a.proxies[0].flatten().tolist()
     assert len(set(vals)) == 4 and set(vals) <= set(range(10))
@@ -98,7 +98,7 @@ def test_random_picks_distinct_support_samples_reproducibly():
 
 def test_fps_starts_nearest_the_mean_then_goes_farthest():
     x, mask = _batch([[0.0], [1.0], [9.0], [5.0]])  # mean 3.75 -> 5, then 0, then 9
-    r = gen.gen_fps(x, mask, 3)
+    r = gen.gen_fps(x, mask, k=3)
     assert r.proxies[0].flatten().tolist() == [5.0, 0.0, 9.0]
 
 
@@ -111,9 +111,9 @@ def test_all_keeps_every_sample():
 
 def test_none_draws_seeded_random_proxies_ignoring_support():
     x, mask = _batch([[1.0, 1.0]] * 3, [[2.0, 2.0]] * 3)
-    a = gen.gen_none(x, mask, 2, rng=1)
-    b = gen.gen_none(x * 100, mask, 2, rng=1)
-    c = gen.gen_none(x, mask, 2, rng=2)
+    a = gen.gen_none(x, mask, k=2, rng=1)
+    b = gen.gen_none(x * 100, mask, k=2, rng=1)
+    c = gen.gen_none(x, mask, k=2, rng=2)
     assert a.proxies.shape == (2, 2, 2)
     assert torch.equal(a.proxies, b.proxies) and not torch.equal(a.proxies, c.proxies)
 
@@ -137,7 +137,7 @@ def test_ls_matches_the_closed_form():
 def test_max_takes_each_class_best_proxy():
     q = torch.tensor([[1.0, 0.0]])
     p = torch.tensor([[0.5, 0.0], [2.0, 0.0], [1.0, 5.0]])
-    scores = agg.agg_max(q, p, torch.tensor([0, 0, 1]), 2)
+    scores = agg.aggregate(StageSpec.parse("agg", "max"), q, p, torch.tensor([0, 0, 1]), 2)
     assert scores.tolist() == [[2.0, 1.0]]
 
 
@@ -164,16 +164,16 @@ def test_mnn_uniform_vote_and_tie_break():
     p = torch.tensor([[1.0], [-2.0], [3.0], [-4.0], [10.0]])
     labels = torch.tensor([1, 0, 0, 1, 1])
     # 3 nearest: 1 (class 1), -2 (class 0), 3 (class 0) -> class 0 wins 2 votes to 1
-    assert agg.agg_mnn(q, p, labels, 2, m=3).argmax(1).item() == 0
+    assert agg.aggregate(StageSpec.parse("agg", "mnn:m=3"), q, p, labels, 2).argmax(1).item() == 0
     # 4 nearest: classes 1,0,0,1 -> tie 2:2, broken by the nearest neighbour (class 1)
-    assert agg.agg_mnn(q, p, labels, 2, m=4).argmax(1).item() == 1
+    assert agg.aggregate(StageSpec.parse("agg", "mnn:m=4"), q, p, labels, 2).argmax(1).item() == 1
 
 
 def test_mnn_distance_weighting_changes_the_winner():
     q = torch.tensor([[0.0]])
     p = torch.tensor([[0.1], [1.0], [1.1]])
     labels = torch.tensor([1, 0, 0])
-    assert agg.agg_mnn(q, p, labels, 2, m=3, weight="uniform").argmax(1).item() == 0
-    scores = agg.agg_mnn(q, p, labels, 2, m=3, weight="distance")
+    assert agg.aggregate(StageSpec.parse("agg", "mnn:m=3,weight=uniform"), q, p, labels, 2).argmax(1).item() == 0
+    scores = agg.aggregate(StageSpec.parse("agg", "mnn:m=3,weight=distance"), q, p, labels, 2)
     assert scores.argmax(1).item() == 1
     assert torch.allclose(scores[0, 0], torch.tensor(1 / 1.0 + 1 / 1.1), atol=1e-5)

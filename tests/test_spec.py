@@ -55,7 +55,7 @@ def test_fields_expose_each_stage_and_option_as_its_own_key():
         ("l2/kmean:k=3/l2/l2/max", ["unknown gen method 'kmean'", "kmeans"]),
         ("l2/kmeans:k=0/l2/l2/max", ["k=0", ">= 1"]),
         ("l2/kmeans/l2/l2/max", ["needs option 'k'"]),
-        ("l2/kmeans:k=two/l2/l2/max", ["must be int"]),
+        ("l2/kmeans:k=two/l2/l2/max", ["expected an int"]),
         ("l2/mean/l2/max", ["4 stage(s)", "NORM_pre/GEN/NORM_post/NORM_inf/AGG"]),
         ("l2/mean/l2/l2/mnn:metric=hamming", ["hamming", "cosine"]),
         ("l2/mean/l2/l2/mnn:q=1", ["unknown option 'q'"]),

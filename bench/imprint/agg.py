@@ -1,5 +1,8 @@
-"""AGG: turn query-proxy similarities into one score per class.
+"""AGG: turn query-proxy similarities into one score per class (registered methods).
 
+Each AGG names the (N, P) query-proxy matrix it reads (``dot`` for inner products, or a
+distance metric) and reduces it to (N, C) class scores. Heads whose proxies and query
+normalisation agree read one shared matrix (see :func:`bench.imprint.grid.score_heads`).
 Proxies are a flat (P, D) matrix with ``proxy_labels`` (P,) in 0..C-1, so classes with
 different numbers of proxies need no padding here.
 """
@@ -10,26 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import BenchError
+from bench.imprint.registry import Option, get, register_agg
 from bench.imprint.spec import StageSpec
 
-
-def agg_max(
-    queries: torch.Tensor, proxies: torch.Tensor, proxy_labels: torch.Tensor, num_classes: int
-) -> torch.Tensor:
-    """Class score = the highest inner product between the query and any of its proxies."""
-    return max_of_similarity(queries @ proxies.T, proxy_labels, num_classes)
-
-
-def max_of_similarity(sim: torch.Tensor, proxy_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per class, the largest entry of an (N, P) similarity matrix over that class's proxies."""
-    n, p = sim.shape
-    if p % num_classes == 0:
-        k = p // num_classes
-        grid = torch.arange(num_classes, device=proxy_labels.device).repeat_interleave(k)
-        if torch.equal(proxy_labels, grid):  # class-major, k per class: a reshape suffices
-            return sim.view(n, num_classes, k).amax(-1)
-    out = sim.new_full((n, num_classes), float("-inf"))
-    return out.scatter_reduce(1, proxy_labels.expand_as(sim), sim, reduce="amax")
+METRICS = ("cosine", "euclidean", "manhattan", "chebyshev")
 
 
 def distances(queries: torch.Tensor, proxies: torch.Tensor, metric: str) -> torch.Tensor:
@@ -45,41 +32,79 @@ def distances(queries: torch.Tensor, proxies: torch.Tensor, metric: str) -> torc
         return torch.cdist(queries, proxies, p=1)
     if metric == "chebyshev":
         return torch.cdist(queries, proxies, p=float("inf"))
-    raise BenchError(
-        f"unknown mnn metric '{metric}'; known: cosine, euclidean, manhattan, chebyshev"
-    )
+    raise BenchError(f"unknown mnn metric '{metric}'; known: {', '.join(METRICS)}")
 
 
-def agg_mnn(
-    queries: torch.Tensor,
-    proxies: torch.Tensor,
-    proxy_labels: torch.Tensor,
-    num_classes: int,
-    m: int = 1,
-    weight: str = "uniform",
-    metric: str = "euclidean",
-) -> torch.Tensor:
-    """Vote among the m nearest proxies.
+def max_of_similarity(sim: torch.Tensor, proxy_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per class, the largest entry of an (N, P) similarity matrix over that class's proxies."""
+    n, p = sim.shape
+    if p % num_classes == 0:
+        k = p // num_classes
+        grid = torch.arange(num_classes, device=proxy_labels.device).repeat_interleave(k)
+        if torch.equal(proxy_labels, grid):  # class-major, k per class: a reshape suffices
+            return sim.view(n, num_classes, k).amax(-1)
+    out = sim.new_full((n, num_classes), float("-inf"))
+    return out.scatter_reduce(1, proxy_labels.expand_as(sim), sim, reduce="amax")
 
-    ``uniform``: each neighbour gives one vote; ties between classes go to the class whose
-    nearest voting proxy ranks first, through a bonus below 1 that never outweighs a vote.
-    ``distance``: each neighbour votes 1 / (distance + eps). The returned scores argmax to
-    the vote.
-    """
-    m = min(m, len(proxies))
-    near_d, near_i = _nearest(distances(queries, proxies, metric), m, largest=False)
+
+@register_agg("max", matrix=lambda opts, unit: "dot", linear_ok=True,
+              summary="the best inner product over a class's proxies")
+def agg_max(matrix: torch.Tensor, kind: str, proxy_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return max_of_similarity(matrix, proxy_labels, num_classes)
+
+
+@register_agg("lse", matrix=lambda opts, unit: "dot", linear_ok=True,
+              options={"t": Option(float, 0.1, above=0.0)},
+              summary="a soft max over a class's proxies, t * log sum exp(s / t); t -> 0 is `max`")
+def agg_lse(matrix: torch.Tensor, kind: str, proxy_labels: torch.Tensor, num_classes: int,
+            t: float = 0.1) -> torch.Tensor:
+    # Shift each class by its max before exponentiating, so a small t cannot overflow: then
+    # t * log(sum exp((s - m) / t)) + m is exact, and tends to m (= max) as t -> 0.
+    top = max_of_similarity(matrix, proxy_labels, num_classes)
+    shifted = torch.exp((matrix - top.gather(1, proxy_labels.expand_as(matrix))) / t)
+    sums = matrix.new_zeros(top.shape).index_add_(1, proxy_labels, shifted)
+    return top + t * torch.log(sums)
+
+
+def _mnn_matrix(opts: dict, unit_inputs: bool) -> str:
+    # On unit queries and unit proxies, cosine distance is 1 - dot: read the shared dot matrix.
+    metric = opts["metric"]
+    return "dot" if metric == "cosine" and unit_inputs else metric
+
+
+def _mnn_problem(spec) -> str | None:
+    m = spec.agg.get("agg", "m")
+    if m > 1 and spec.max_proxies_per_class == 1:
+        return f"mnn with m={m} votes over one proxy per class, which only counts ties; use m=1 or a multi-proxy GEN"
+    return None
+
+
+@register_agg("mnn", matrix=_mnn_matrix, problem=_mnn_problem,
+              options={"m": Option(int, 1, minimum=1),
+                       "weight": Option(str, "uniform", choices=("uniform", "distance")),
+                       "metric": Option(str, "euclidean", choices=METRICS)},
+              summary="vote among the m nearest proxies (uniform or 1/distance weights); ties go to the "
+                      "class whose nearest voting proxy is nearest")
+def agg_mnn(matrix: torch.Tensor, kind: str, proxy_labels: torch.Tensor, num_classes: int, m: int = 1,
+            weight: str = "uniform", metric: str = "euclidean") -> torch.Tensor:
+    m = min(m, matrix.shape[1])
+    if kind == "dot":  # unit cosine: nearest = most similar, distance = 1 - similarity
+        near_s, near_i = _nearest(matrix, m, largest=True)
+        near_d = 1 - near_s
+    else:
+        near_d, near_i = _nearest(matrix, m, largest=False)
     return vote(near_d, proxy_labels[near_i], num_classes, weight)
 
 
 def vote(near_d: torch.Tensor, labels: torch.Tensor, num_classes: int, weight: str) -> torch.Tensor:
-    """Class scores from the m nearest proxies' distances and classes (N, m), nearest first."""
+    """Class scores from the m nearest proxies' distances and classes (N, m), nearest first.
+
+    ``uniform``: each neighbour gives one vote; ties between classes go to the class whose
+    nearest voting proxy ranks first, through a bonus below 1 that never outweighs a vote.
+    ``distance``: each neighbour votes 1 / (distance + eps).
+    """
     m = near_d.shape[1]
-    if weight == "uniform":
-        votes = torch.ones_like(near_d)
-    elif weight == "distance":
-        votes = 1.0 / (near_d + 1e-8)
-    else:
-        raise BenchError(f"unknown mnn weight '{weight}'; known: uniform, distance")
+    votes = torch.ones_like(near_d) if weight == "uniform" else 1.0 / (near_d + 1e-8)
     scores = near_d.new_zeros(len(near_d), num_classes).scatter_add_(1, labels, votes)
     if weight == "uniform":
         rank_bonus = (m - torch.arange(m, device=near_d.device, dtype=near_d.dtype)) / (m + 1)
@@ -90,56 +115,34 @@ def vote(near_d: torch.Tensor, labels: torch.Tensor, num_classes: int, weight: s
     return scores
 
 
+def _nearest(matrix: torch.Tensor, m: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if m == 1:  # a single reduction is several times cheaper than topk
+        return matrix.max(1, keepdim=True) if largest else matrix.min(1, keepdim=True)
+    return matrix.topk(m, dim=1, largest=largest)
+
+
 # ---- one AGG stage as (matrix it reads, reduction), so heads can share the matrix ----------
 def matrix_kind(agg: StageSpec, unit_inputs: bool) -> str:
-    """Which (N, P) query-proxy matrix an AGG stage reads.
-
-    ``dot`` (inner products) for ``max``, and for cosine ``mnn`` when queries and proxies are
-    already unit rows: then cosine distance is 1 - dot, and such heads share one matrix.
-    Otherwise the mnn metric's distance matrix.
-    """
-    if agg.name == "max":
-        return "dot"
-    if agg.name == "mnn":
-        metric = agg.get("agg", "metric")
-        return "dot" if metric == "cosine" and unit_inputs else metric
-    raise BenchError(f"unknown AGG '{agg.name}'; known: max, mnn")
+    """Which (N, P) query-proxy matrix an AGG stage reads: ``dot`` or a distance metric."""
+    return get("agg", agg.name).matrix(agg.kwargs("agg"), unit_inputs)
 
 
 def pair_matrix(kind: str, queries: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
     return queries @ proxies.T if kind == "dot" else distances(queries, proxies, kind)
 
 
-def reduce(
-    agg: StageSpec, matrix: torch.Tensor, kind: str, proxy_labels: torch.Tensor, num_classes: int
-) -> torch.Tensor:
+def reduce(agg: StageSpec, matrix: torch.Tensor, kind: str, proxy_labels: torch.Tensor,
+           num_classes: int) -> torch.Tensor:
     """(N, C) class scores from the matrix :func:`matrix_kind` named."""
-    if agg.name == "max":
-        return max_of_similarity(matrix, proxy_labels, num_classes)
-    m = min(agg.get("agg", "m"), matrix.shape[1])
-    if kind == "dot":  # unit cosine: nearest = most similar, distance = 1 - similarity
-        near_s, near_i = _nearest(matrix, m, largest=True)
-        near_d = 1 - near_s
-    else:
-        near_d, near_i = _nearest(matrix, m, largest=False)
-    return vote(near_d, proxy_labels[near_i], num_classes, agg.get("agg", "weight"))
+    return get("agg", agg.name).fn(matrix, kind, proxy_labels, num_classes, **agg.kwargs("agg"))
 
 
-def _nearest(matrix: torch.Tensor, m: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if m == 1:  # a single reduction is several times cheaper than topk
-        values, index = matrix.max(1, keepdim=True) if largest else matrix.min(1, keepdim=True)
-        return values, index
-    return matrix.topk(m, dim=1, largest=largest)
-
-
-def aggregate(
-    agg: StageSpec,
-    queries: torch.Tensor,
-    proxies: torch.Tensor,
-    proxy_labels: torch.Tensor,
-    num_classes: int,
-    unit_inputs: bool = False,
-) -> torch.Tensor:
-    """Run an AGG stage; ``unit_inputs`` says queries and proxies are both l2-normalised."""
+def aggregate(agg: StageSpec, queries: torch.Tensor, proxies: torch.Tensor, proxy_labels: torch.Tensor,
+              num_classes: int, unit_inputs: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Run an AGG stage; ``unit_inputs`` says queries and proxies are both l2-normalised, and
+    ``bias`` (P,) is added to a linear head's inner products."""
     kind = matrix_kind(agg, unit_inputs)
-    return reduce(agg, pair_matrix(kind, queries, proxies), kind, proxy_labels, num_classes)
+    matrix = pair_matrix(kind, queries, proxies)
+    if bias is not None:
+        matrix = matrix + bias
+    return reduce(agg, matrix, kind, proxy_labels, num_classes)

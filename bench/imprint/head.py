@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,8 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.imprint import agg as agg_mod
-from bench.imprint import gen as gen_mod
 from bench.imprint import norm as norm_mod
+from bench.imprint.gen import class_positions
 from bench.imprint.presets import resolve
 from bench.imprint.spec import MethodSpec
 
@@ -43,21 +42,13 @@ def check_embeddings(x: torch.Tensor, what: str, dim: int | None = None) -> None
         )
 
 
-@dataclass
-class SupportSet:
-    """One episode's support: what a head is imprinted from."""
-
-    embeddings: torch.Tensor
-    labels: torch.Tensor
-    seed: int = 0
-    classes: torch.Tensor | None = None
-    reference_mean: torch.Tensor | None = None
-
-
 class ImprintedHead(nn.Module):
     """Proxies and their classes as buffers; ``forward(queries) -> (N, C)`` class scores.
 
     Column j of the scores belongs to ``classes[j]`` (the original label values, sorted).
+    Build heads with :func:`bench.imprint.build_head` (one) or
+    :func:`bench.imprint.build_head_grid` (many, sharing work); ``bias`` (one value per proxy)
+    exists only for generators that produce linear classifiers.
     """
 
     def __init__(
@@ -68,6 +59,7 @@ class ImprintedHead(nn.Module):
         classes: torch.Tensor,
         center: torch.Tensor | None = None,
         meta: dict[str, Any] | None = None,
+        bias: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.spec = resolve(spec)
@@ -75,30 +67,8 @@ class ImprintedHead(nn.Module):
         self.register_buffer("proxy_labels", proxy_labels.long())
         self.register_buffer("classes", classes.long())
         self.register_buffer("center", center if center is not None else proxies.new_zeros(0))
+        self.register_buffer("bias", bias if bias is not None else proxies.new_zeros(0))
         self.meta: dict[str, Any] = dict(meta or {})
-
-    @classmethod
-    def build(
-        cls,
-        spec: MethodSpec | str,
-        support: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        classes: torch.Tensor | None = None,
-        reference_mean: torch.Tensor | None = None,
-        reference_weights: torch.Tensor | None = None,
-        seed: int = 0,
-    ) -> ImprintedHead:
-        """Imprint a head.
-
-        ``reference_mean`` is the centre for center-l2 (e.g. the base-class mean); without it
-        the support mean is used. ``reference_weights`` is the reference for quantile
-        normalisation; without it the head's own proxies are used.
-        """
-        from bench.imprint.bank import build_heads  # noqa: PLC0415 (bank builds on this module)
-
-        episode = SupportSet(support, labels, seed, classes, reference_mean)
-        return build_heads(spec, [episode], reference_weights=reference_weights)[0]
 
     @property
     def num_classes(self) -> int:
@@ -116,13 +86,15 @@ class ImprintedHead(nn.Module):
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
         check_embeddings(queries, "query embeddings", self.dim)
         center = self.center if self.center.numel() else None
-        q = norm_mod.apply_vector_norm(self.spec.norm_inf.name, queries, center)
+        q = norm_mod.apply_vector_norm(self.spec.norm_inf.name, queries, center,
+                                       **self.spec.norm_inf.kwargs("norm_inf"))
         p = self.proxies.to(q.dtype)
-        return agg_mod.aggregate(self.spec.agg, q, p, self.proxy_labels, self.num_classes, self.unit_inputs)
+        bias = self.bias.to(q.dtype) if self.bias.numel() else None
+        return agg_mod.aggregate(self.spec.agg, q, p, self.proxy_labels, self.num_classes, self.unit_inputs, bias)
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Original labels as score columns (0..C-1); labels the head lacks are an error."""
-        return gen_mod.class_positions(self.classes, labels, "query labels")
+        return class_positions(self.classes, labels, "query labels")
 
     def summary(self) -> dict[str, float | int]:
         """What result tables record about how the head was built."""
@@ -146,6 +118,8 @@ class ImprintedHead(nn.Module):
             "classes": self.classes.cpu(),
             "center": self.center.contiguous().cpu(),
         }
+        if self.bias.numel():  # only linear heads have one; other heads' files stay as they were
+            tensors["bias"] = self.bias.contiguous().cpu()
         metadata = {
             "spec": str(self.spec),
             "label": self.spec.label or "",
@@ -167,13 +141,13 @@ class ImprintedHead(nn.Module):
                 f"{path} is not a saved ImprintedHead (missing {sorted(missing) or 'spec'}); "
                 "write heads with ImprintedHead.save"
             )
+        for name in ("proxies", "center", "bias"):
+            if name in tensors and not torch.isfinite(tensors[name]).all():
+                raise BenchError(
+                    f"{path}: the head's {name} hold NaN or Inf, so every score would be meaningless; "
+                    "rebuild the head from finite embeddings"
+                )
         spec = MethodSpec.parse(metadata["spec"], label=metadata.get("label") or None)
         center = tensors["center"] if tensors["center"].numel() else None
-        return cls(
-            spec,
-            tensors["proxies"],
-            tensors["proxy_labels"],
-            tensors["classes"],
-            center,
-            json.loads(metadata.get("meta", "{}")),
-        )
+        return cls(spec, tensors["proxies"], tensors["proxy_labels"], tensors["classes"], center,
+                   json.loads(metadata.get("meta", "{}")), tensors.get("bias"))

@@ -17,26 +17,29 @@ import re
 from dataclasses import dataclass, field
 
 from bench.errors import BenchError
-from bench.imprint.spec import STAGES, MethodSpec, StageSpec
+from bench.imprint.registry import STAGES
+from bench.imprint.spec import MethodSpec
 
-PRESETS: dict[str, str] = {
-    # Qi, Brown & Lowe 2018: normalised mean imprinting, cosine classifier.
-    "qi2018": "l2/mean/l2/l2/max",
-    # Hosoda et al. 2024: mean imprinting with quantile-normalised weights.
-    "hosoda2024": "none/mean/quantile/none/max",
-    # Janson et al. 2022: nearest class mean by euclidean distance on raw embeddings.
-    "janson2022": "none/mean/none/none/mnn:m=1",
-    # Westerhoff et al. 2025: multi-proxy k-means imprinting, k = 20.
-    "westerhoff2025": "l2/kmeans:k=20/l2/l2/max",
-    # Wang et al. 2019 (SimpleShot, CL2N): centred l2 features, euclidean nearest centroid.
-    "simpleshot": "center-l2/mean/none/center-l2/mnn:m=1",
-    # Nearest class mean on l2-normalised embeddings (cosine NCM).
-    "ncm": "l2/mean/none/l2/mnn:m=1,metric=cosine",
-    # k-nearest neighbours over the whole support set, cosine, 5 votes.
-    "knn": "l2/all/none/l2/mnn:m=5,metric=cosine",
-    # Least-squares oracle: not imprinting; uses all classes at once.
-    "ls-oracle": "none/ls/none/none/max",
+# name -> (spec, source): the rows people cite.
+PRESET_TABLE: dict[str, tuple[str, str]] = {
+    # normalised mean imprinting, cosine classifier
+    "qi2018": ("l2/mean/l2/l2/max", "Qi et al. 2018"),
+    # mean imprinting with quantile-normalised weights
+    "hosoda2024": ("none/mean/quantile/none/max", "Hosoda et al. 2024"),
+    # nearest class mean by euclidean distance on raw embeddings
+    "janson2022": ("none/mean/none/none/mnn:m=1", "Janson et al. 2022"),
+    # multi-proxy k-means imprinting, k = 20
+    "westerhoff2025": ("l2/kmeans:k=20/l2/l2/max", "Westerhoff et al. 2025"),
+    # SimpleShot (CL2N): centred l2 features, euclidean nearest centroid
+    "simpleshot": ("center-l2/mean/none/center-l2/mnn:m=1", "Wang et al. 2019"),
+    # nearest class mean on l2-normalised embeddings (cosine NCM)
+    "ncm": ("l2/mean/none/l2/mnn:m=1,metric=cosine", "cosine nearest class mean"),
+    # k-nearest neighbours over the whole support set, cosine, 5 votes
+    "knn": ("l2/all/none/l2/mnn:m=5,metric=cosine", "5-NN over the support set"),
+    # least-squares oracle: not imprinting; uses all classes at once
+    "ls-oracle": ("none/ls/none/none/max", "least-squares oracle"),
 }
+PRESETS: dict[str, str] = {name: spec for name, (spec, _) in PRESET_TABLE.items()}
 
 
 def resolve(method: str | MethodSpec) -> MethodSpec:
@@ -60,7 +63,7 @@ class Grid:
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (spec, reason)
 
 
-def _split_top(text: str, sep: str) -> list[str]:
+def split_top(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside square brackets."""
     parts, depth, cur = [], 0, []
     for ch in text:
@@ -80,13 +83,13 @@ def _split_top(text: str, sep: str) -> list[str]:
 def _expand_stage(text: str) -> list[str]:
     """'kmeans:k=[1,5]|mean' -> ['kmeans:k=1', 'kmeans:k=5', 'mean']."""
     out = []
-    for alt in _split_top(text, "|"):
+    for alt in split_top(text, "|"):
         name, _, rest = alt.partition(":")
         if not rest:
             out.append(name.strip())
             continue
         choices = []
-        for item in _split_top(rest, ","):
+        for item in split_top(rest, ","):
             key, _, value = item.partition("=")
             m = re.fullmatch(r"\s*\[(.*)\]\s*", value)
             values = [v.strip() for v in m.group(1).split(",")] if m else [value.strip()]
@@ -101,7 +104,7 @@ def expand(entry: str) -> list[str]:
     entry = entry.strip()
     if entry in PRESETS:
         return [entry]
-    stages = _split_top(entry, "/")
+    stages = split_top(entry, "/")
     if len(stages) != len(STAGES):
         raise BenchError(
             f"grid entry '{entry}' has {len(stages)} stage(s); it needs {len(STAGES)} "
@@ -124,10 +127,7 @@ def expand_grid(entries: str | list[str]) -> Grid:
             if text in PRESETS:
                 spec = resolve(text)
             else:
-                parts = text.split("/")
-                spec = MethodSpec(
-                    **{s: StageSpec.parse(s, p) for (s, _), p in zip(STAGES, parts)}
-                )
+                spec = MethodSpec.from_parts(text)
                 problem = spec.problem()
                 if problem:
                     grid.dropped.append((text, problem))

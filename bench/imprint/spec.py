@@ -5,8 +5,9 @@ A spec has five stages separated by ``/``::
     NORM_pre / GEN / NORM_post / NORM_inf / AGG
 
 and a stage may carry options after a colon, e.g. ``l2/kmeans:k=20/l2/l2/max`` or
-``none/mean/none/none/mnn:m=1,metric=euclidean``. ``str(spec)`` is the canonical form: options
-that equal their default are left out and the rest are written in schema order, so
+``none/mean/none/none/mnn:m=1,metric=euclidean``. Names and options come from the stage
+registries (:mod:`bench.imprint.registry`). ``str(spec)`` is the canonical form: options that
+equal their default are left out and the rest are written in schema order, so
 ``MethodSpec.parse(str(spec)) == spec`` always holds.
 """
 
@@ -16,77 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.errors import BenchError
-
-REQUIRED = object()  # marks an option without a default
-
-
-@dataclass(frozen=True)
-class Option:
-    kind: type
-    default: Any = REQUIRED
-    choices: tuple[str, ...] | None = None
-    minimum: float | None = None
-
-
-NORM_PRE: dict[str, dict[str, Option]] = {"none": {}, "l2": {}, "center-l2": {}}
-NORM_POST: dict[str, dict[str, Option]] = {"none": {}, "l2": {}, "quantile": {}}
-NORM_INF: dict[str, dict[str, Option]] = {"none": {}, "l2": {}, "center-l2": {}}
-GEN: dict[str, dict[str, Option]] = {
-    "mean": {},
-    "kmeans": {
-        "k": Option(int, minimum=1),
-        "n_init": Option(int, 1, minimum=1),
-        "iters": Option(int, 100, minimum=1),
-    },
-    "kmedoids": {"k": Option(int, minimum=1), "iters": Option(int, 50, minimum=1)},
-    "random": {"k": Option(int, minimum=1)},
-    "fps": {"k": Option(int, minimum=1)},
-    "all": {},
-    "none": {"k": Option(int, 1, minimum=1)},
-    "ls": {"lam": Option(float, 1e-3, minimum=0.0)},
-}
-METRICS = ("cosine", "euclidean", "manhattan", "chebyshev")
-AGG: dict[str, dict[str, Option]] = {
-    "max": {},
-    "mnn": {
-        "m": Option(int, 1, minimum=1),
-        "weight": Option(str, "uniform", choices=("uniform", "distance")),
-        "metric": Option(str, "euclidean", choices=METRICS),
-    },
-}
-STAGES: tuple[tuple[str, dict[str, dict[str, Option]]], ...] = (
-    ("norm_pre", NORM_PRE),
-    ("gen", GEN),
-    ("norm_post", NORM_POST),
-    ("norm_inf", NORM_INF),
-    ("agg", AGG),
-)
-# Generators that produce one proxy per class, whatever their options.
-SINGLE_PROXY_GENS = frozenset({"mean", "ls"})
+from bench.imprint.registry import REGISTRY, REQUIRED, STAGES, Method, get
 
 
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, bool):
+        return str(value).lower()
     return str(value)
-
-
-def _parse_value(stage: str, name: str, key: str, raw: str, opt: Option) -> Any:
-    try:
-        value = opt.kind(raw)
-    except ValueError:
-        raise BenchError(
-            f"option {key}={raw!r} of {stage} '{name}' must be {opt.kind.__name__}"
-        ) from None
-    if opt.choices is not None and value not in opt.choices:
-        raise BenchError(
-            f"option {key}={raw!r} of {stage} '{name}' is not one of {', '.join(opt.choices)}"
-        )
-    if opt.minimum is not None and value < opt.minimum:
-        raise BenchError(
-            f"option {key}={value} of {stage} '{name}' must be >= {_format_value(opt.minimum)}"
-        )
-    return value
 
 
 @dataclass(frozen=True)
@@ -98,46 +37,46 @@ class StageSpec:
 
     @classmethod
     def parse(cls, stage: str, text: str) -> StageSpec:
-        registry = dict(STAGES)[stage]
         name, _, rest = text.strip().partition(":")
         name = name.strip()
-        if name not in registry:
-            raise BenchError(
-                f"unknown {stage} method '{name}'; known: {', '.join(registry)}"
-            )
-        schema = registry[name]
+        method = get(stage, name)
         given: dict[str, Any] = {}
         for item in filter(None, (p.strip() for p in rest.split(","))):
             key, eq, raw = item.partition("=")
             key = key.strip()
             if not eq:
                 raise BenchError(f"option '{item}' of {stage} '{name}' must be key=value")
-            if key not in schema:
-                known = ", ".join(schema) or "none"
-                raise BenchError(
-                    f"unknown option '{key}' for {stage} '{name}'; known options: {known}"
-                )
-            given[key] = _parse_value(stage, name, key, raw.strip(), schema[key])
+            if key not in method.options:
+                known = ", ".join(method.options) or "none"
+                raise BenchError(f"unknown option '{key}' for {stage} '{name}'; known options: {known}")
+            if key in given:
+                raise BenchError(f"option '{key}' of {stage} '{name}' is given twice in '{text.strip()}'; give it once")
+            given[key] = method.options[key].parse(raw.strip(), key, f"{stage} '{name}'")
         return cls.build(stage, name, given)
 
     @classmethod
     def build(cls, stage: str, name: str, given: dict[str, Any]) -> StageSpec:
-        schema = dict(STAGES)[stage][name]
+        schema = get(stage, name).options
         options = []
         for key, opt in schema.items():
             if key in given:
                 if given[key] != opt.default:
                     options.append((key, given[key]))
             elif opt.default is REQUIRED:
-                raise BenchError(
-                    f"{stage} '{name}' needs option '{key}', e.g. '{name}:{key}=5'"
-                )
+                raise BenchError(f"{stage} '{name}' needs option '{key}', e.g. '{name}:{key}=5'")
         return cls(name, tuple(options))
+
+    def method(self, stage: str) -> Method:
+        return get(stage, self.name)
 
     def get(self, stage: str, key: str) -> Any:
         """The option's value, falling back to the schema default."""
         opts = dict(self.options)
-        return opts[key] if key in opts else dict(STAGES)[stage][self.name][key].default
+        return opts[key] if key in opts else get(stage, self.name).options[key].default
+
+    def kwargs(self, stage: str) -> dict[str, Any]:
+        """Every option with its value (defaults filled in), as the method function takes them."""
+        return {key: self.get(stage, key) for key in get(stage, self.name).options}
 
     def __str__(self) -> str:
         if not self.options:
@@ -158,47 +97,47 @@ class MethodSpec:
 
     @classmethod
     def parse(cls, text: str, label: str | None = None) -> MethodSpec:
+        spec = cls.from_parts(text)
+        problem = spec.problem()
+        if problem:
+            raise BenchError(f"method spec '{text}' is not a valid combination: {problem}")
+        return cls(*(getattr(spec, s) for s in STAGES), label=label)
+
+    @classmethod
+    def from_parts(cls, text: str) -> MethodSpec:
+        """Parse the five stages without checking that they combine (see :meth:`problem`)."""
         parts = text.strip().split("/")
         if len(parts) != len(STAGES):
             raise BenchError(
                 f"method spec '{text}' has {len(parts)} stage(s); it needs "
                 f"{len(STAGES)}: NORM_pre/GEN/NORM_post/NORM_inf/AGG, e.g. 'l2/mean/l2/l2/max'"
             )
-        stages = {s: StageSpec.parse(s, p) for (s, _), p in zip(STAGES, parts)}
-        spec = cls(**stages, label=label)
-        problem = spec.problem()
-        if problem:
-            raise BenchError(f"method spec '{text}' is not a valid combination: {problem}")
-        return spec
+        return cls(**{s: StageSpec.parse(s, p) for s, p in zip(STAGES, parts)})
 
     def problem(self) -> str | None:
-        """Why this combination makes no sense, or None when it is fine."""
-        if self.gen.name == "ls" and self.agg.name != "max":
-            return (
-                "'ls' yields a linear classifier, not prototypes in embedding space, so only "
-                "'max' (inner-product) scoring applies"
-            )
-        if self.gen.name == "none" and self.norm_pre.name != "none":
-            return "'none' draws random proxies, so a NORM_pre before it has no effect"
-        if (
-            self.agg.name == "mnn"
-            and self.agg.get("agg", "m") > 1
-            and self.max_proxies_per_class == 1
-        ):
-            return (
-                f"mnn with m={self.agg.get('agg', 'm')} votes over one proxy per class, "
-                "which only counts ties; use m=1 or a multi-proxy GEN"
-            )
+        """Why this combination makes no sense, or None when it is fine: a linear GEN scored by
+        an AGG that reads distances, or a method's own check (from the registries)."""
+        gen, agg = self.gen.method("gen"), self.agg.method("agg")
+        if gen.linear and not agg.linear_ok:
+            fits = ", ".join(m.name for m in _linear_aggs())
+            return (f"'{gen.name}' yields a linear classifier, not prototypes in embedding space, so only "
+                    f"inner-product scoring applies ({fits})")
+        for stage in STAGES:
+            method = getattr(self, stage).method(stage)
+            why = method.problem(self) if method.problem is not None else None
+            if why:
+                return why
         return None
 
     @property
     def max_proxies_per_class(self) -> int | None:
         """Upper bound on proxies per class; None when it depends on the support size."""
-        if self.gen.name in SINGLE_PROXY_GENS:
+        gen = self.gen.method("gen")
+        if gen.single_proxy or gen.linear:
             return 1
-        if self.gen.name == "all":
-            return None
-        return self.gen.get("gen", "k")
+        if "k" in gen.options:  # by convention, an option named k is the number of proxies per class
+            return self.gen.get("gen", "k")
+        return None
 
     @property
     def name(self) -> str:
@@ -207,20 +146,17 @@ class MethodSpec:
 
     def fields(self) -> dict[str, Any]:
         """Flat description for result tables and W&B config (one key per stage and option)."""
-        out: dict[str, Any] = {
-            "method": self.name,
-            "spec": str(self),
-            "norm_pre": self.norm_pre.name,
-            "gen": self.gen.name,
-            "norm_post": self.norm_post.name,
-            "norm_inf": self.norm_inf.name,
-            "agg": self.agg.name,
-        }
-        for stage, _ in STAGES:
+        out: dict[str, Any] = {"method": self.name, "spec": str(self)}
+        out.update({stage: getattr(self, stage).name for stage in STAGES})
+        for stage in STAGES:
             spec = getattr(self, stage)
-            for key, opt in dict(STAGES)[stage][spec.name].items():
-                out[f"{stage}.{key}"] = spec.get(stage, key)
+            for key, value in spec.kwargs(stage).items():
+                out[f"{stage}.{key}"] = value
         return out
 
     def __str__(self) -> str:
-        return "/".join(str(getattr(self, s)) for s, _ in STAGES)
+        return "/".join(str(getattr(self, s)) for s in STAGES)
+
+
+def _linear_aggs() -> list[Method]:
+    return [m for m in REGISTRY["agg"].values() if m.linear_ok]

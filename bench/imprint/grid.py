@@ -5,10 +5,11 @@ built alone: most specs share NORM_pre, many share their proxies (k-means with k
 the shot count is ``all``, k-means with k = 1 is the mean, l2 after l2-normalised support
 samples changes nothing), and heads with the same proxies and query normalisation read the
 same query-proxy similarity matrix. :func:`build_head_grid` and :func:`score_heads` find
-these shared stages from the specs and the episodes' class sizes, compute each once, and
-batch episodes together within a stage. Episodes whose support is identical (same
-embeddings, labels, classes and reference mean; e.g. every seed of ``shots=all``) also share
-every stage that does not draw random numbers, so only seeded generators run once per seed.
+these shared stages from the specs, the facts each method declares in its registry, and the
+episodes' class sizes; compute each once; and batch episodes together within a stage.
+Episodes whose support is identical (same embeddings, labels, classes and reference; e.g.
+every seed of ``shots=all``) also share every stage that draws no random numbers, so only
+seeded generators run once per seed.
 
 Sharing never changes a number: a head from a grid equals the head built alone (alone is a
 grid of one), because both run the same stage functions on the same inputs.
@@ -24,53 +25,58 @@ import torch
 
 from bench.errors import BenchError
 from bench.imprint import agg as agg_mod
-from bench.imprint import gen as gen_mod
 from bench.imprint import norm as norm_mod
-from bench.imprint.head import ImprintedHead, SupportSet, check_embeddings
+from bench.imprint.gen import GenContext, GenResult, class_positions, effective_gen, generate, group_by_class
+from bench.imprint.head import ImprintedHead, check_embeddings
 from bench.imprint.presets import resolve
-from bench.imprint.spec import MethodSpec
-
-# Generators whose proxies depend on every class of the episode: never batched across episodes.
-COUPLED_GENS = frozenset({"ls"})
-UNIT_NORMS = frozenset({"l2", "center-l2"})
+from bench.imprint.registry import get
+from bench.imprint.sampling import RowRandom
+from bench.imprint.spec import MethodSpec, StageSpec
+from bench.imprint.support import Reference, SupportSet
 
 
 @dataclass
-class _Episode:
-    """One episode's inputs, checked once, and the stage outputs computed from them."""
+class _Prepared:
+    """One episode's support, checked once, and the stage outputs computed from it."""
 
     support: SupportSet
     labels: torch.Tensor
     classes: torch.Tensor
-    center: torch.Tensor | None
+    reference: Reference | None
+    center: torch.Tensor | None  # the center-l2 mean: the reference's, else the support's
     max_count: int
     grouped: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     seconds: dict[tuple, float] = field(default_factory=dict)  # stage key -> time it took
     same_as: int = -1  # index of the first episode with identical inputs (itself if none)
 
 
-def _prepare(ep: SupportSet, need_center: bool) -> _Episode:
+def _prepare(ep: SupportSet, need_center: bool) -> _Prepared:
     check_embeddings(ep.embeddings, "support embeddings")
     x = ep.embeddings
     labels = torch.as_tensor(ep.labels, device=x.device).long()
     if labels.shape != (len(x),):
         raise BenchError(f"support labels have shape {tuple(labels.shape)}; expected ({len(x)},)")
     classes = torch.unique(labels) if ep.classes is None else torch.unique(torch.as_tensor(ep.classes))
+    classes = classes.to(x.device)
+    reference = ep.reference_stats
+    if reference is not None:
+        if reference.mean.shape != (x.shape[1],):
+            raise BenchError(f"the reference mean has shape {tuple(reference.mean.shape)}; expected ({x.shape[1]},)")
+        reference = reference.to(x)
     center = None
     if need_center:
-        center = x.mean(0) if ep.reference_mean is None else ep.reference_mean.to(x)
-        if center.shape != (x.shape[1],):
-            raise BenchError(
-                f"reference_mean has shape {tuple(center.shape)}; expected ({x.shape[1]},)"
-            )
-    counts = torch.bincount(gen_mod.class_positions(classes.to(x.device), labels, "support labels"),
-                            minlength=len(classes))
-    return _Episode(ep, labels, classes.to(x.device), center, int(counts.max()))
+        center = x.mean(0) if reference is None else reference.mean
+    counts = torch.bincount(class_positions(classes, labels, "support labels"), minlength=len(classes))
+    return _Prepared(ep, labels, classes, reference, center, int(counts.max()))
 
 
-def _gen_key(spec: MethodSpec, ep: _Episode) -> tuple[str, str, tuple]:
-    name, opts = gen_mod.effective_gen(spec.gen.name, dict(spec.gen.options), ep.max_count)
-    return spec.norm_pre.name, name, tuple(sorted(opts.items()))
+def _gen_key(spec: MethodSpec, ep: _Prepared) -> tuple[str, str, tuple]:
+    name, opts = effective_gen(spec.gen.name, spec.gen.kwargs("gen"), ep.max_count)
+    return str(spec.norm_pre), name, tuple(sorted(opts.items()))
+
+
+def _needs_center(spec: MethodSpec) -> bool:
+    return any(get(s, getattr(spec, s).name).needs_reference for s in ("norm_pre", "norm_inf"))
 
 
 def build_head_grid(
@@ -79,6 +85,8 @@ def build_head_grid(
     *,
     reference_weights: torch.Tensor | None = None,
     max_batch_elements: int = 4_000_000,
+    dataset: str | None = None,
+    backbone: str | None = None,
 ) -> list[list[ImprintedHead]]:
     """Imprint every spec on every episode: ``result[i][j]`` is spec i's head for episode j.
 
@@ -86,6 +94,8 @@ def build_head_grid(
     ``max_batch_elements`` values: beyond that, per-op overhead is already amortised and a
     larger batch only costs fresh memory. Each head's ``gen_time_s`` is what building it
     alone took: the time of every stage it used (stages batched over n episodes count 1/n).
+    ``dataset`` and ``backbone`` (a weights fingerprint) tell generators that check where
+    embeddings come from (a learned generator refuses another backbone's embeddings).
     """
     specs = [resolve(s) for s in specs]
     if not episodes or not specs:
@@ -93,14 +103,17 @@ def build_head_grid(
     dims = {ep.embeddings.shape[1] for ep in episodes}
     if len(dims) > 1:
         raise BenchError(f"episodes in one batch have different embedding sizes {sorted(dims)}")
-    need_center = any("center-l2" in (s.norm_pre.name, s.norm_inf.name) for s in specs)
+    need_center = any(_needs_center(s) for s in specs)
     device = episodes[0].embeddings.device
     eps = [_prepare(ep, need_center) for ep in episodes]
     _link_identical(eps)
+    source = (dataset, backbone)
 
-    gens: dict[tuple, dict[int, gen_mod.GenResult]] = {}  # GEN key -> episode -> result
+    gens: dict[tuple, dict[int, GenResult | None]] = {}  # GEN key -> episode -> result
+    pre_specs: dict[str, StageSpec] = {}
     for spec in specs:
-        _ensure_grouped(spec.norm_pre.name, eps, device)
+        pre_specs[str(spec.norm_pre)] = spec.norm_pre
+        _ensure_grouped(spec.norm_pre, eps, device)
         for j, ep in enumerate(eps):
             key = _gen_key(spec, ep)
             gens.setdefault(key, {}).setdefault(_gen_owner(key, j, eps), None)
@@ -110,10 +123,11 @@ def build_head_grid(
         if stacks and next(iter(stacks))[0] != key[0]:
             stacks.clear()
         todo = [j for j, res in done.items() if res is None]
-        done.update(zip(todo, _generate(key, eps, todo, stacks, max_batch_elements, device)))
+        done.update(zip(todo, _generate(key, pre_specs[key[0]], eps, todo, stacks, max_batch_elements,
+                                        device, source)))
 
     out: list[list[ImprintedHead]] = []
-    proxies_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    proxies_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     for spec in specs:
         row = []
         for j, ep in enumerate(eps):
@@ -121,21 +135,27 @@ def build_head_grid(
             owner = _gen_owner(key, j, eps)  # the episode whose GEN result this head reuses
             res = gens[key][owner]
             # Support samples that NORM_pre l2-normalised are unit rows: a second l2 is skipped.
-            unit_samples = spec.norm_pre.name in UNIT_NORMS and key[1] in gen_mod.SAMPLE_GENS
+            unit_samples = spec.norm_pre.method("norm_pre").unit and get("gen", key[1]).sample_proxies
             post = "none" if spec.norm_post.name == "l2" and unit_samples else spec.norm_post.name
-            unit = spec.norm_post.name == "l2" or (post == "none" and unit_samples)
-            pkey = (key, post, owner)
+            unit = spec.norm_post.method("norm_post").unit or (post == "none" and unit_samples)
+            post_text = "none" if post == "none" else str(spec.norm_post)
+            pkey = (key, post_text, owner)
             if pkey not in proxies_cache:
                 start = _tick(device)
                 flat = res.proxies[res.mask]
                 slots = torch.arange(len(ep.classes), device=device)[:, None]
                 labels = slots.expand_as(res.mask)[res.mask]
-                proxies_cache[pkey] = (norm_mod.apply_proxy_norm(post, flat, reference_weights), labels)
+                opts = spec.norm_post.kwargs("norm_post") if post != "none" else {}
+                proxies = norm_mod.apply_proxy_norm(post, flat, reference_weights, **opts)
+                bias = None if res.bias is None else res.bias[res.mask]
+                _check_finite(proxies, bias, spec)
+                proxies_cache[pkey] = (proxies, labels, bias)
                 eps[owner].seconds[("post", pkey)] = _tick(device) - start
-            proxies, labels = proxies_cache[pkey]
+            proxies, labels, bias = proxies_cache[pkey]
             eff = res.effective_k.tolist()
-            pre_s = eps[ep.same_as].seconds[("pre", spec.norm_pre.name)]
+            pre_s = eps[ep.same_as].seconds[("pre", str(spec.norm_pre))]
             gen_s = eps[owner].seconds[("gen", key)] + eps[owner].seconds[("post", pkey)]
+            uses_center = _needs_center(spec)
             meta = {
                 "seed": int(ep.support.seed),
                 "effective_k": eff,
@@ -143,19 +163,25 @@ def build_head_grid(
                 "effective_k_max": max(eff),
                 "num_proxies": len(proxies),
                 "unit_proxies": unit,
-                "center": None
-                if ep.center is None or "center-l2" not in (spec.norm_pre.name, spec.norm_inf.name)
-                else ("support" if ep.support.reference_mean is None else "reference"),
+                "center": None if not uses_center else ("support" if ep.reference is None else "reference"),
                 "quantile_reference": None
                 if spec.norm_post.name != "quantile"
                 else ("proxies" if reference_weights is None else "reference"),
                 "gen_time_s": pre_s + gen_s,
                 "batched_episodes": len(eps),
             }
-            center = ep.center if meta["center"] is not None else None
-            row.append(ImprintedHead(spec, proxies, labels, ep.classes, center, meta))
+            center = ep.center if uses_center else None
+            row.append(ImprintedHead(spec, proxies, labels, ep.classes, center, meta, bias))
         out.append(row)
     return out
+
+
+def _check_finite(proxies: torch.Tensor, bias: torch.Tensor | None, spec: MethodSpec) -> None:
+    if not torch.isfinite(proxies).all() or (bias is not None and not torch.isfinite(bias).all()):
+        raise BenchError(
+            f"method '{spec.name}' produced NaN or Inf proxies, so its scores would be meaningless; "
+            "check the embeddings and the method's options"
+        )
 
 
 def build_heads(
@@ -164,11 +190,36 @@ def build_heads(
     *,
     reference_weights: torch.Tensor | None = None,
     max_batch_elements: int = 4_000_000,
+    dataset: str | None = None,
+    backbone: str | None = None,
 ) -> list[ImprintedHead]:
     """One head per episode for one spec (see :func:`build_head_grid`)."""
-    return build_head_grid(
-        [spec], episodes, reference_weights=reference_weights, max_batch_elements=max_batch_elements
-    )[0]
+    return build_head_grid([spec], episodes, reference_weights=reference_weights,
+                           max_batch_elements=max_batch_elements, dataset=dataset, backbone=backbone)[0]
+
+
+def build_head(
+    spec: MethodSpec | str,
+    support: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    classes: torch.Tensor | None = None,
+    reference: Reference | torch.Tensor | None = None,
+    reference_weights: torch.Tensor | None = None,
+    seed: int = 0,
+    dataset: str | None = None,
+    backbone: str | None = None,
+) -> ImprintedHead:
+    """Imprint one head.
+
+    ``reference`` is a :class:`Reference` (reference-class statistics, e.g. of base classes:
+    the centre for center-l2, class statistics for ``dc``) or just a reference mean; without
+    it, center-l2 centres on the support mean. ``reference_weights`` is the reference for
+    quantile normalisation; without it the head's own proxies are used.
+    """
+    episode = SupportSet(support, labels, seed, classes, reference)
+    return build_heads(spec, [episode], reference_weights=reference_weights, dataset=dataset,
+                       backbone=backbone)[0]
 
 
 def _tick(device: torch.device) -> float:
@@ -177,7 +228,7 @@ def _tick(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _link_identical(eps: list[_Episode]) -> None:
+def _link_identical(eps: list[_Prepared]) -> None:
     """Point each episode at the first one with identical inputs, sharing its centre.
 
     A sum per episode narrows the candidates, so only likely twins are compared in full and
@@ -196,52 +247,62 @@ def _link_identical(eps: list[_Episode]) -> None:
             ep.same_as, ep.center, ep.grouped = twin, eps[twin].center, eps[twin].grouped
 
 
-def _same_inputs(a: _Episode, b: _Episode) -> bool:
-    sa, sb = a.support, b.support
-    if not torch.equal(a.classes, b.classes):
+def _same_inputs(a: _Prepared, b: _Prepared) -> bool:
+    if not torch.equal(a.classes, b.classes) or (a.reference is None) != (b.reference is None):
         return False
-    if (sa.reference_mean is None) != (sb.reference_mean is None):
-        return False
-    if sa.reference_mean is not None and not torch.equal(sa.reference_mean, sb.reference_mean):
-        return False
-    return torch.equal(a.labels, b.labels) and torch.equal(sa.embeddings, sb.embeddings)
+    if a.reference is not None and a.support.reference is not b.support.reference:
+        return False  # shared only when both episodes were given the same reference object
+    return torch.equal(a.labels, b.labels) and torch.equal(a.support.embeddings, b.support.embeddings)
 
 
-def _gen_owner(key: tuple, j: int, eps: list[_Episode]) -> int:
+def _gen_owner(key: tuple, j: int, eps: list[_Prepared]) -> int:
     """The episode whose GEN result episode ``j`` uses: its own for seeded generators, else
     the first identical episode's."""
-    return j if key[1] in gen_mod.SEEDED_GENS else eps[j].same_as
+    return j if get("gen", key[1]).seeded else eps[j].same_as
 
 
-def _ensure_grouped(norm_pre: str, eps: list[_Episode], device) -> None:
-    for ep in eps:  # identical episodes share one ``grouped`` dict, so they group once
-        if norm_pre not in ep.grouped:
+def _ensure_grouped(norm_pre: StageSpec, eps: list[_Prepared], device) -> None:
+    """Normalise and group each episode's support by class once per NORM_pre (twins share)."""
+    key = str(norm_pre)
+    for ep in eps:
+        if key not in ep.grouped:
             start = _tick(device)
-            x = norm_mod.apply_vector_norm(norm_pre, ep.support.embeddings, ep.center)
-            ep.grouped[norm_pre] = gen_mod.group_by_class(x, ep.labels, ep.classes)
-            ep.seconds[("pre", norm_pre)] = _tick(device) - start
+            x = norm_mod.apply_vector_norm(norm_pre.name, ep.support.embeddings, ep.center,
+                                           **norm_pre.kwargs("norm_pre"))
+            ep.grouped[key] = group_by_class(x, ep.labels, ep.classes)
+            ep.seconds[("pre", key)] = _tick(device) - start
 
 
 def _generate(
-    key, eps: list[_Episode], ids: list[int], stacks: dict, max_elements: int, device
-) -> list[gen_mod.GenResult]:
+    key, norm_pre: StageSpec, eps: list[_Prepared], ids: list[int], stacks: dict, max_elements: int,
+    device, source: tuple[str | None, str | None],
+) -> list[GenResult]:
     """Run one GEN stage for episodes ``ids``, batching them unless the generator couples
     classes. ``stacks`` caches each padded batch of support, so GEN stages with the same
     NORM_pre and episodes share one copy instead of each concatenating its own."""
-    norm_pre, name, opts = key
-    grouped = [eps[j].grouped[norm_pre] for j in ids]
-    chunks = [[i] for i in range(len(ids))] if name in COUPLED_GENS else _chunks(grouped, max_elements)
-    results: list[gen_mod.GenResult] = []
+    pre_key, name, opts = key
+    grouped = [eps[j].grouped[pre_key] for j in ids]
+    coupled = get("gen", name).coupled
+    chunks = [[i] for i in range(len(ids))] if coupled else _chunks(grouped, max_elements)
+    results: list[GenResult] = []
     for chunk in chunks:
         start = _tick(device)
-        skey = (norm_pre, tuple(ids[i] for i in chunk))
+        skey = (pre_key, tuple(ids[i] for i in chunk))
         if skey not in stacks:
             stacks[skey] = _stack([grouped[i] for i in chunk])
-        seeds = [eps[ids[i]].support.seed for i in chunk]
-        results += _generate_batched(name, stacks[skey], [grouped[i] for i in chunk], seeds, dict(opts))
+        members = [eps[ids[i]] for i in chunk]
+        ctx = GenContext(
+            classes=torch.cat([ep.classes for ep in members]),
+            norm_pre=str(norm_pre),
+            reference=members[0].reference,  # a run's episodes share one reference
+            dataset=source[0],
+            backbone=source[1],
+        )
+        results += _generate_batched(name, stacks[skey], [grouped[i] for i in chunk],
+                                     [ep.support.seed for ep in members], dict(opts), ctx)
         per_episode = (_tick(device) - start) / len(chunk)
-        for i in chunk:
-            eps[ids[i]].seconds[("gen", key)] = per_episode
+        for ep in members:
+            ep.seconds[("gen", key)] = per_episode
     return results
 
 
@@ -275,19 +336,19 @@ def _chunks(grouped, max_elements: int) -> list[list[int]]:
     return chunks
 
 
-def _generate_batched(name, stack, grouped, seeds, opts) -> list[gen_mod.GenResult]:
+def _generate_batched(name, stack, grouped, seeds, opts, ctx: GenContext) -> list[GenResult]:
     """One GEN call over every episode's classes (``stack``, from :func:`_stack`)."""
     x, mask = stack
-    rng = gen_mod.RowRandom([(seed, len(b)) for seed, (b, _) in zip(seeds, grouped)])
-    res = gen_mod.generate(name, x, mask, rng, **opts)
+    rng = RowRandom([(seed, len(b)) for seed, (b, _) in zip(seeds, grouped)])
+    res = generate(name, x, mask, rng, ctx, **opts)
     out, start = [], 0
     for b, _ in grouped:
         stop = start + len(b)
         # Trim proxy slots that only exist because a larger episode shares the batch.
         k = min(res.proxies.shape[1], b.shape[1]) if name == "all" else res.proxies.shape[1]
-        out.append(
-            gen_mod.GenResult(res.proxies[start:stop, :k], res.mask[start:stop, :k], res.effective_k[start:stop])
-        )
+        bias = None if res.bias is None else res.bias[start:stop, :k]
+        out.append(GenResult(res.proxies[start:stop, :k], res.mask[start:stop, :k],
+                             res.effective_k[start:stop], bias))
         start = stop
     return out
 
@@ -305,11 +366,11 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
     for head in heads:
         if head.dim != queries.shape[1]:
             check_embeddings(queries, "query embeddings", head.dim)  # raises the clear error
-        kind = head.spec.norm_inf.name
+        inf = head.spec.norm_inf
         center = head.center if head.center.numel() else None
-        qkey = (kind, _identity(center) if kind == "center-l2" else None)
+        qkey = (str(inf), _identity(center) if inf.method("norm_inf").needs_reference else None)
         if qkey not in normed:
-            normed[qkey] = norm_mod.apply_vector_norm(kind, queries, center)
+            normed[qkey] = norm_mod.apply_vector_norm(inf.name, queries, center, **inf.kwargs("norm_inf"))
         q = normed[qkey]
         matrix_kind = agg_mod.matrix_kind(head.spec.agg, head.unit_inputs)
         # Keyed by the head's own buffer, which outlives this call; a dtype-converted copy
@@ -317,8 +378,10 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
         mkey = (matrix_kind, qkey, _identity(head.proxies))
         if mkey not in matrices:
             matrices[mkey] = agg_mod.pair_matrix(matrix_kind, q, head.proxies.to(q.dtype))
-        scores = agg_mod.reduce(head.spec.agg, matrices[mkey], matrix_kind, head.proxy_labels, head.num_classes)
-        out.append(scores)
+        matrix = matrices[mkey]
+        if head.bias.numel():
+            matrix = matrix + head.bias.to(matrix.dtype)
+        out.append(agg_mod.reduce(head.spec.agg, matrix, matrix_kind, head.proxy_labels, head.num_classes))
     return out
 
 

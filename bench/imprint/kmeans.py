@@ -1,0 +1,191 @@
+"""Batched k-means: seeded k-means++ and Lloyd iterations on every row of a padded batch.
+
+A row is one class of one episode: (samples, dim) with a mask of real samples. Rows are
+clustered together, but each row stops on its own and draws from its own episode's generator,
+so a row's centres do not depend on the other rows in its batch or on how rows are chunked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.imprint.sampling import RowRandom, inverse_cdf
+
+
+def sq_norms(x: torch.Tensor) -> torch.Tensor:
+    # vector_norm reduces without materialising x * x, several times faster on large batches.
+    return torch.linalg.vector_norm(x, dim=-1).square()
+
+
+def sq_dist(
+    x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Squared euclidean distances between rows of (B, S, D) and (B, K, D) -> (B, S, K).
+
+    Pass ``x_sq`` (the rows' squared norms) when calling repeatedly on the same ``x``.
+    """
+    if x_sq is None:
+        x_sq = sq_norms(x)
+    d = torch.baddbmm(sq_norms(c)[:, None, :], x, c.transpose(1, 2), alpha=-2)
+    return d.add_(x_sq[..., None]).clamp_min_(0)
+
+
+def _kmeanspp_draws(k: int) -> int:
+    """Uniforms one row consumes in k-means++ seeding: one for the first centre, then
+    ``trials`` per further centre."""
+    return 1 + (k - 1) * (2 + int(math.log(k)))
+
+
+def kmeanspp(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
+    rng: RowRandom | torch.Tensor,
+    x_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy k-means++ seeding (as in scikit-learn), batched: returns centres (B, k, D).
+
+    ``rng`` may be the uniforms themselves, (B, :func:`_kmeanspp_draws`) float64: a row's
+    draws then depend only on its own position in its episode, so rows can be seeded in
+    any chunks and give the same centres.
+    """
+    b, s, _ = x.shape
+    x_sq = sq_norms(x) if x_sq is None else x_sq
+    trials = 2 + int(math.log(k))
+    u = rng if isinstance(rng, torch.Tensor) else rng.rand((_kmeanspp_draws(k),), "cpu")
+    u = u.to(x.device)
+    rows = torch.arange(b, device=x.device)
+    first = inverse_cdf(mask.to(x.dtype), u[:, :1])[:, 0]
+    centres = [x[rows, first]]
+    closest = sq_dist(x, centres[0][:, None], x_sq)[..., 0] * mask
+    for i in range(1, k):
+        lo = 1 + (i - 1) * trials
+        cand = inverse_cdf(closest, u[:, lo : lo + trials])  # (B, T)
+        d_cand = sq_dist(x, x[rows[:, None], cand], x_sq)  # (B, S, T)
+        new_closest = torch.minimum(closest[..., None], d_cand) * mask[..., None]
+        best = new_closest.sum(1).argmin(1)  # (B,)
+        centres.append(x[rows, cand[rows, best]])
+        closest = new_closest[rows, :, best]
+    return torch.stack(centres, 1)
+
+
+def _lloyd(
+    x: torch.Tensor, mask: torch.Tensor, centres: torch.Tensor, iters: int, tol_abs: torch.Tensor
+) -> torch.Tensor:
+    """Lloyd iterations with a per-row stop, as if every row ran alone.
+
+    A row stops when no assignment changes or its centres move less than ``tol_abs``; its
+    centres are final from then on. Once half the rows still in the batch have stopped, they
+    leave it, so work shrinks as rows converge while the copy that shrinking costs stays rare.
+    """
+    k = centres.shape[1]
+    final = centres.clone()
+    live = torch.arange(len(x), device=x.device)  # the original row of each batch row
+    stopped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    labels = None
+    for _ in range(iters):
+        # ||x||^2 is constant per sample, so the nearest centre needs only ||c||^2 - 2 x.c.
+        near = torch.baddbmm(sq_norms(centres)[:, None, :], x, centres.transpose(1, 2), alpha=-2)
+        new_labels = near.argmin(-1)
+        sums, counts = _cluster_sums(x, mask, new_labels, k)
+        new = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+        same = (new_labels == labels).all(1) if labels is not None else torch.zeros_like(stopped)
+        new = torch.where(same[:, None, None], centres, new)  # unchanged labels: centres are final
+        done = same | (((new - centres) ** 2).sum((1, 2)) <= tol_abs)
+        final[live[~stopped]] = new[~stopped]
+        stopped |= done
+        centres, labels = new, new_labels
+        if bool(stopped.all()):
+            break
+        if 2 * int(stopped.sum()) >= len(stopped):
+            keep = ~stopped
+            live, x, mask, centres, labels, tol_abs, stopped = (
+                t[keep] for t in (live, x, mask, centres, labels, tol_abs, stopped)
+            )
+    return final
+
+
+def _cluster_sums(
+    x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the sum (B, k, D) and count (B, k, 1) of the samples assigned to each centre.
+
+    On CPU one index_add pass over the samples, about twice as fast as a one-hot batched
+    matmul; it adds each slot's samples in sample order, so a row's sums do not depend on the
+    other rows in the batch (padding goes to a spare slot that is dropped). CUDA's index_add
+    adds atomically in no fixed order, so there the one-hot matmul keeps results repeatable.
+    """
+    b, s, d = x.shape
+    if x.device.type != "cpu":
+        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype) * mask[..., None]
+        return onehot.transpose(1, 2) @ x, onehot.sum(1)[..., None]
+    slot = labels + torch.arange(b, device=x.device)[:, None] * k
+    slot = slot.masked_fill(~mask, b * k).flatten()
+    sums = x.new_zeros(b * k + 1, d).index_add_(0, slot, x.reshape(b * s, d))
+    counts = torch.bincount(slot, minlength=b * k + 1).to(x.dtype)
+    return sums[:-1].view(b, k, d), counts[:-1].view(b, k, 1)
+
+
+def kmeans_batched(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
+    *,
+    n_init: int = 1,
+    iters: int = 100,
+    tol: float = 1e-4,
+    rng: RowRandom | int,
+    chunk_elements: int | None = None,
+    score: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Lloyd's k-means on every row of a padded batch at once.
+
+    Returns (centres (B, k, D), labels (B, S), inertia (B,)), keeping per row the best of
+    ``n_init`` k-means++ restarts (1 by default, as scikit-learn's ``n_init='auto'``).
+    ``score=False`` skips the final assignment pass and returns None for labels and inertia
+    (a single restart needs neither to pick its centres).
+    ``tol`` is relative to the mean per-feature variance of each row's data, as in
+    scikit-learn; a row also stops once none of its assignments change. Empty clusters keep
+    their previous centre.
+
+    Rows are clustered in chunks of about ``chunk_elements`` values (default: 2**22 on CPU,
+    where a chunk that stays in cache is faster than one large batch; unlimited on GPU).
+    Every row's result is independent of how rows are chunked or batched.
+    """
+    b = len(x)
+    rng = RowRandom.of(rng, b).repeat(n_init)
+    if n_init > 1:
+        x, mask = x.repeat_interleave(n_init, 0), mask.repeat_interleave(n_init, 0)
+    draws = rng.rand((_kmeanspp_draws(k),), "cpu")
+    if chunk_elements is None:
+        chunk_elements = 1 << 22 if x.device.type == "cpu" else 1 << 62
+    step = max(1, chunk_elements // max(1, x.shape[1] * x.shape[2]))
+    score = score or n_init > 1
+    parts = [
+        _kmeans_rows(x[i : i + step], mask[i : i + step], k, draws[i : i + step], iters, tol, score)
+        for i in range(0, len(x), step)
+    ]
+    cols = list(zip(*parts))
+    centres = torch.cat(cols[0])
+    labels, inertia = (torch.cat(cols[1]), torch.cat(cols[2])) if score else (None, None)
+    if n_init == 1:
+        return centres, labels, inertia
+    pick = inertia.view(b, n_init).argmin(1) + torch.arange(b, device=x.device) * n_init
+    return centres[pick], labels[pick], inertia[pick]
+
+
+def _kmeans_rows(x, mask, k, draws, iters, tol, score) -> tuple:
+    """Seed, iterate and (if ``score``) score one chunk of rows while it is still in cache."""
+    w = mask.to(x.dtype)
+    x_sq = sq_norms(x)
+    n = w.sum(1)
+    mean = (w[:, None, :] @ x)[:, 0] / n[:, None]
+    # mean per-feature variance = (E||x||^2 - ||E x||^2) / D, without another pass over x
+    tol_abs = tol * ((x_sq * w).sum(1) / n - sq_norms(mean)).clamp_min(0) / x.shape[-1]
+    centres = _lloyd(x, mask, kmeanspp(x, mask, k, draws, x_sq), iters, tol_abs)
+    if not score:
+        return centres, None, None
+    best_d, labels = sq_dist(x, centres, x_sq).min(-1)
+    return centres, labels, (best_d * w).sum(1)
