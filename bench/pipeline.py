@@ -1,11 +1,17 @@
-"""The whole job: extract (or reuse) embeddings, imprint every head on every episode, evaluate,
-write the results table and log to W&B. The CLI is a thin shell around these functions."""
+"""The whole job: launch the processes, extract (or reuse) embeddings, imprint every head on
+every episode, evaluate, write the results table and the run record, log to W&B. The CLI is a
+thin shell around these functions."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
 import logging
 import os
-import re
+import platform
+import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,21 +19,21 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from tqdm.auto import tqdm
 
 from bench.backbones.registry import Backbone, build_backbone
 from bench.config import RunConfig, workers_for
-from bench.data.datamodules import EpisodeDataModule
 from bench.data.episodes import select_classes
-from bench.data.sources import build_source
+from bench.data.sources import build_source, check_dataset_name
 from bench.data.tasks import TaskSuite
+from bench.engine import RunLabels, gather_rows, imprint_episodes
 from bench.errors import BenchError
 from bench.extract.cache import CacheEntry, EmbeddingCache, cache_key
 from bench.extract.extractor import entry_fields, extract
-from bench.imprint import Grid, expand_grid
-from bench.module import ImprintingModule, trainer_for_imprinting
-from bench.report.results import format_table, multiproxy_verdict, write_table
-from bench.report.wandb_log import log_to_wandb
+from bench.imprint import Grid, Reference, expand_grid
+from bench.imprint.registry import get
+from bench.naming import slug
+
+__all__ = ["Embeddings", "RunResult", "extract_stage", "imprint_stage", "launch", "run", "slug"]
 
 
 def quiet_lightning() -> None:
@@ -41,6 +47,10 @@ def quiet_lightning() -> None:
         ".*LightningModule.configure_optimizers` returned `None`.*",
         ".*Starting from v1.9.0, `tensorboardX` has been removed.*",
         ".*litlogger.*",
+        # Lightning 2.6 asks torch's pytree about LeafSpec in a way torch 2.14 deprecates; it
+        # concerns Lightning's internals, not anything a user of bench can change.
+        ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        ".*Couldn't infer the batch indices fetched from your dataloader.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -49,16 +59,15 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
-
-
 @dataclass
 class Embeddings:
     backbone: Backbone
     suite: TaskSuite
     pool: CacheEntry
     queries: CacheEntry | None
+    dataset: str = ""
+    notes: list[str] = field(default_factory=list)
+    dropped_query_classes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -68,6 +77,51 @@ class RunResult:
     paths: list[Path] = field(default_factory=list)
     wandb: str | None = None
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def load_plugins(plugins: list[str]) -> None:
+    """Import the modules (names or .py files) that register a user's own methods."""
+    for item in plugins:
+        try:
+            if item.endswith(".py"):
+                path = Path(item)
+                if not path.is_file():
+                    raise BenchError(f"plugin file {path} does not exist")
+                spec = importlib.util.spec_from_file_location(f"bench_plugin_{path.stem}", path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(item)
+        except ImportError as err:
+            raise BenchError(f"cannot import plugin '{item}': {err}") from err
+
+
+def launch(cfg: RunConfig) -> Any:
+    """Start the run's processes with Lightning Fabric (one per device and node; a no-op for one),
+    and give each its share of the CPU threads. Every stage after this runs in every process."""
+    from lightning.fabric import Fabric
+
+    trainer = cfg.trainer
+    fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
+                    strategy=trainer.resolved_strategy(), precision="32-true")
+    fabric.launch()
+    configure_threads(max(1, fabric.world_size // trainer.num_nodes))
+    return fabric
+
+
+def configure_threads(local_processes: int) -> int:
+    """torch threads per process: the CPUs this process may use divided by the processes on
+    its node, unless the user chose (OMP_NUM_THREADS or BENCH_THREADS set before bench
+    started). Oversubscribed torch threads stall some ops by up to 100x."""
+    chosen = os.environ.get("BENCH_THREADS") or os.environ.get("BENCH_USER_OMP_NUM_THREADS")
+    if chosen:
+        torch.set_num_threads(max(1, int(chosen)))
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cpus // max(1, local_processes)))
+    return torch.get_num_threads()
 
 
 def check_writable(path: Path) -> None:
@@ -81,16 +135,33 @@ def check_writable(path: Path) -> None:
                          "out_dir=... (or cache_dir=...)") from err
 
 
+def dataset_of(cfg: RunConfig, suite: TaskSuite) -> str:
+    """The run's dataset: the suite's. A different ``dataset.name`` is refused, because the
+    suite's class splits and ids were written for its own dataset."""
+    if cfg.dataset.name:
+        check_dataset_name(cfg.dataset.name)
+    check_dataset_name(suite.dataset)
+    if cfg.dataset.name and cfg.dataset.name != suite.dataset:
+        raise BenchError(
+            f"task suite '{suite.name}' is for dataset '{suite.dataset}', but dataset.name is '{cfg.dataset.name}'; "
+            f"use a suite written for that dataset, or set task.dataset={cfg.dataset.name} to apply this suite's "
+            "class splits to it on purpose"
+        )
+    return suite.dataset
+
+
 def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite | None = None) -> Embeddings:
     """Embeddings of the task's dataset: the pool (train split) and, if needed, the test split."""
-    suite = suite or TaskSuite.load(cfg.task)
+    suite = suite or cfg.task.resolve()
+    dataset = dataset_of(cfg, suite)
+    torch.manual_seed(cfg.seed)  # random-init backbones (weights: null) are seeded by the config
     backbone = build_backbone(cfg.backbone.name, **cfg.backbone.options())
-    dataset = cfg.dataset.name or suite.dataset
     cache = EmbeddingCache(cfg.cache_dir)
     splits = [cfg.dataset.train_split] + ([cfg.dataset.test_split] if suite.queries == "test" else [])
-    entries = []
+    entries, notes = [], []
     for split in splits:
         source = build_source(dataset, split=split, **cfg.dataset.options)
+        notes += list(source.notes)
         if require_cached:
             entry = cache.lookup(cache_key(entry_fields(backbone, source, cfg.extract.dtype)))
             if entry is None:
@@ -108,87 +179,128 @@ def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite
                 rebuild=cfg.extract.rebuild, shard_size=cfg.extract.shard_size,
             )
         entries.append(entry)
-    return Embeddings(backbone, suite, entries[0], entries[1] if len(entries) > 1 else None)
+    emb = Embeddings(backbone, suite, entries[0], entries[1] if len(entries) > 1 else None, dataset, notes)
+    if emb.queries is not None:
+        emb.queries, emb.dropped_query_classes = align_query_labels(emb.pool, emb.queries)
+        if emb.dropped_query_classes:
+            emb.notes.append(f"query classes {emb.dropped_query_classes} of split '{cfg.dataset.test_split}' have no "
+                             f"samples in the pool split '{cfg.dataset.train_split}'; their queries are left out")
+    return emb
 
 
-def reference_mean(cfg: RunConfig, emb: Embeddings) -> torch.Tensor | None:
-    """The center-l2 reference: a class subset's mean over the pool, or None (support mean)."""
-    if cfg.center is None or cfg.center == "support":
+def align_query_labels(pool: CacheEntry, queries: CacheEntry) -> tuple[CacheEntry, list[str]]:
+    """The query split's labels in the pool's label space, matched by class name.
+
+    Two splits of an image folder or a Hugging Face dataset number their classes on their own,
+    so the same id can name different classes. A query class the pool lacks gets label -1 (no
+    episode draws it) and is reported; nothing is relabelled to another class.
+    """
+    pool_names, query_names = pool.class_names, queries.class_names
+    if not pool_names or not query_names or pool_names == query_names:
+        return queries, []
+    index = {name: i for i, name in enumerate(pool_names)}
+    mapping = torch.tensor([index.get(name, -1) for name in query_names], dtype=torch.long)
+    dropped = [name for name in query_names if name not in index]
+    labels = mapping[queries.labels.long()]
+    return CacheEntry(queries.path, queries.manifest, queries.embeddings, labels, queries.indices), dropped
+
+
+def reference_stats(cfg: RunConfig, emb: Embeddings, grid: Grid) -> Reference | None:
+    """Statistics of the ``reference`` classes (e.g. base) over the pool: the center-l2 mean,
+    and the class means and covariances that generators such as ``dc`` read."""
+    needs_classes = [s.name for s in grid.specs if get("gen", s.gen.name).needs_reference]
+    if cfg.reference is None:
+        if needs_classes:
+            raise BenchError(f"methods {needs_classes} calibrate from reference classes; set reference: base "
+                             "(a class subset of the pool, e.g. a suite's base classes)")
         return None
     labels = emb.pool.labels
-    classes = select_classes(cfg.center, torch.unique(labels).tolist(), emb.suite.class_splits)
+    available = torch.unique(labels[labels >= 0]).tolist()
+    classes = select_classes(cfg.reference, available, emb.suite.class_splits)
     keep = torch.isin(labels, torch.tensor(classes))
-    return emb.pool.embeddings[keep].float().mean(0)
+    return Reference.from_embeddings(emb.pool.embeddings[keep].float(), labels[keep],
+                                     class_statistics=bool(needs_classes))
 
 
 def imprint_stage(
-    cfg: RunConfig, emb: Embeddings, out_dir: Path | None = None, grid: Grid | None = None
+    cfg: RunConfig, emb: Embeddings, out_dir: Path | None = None, grid: Grid | None = None, fabric: Any = None
 ) -> tuple[list[dict], list, int]:
-    """Imprint and evaluate every method on every episode of the suite."""
+    """Imprint and evaluate every method on every episode of the suite (see bench.engine);
+    returns the rows (every rank's, in suite order), the methods dropped from the grid and the
+    number of processes."""
     grid = grid or expand_grid(cfg.methods)
-    center = reference_mean(cfg, emb)
     q_labels = emb.queries.labels.numpy() if emb.queries is not None else None
     episodes = list(emb.suite.episodes(emb.pool.labels.numpy(), q_labels))
-    dataset = cfg.dataset.name or emb.suite.dataset
-    rows = []
-    world_size = 1
-    bar = tqdm(episodes, desc="imprint + evaluate", unit="episode", disable=not is_rank_zero())
-    for subset, episode in bar:
-        bar.set_postfix_str(f"{subset} {episode.shots}-shot seed {episode.seed}")
-        module = ImprintingModule(grid.specs, seed=episode.seed, reference_mean=center)
-        dm = EpisodeDataModule(emb.pool, emb.queries, episode, batch_size=cfg.batch_size)
-        trainer = trainer_for_imprinting(**cfg.trainer.kwargs())
-        trainer.fit(module, datamodule=dm)
-        trainer.test(module, datamodule=dm, verbose=False)
-        world_size = trainer.world_size
-        for spec in grid.specs:
-            rows.append({
-                "backbone": emb.backbone.name, "dataset": dataset, "task": emb.suite.name,
-                "classes": subset, "shots": str(episode.shots), "seed": episode.seed,
-                **spec.fields(), **module.results[spec.name],
-            })
-            if cfg.save_heads and out_dir is not None and is_rank_zero():
-                head_dir = out_dir / "heads" / f"{subset}-{episode.shots}shot-seed{episode.seed}"
-                head_dir.mkdir(parents=True, exist_ok=True)
-                module.heads[module.head_key(spec)].save(head_dir / f"{slug(spec.name)}.safetensors")
-    return rows, grid.dropped, world_size
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    labels = RunLabels(emb.backbone.name, emb.dataset or cfg.dataset.name or emb.suite.dataset, emb.suite.name,
+                       emb.backbone.fingerprint)
+    rows = imprint_episodes(
+        grid.specs, episodes, emb.pool, emb.queries, labels, reference=reference_stats(cfg, emb, grid),
+        max_batch_bytes=int(cfg.imprint.max_batch_bytes), rank=rank, world_size=world,
+        heads_dir=out_dir if cfg.save_heads and out_dir is not None else None, progress=rank == 0,
+    )
+    return gather_rows(rows, fabric), grid.dropped, world
 
 
 def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
+    from bench.report.results import write_table
+    from bench.report.wandb_log import log_to_wandb
+
     quiet_lightning()
-    suite = TaskSuite.load(cfg.task)
+    load_plugins(cfg.plugins)
+    suite = cfg.task.resolve()
+    dataset_of(cfg, suite)
+    grid = expand_grid(cfg.methods)  # a typo in the grid should stop us before any extraction
     name = cfg.name or slug(f"{suite.name}-{cfg.backbone.name}")
     out_dir = Path(cfg.out_dir) / name
-    grid = expand_grid(cfg.methods)  # a typo in the grid should stop us before any extraction
     if is_rank_zero():
         check_writable(out_dir)
+    fabric = launch(cfg)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if fabric.global_rank == 0:
+        write_run_record(out_dir, cfg, None, fabric.world_size, grid.dropped, started=started, complete=False)
     emb = extract_stage(cfg, require_cached=require_cached, suite=suite)
-    rows, dropped, world_size = imprint_stage(cfg, emb, out_dir, grid)
-    result = RunResult(rows, out_dir, dropped=dropped)
-    if is_rank_zero():
+    rows, dropped, world_size = imprint_stage(cfg, emb, out_dir, grid, fabric)
+    result = RunResult(rows, out_dir, dropped=dropped, notes=emb.notes)
+    if fabric.global_rank == 0:
         result.paths = write_table(rows, out_dir)
-        write_run_record(out_dir, cfg, emb, world_size, dropped)
         result.wandb = log_to_wandb(rows, cfg.to_dict(), name, out_dir, cfg.wandb.mode,
                                     cfg.wandb.project, cfg.wandb.entity)
+        write_run_record(out_dir, cfg, emb, world_size, dropped, started=started, complete=True,
+                         rows=len(rows))
+    fabric.barrier()
     return result
 
 
-def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings, world_size: int, dropped) -> Path:
-    """run.json: the config, where the embeddings came from and how many processes ran."""
-    import json
-    import platform
-
+def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, world_size: int, dropped, *,
+                     started: str, complete: bool, rows: int = 0) -> Path:
+    """run.json: the config, where the embeddings came from, how many processes and threads ran,
+    and whether the run finished (written last, so a report never mistakes a killed run for one)."""
     import lightning
 
-    record = {
+    record: dict[str, Any] = {
+        "complete": complete,
+        "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z") if complete else None,
         "config": cfg.to_dict(),
         "world_size": world_size,
-        "cache_entries": [str(e.path) for e in (emb.pool, emb.queries) if e is not None],
-        "backbone_sha256": emb.backbone.fingerprint,
+        "threads_per_process": torch.get_num_threads(),
         "dropped_methods": dropped,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "lightning": lightning.__version__},
     }
+    if emb is not None:
+        record.update({
+            "rows": rows,
+            "dataset": emb.dataset,
+            "cache_entries": [str(e.path) for e in (emb.pool, emb.queries) if e is not None],
+            "backbone_sha256": emb.backbone.fingerprint,
+            # class id -> name as the pool numbers them (sparse or string labels are remapped)
+            "classes": dict(enumerate(emb.pool.class_names)),
+            "dropped_query_classes": emb.dropped_query_classes,
+            "notes": emb.notes,
+        })
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "run.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))
@@ -198,9 +310,13 @@ def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings, world_size:
 
 def report(result: RunResult) -> str:
     """What the run prints at the end: the table, the multi-proxy verdict, where things went."""
+    from bench.report.results import format_table, multiproxy_verdict
+
     lines = [format_table(result.rows)]
     if result.dropped:
         lines.append("\nmethods dropped from the grid: " + "; ".join(f"{s} ({r})" for s, r in result.dropped))
+    for note in result.notes:
+        lines.append(f"note: {note}")
     for subset in dict.fromkeys(r["classes"] for r in result.rows):
         verdict = multiproxy_verdict(result.rows, subset)
         if verdict:
