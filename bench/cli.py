@@ -7,6 +7,7 @@ e.g. ``bench run -c configs/quickstart.yaml trainer.devices=2 trainer.strategy=d
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,15 +35,27 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text, add_help=False)
     m = sub.add_parser("methods", help="list presets, or expand a method grid")
     m.add_argument("grid", nargs="*", help="grid entries, e.g. 'l2/kmeans:k=[1,5]/l2/l2/max'")
+    m.add_argument("--markdown", action="store_true", help="print the method table as markdown (the README's)")
     return ap
 
 
-def _methods(grid_entries: list[str]) -> None:
-    from bench.imprint import PRESETS, expand_grid
+def _methods(grid_entries: list[str], markdown: bool = False) -> None:
+    from bench.imprint import PRESET_TABLE, expand_grid
+    from bench.imprint.registry import load_lazy, method_table
 
+    if markdown:
+        print(method_table())
+        return
     if not grid_entries:
-        for name, spec in PRESETS.items():
-            print(f"{name:16s} {spec}")
+        print("presets:")
+        for name, (spec, source) in PRESET_TABLE.items():
+            print(f"  {name:16s} {spec:40s} {source}")
+        print("\nmethods (NORM_pre/GEN/NORM_post/NORM_inf/AGG; `bench methods --markdown` for details):")
+        for line in method_table().splitlines()[2:]:
+            stage, name, _, summary = [c.strip() for c in line.strip("|").split(" | ")]
+            print(f"  {stage:30s} {name.strip('`'):45s} {summary[:70]}")
+        for problem in load_lazy():
+            print(f"  {problem}")
         return
     grid = expand_grid(grid_entries)
     for spec in grid.specs:
@@ -100,12 +113,16 @@ def _run_group(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Lightning sets OMP_NUM_THREADS for the processes it launches; remember whether the user
+    # had, so that every process keeps the user's choice (see pipeline.configure_threads).
+    if "OMP_NUM_THREADS" in os.environ:
+        os.environ.setdefault("BENCH_USER_OMP_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
     if argv and argv[0] in GROUPS:
         return _run_group(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "methods":
-            _methods(args.grid)
+            _methods(args.grid, args.markdown)
             return 0
         from bench import pipeline
         from bench.config import load_config
@@ -116,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, args.overrides)
         if args.command == "extract":
             pipeline.quiet_lightning()
+            pipeline.launch(cfg)
             emb = pipeline.extract_stage(cfg)
             if pipeline.is_rank_zero():
                 for entry in (emb.pool, emb.queries):

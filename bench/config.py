@@ -1,34 +1,66 @@
-"""Run configuration: YAML files under ``configs/`` plus ``key.sub=value`` overrides.
+"""Run configuration: YAML files under ``configs/`` plus ``key.sub=value`` overrides, typed.
 
-The defaults are the quickstart: the embedded tiny backbone on digits, base and novel classes.
-Every key is declared here, so a typo is an error that names the key and lists the known ones.
+Every key is declared here with its type and constraints (pydantic models with unknown keys
+forbidden), so a typo or a bad value stops the run before any work, with one line that names
+the key, the value and the accepted form. The defaults are the quickstart: the embedded tiny
+backbone on digits, base and novel classes.
+
+Shorthands: a section given as a plain string is its ``name``: ``dataset: imagefolder:/data``,
+``backbone: timm:vit_small_patch16_224``, ``task: digits-base-novel``. Task fields
+(``task.shots=[1,5]``, ``task.seeds=[0,1,2]``) override the suite's.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, NonNegativeInt, PositiveInt, StrictBool, ValidationError
+from pydantic import model_validator
 
+from bench.data.tasks import TaskSuite
 from bench.errors import BenchError
-from bench.imprint.presets import PRESETS
+from bench.imprint.presets import PRESETS, split_top
+from bench.validation import format_validation_error
 
 # Every preset, plus a k-means grid: the quickstart's method grid.
 QUICKSTART_METHODS = [*PRESETS, "l2/kmeans:k=[2,5,10]/l2/l2/max"]
 
 
-@dataclass
-class BackboneConfig:
-    name: str = "tiny-digits"
-    # torchvision/timm/hf: DEFAULT (the hub), a local file, or null (random); openclip: a tag
-    weights: Any = None
-    transform: dict | None = None  # override the backbone's transform (see backbones.transforms)
-    pool: str | None = None  # timm: global_pool (avg, token, ...)
-    pooling: str | None = None  # hf: cls or mean
-    config: dict | None = None  # hf: a model config for random init without a network
+def _desc(text: str) -> Any:
+    """The accepted form of a key, as error messages print it."""
+    return Field(description=text)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _named(value: Any) -> Any:
+    """``section: text`` is ``section: {name: text}``."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+class BackboneConfig(Section):
+    name: Annotated[str, _desc("a backbone name, e.g. tiny-digits, torchvision:resnet18, timm:<model>, "
+                               "hf:<name or folder>, openclip:<arch>, checkpoint:<file.safetensors>")] = "tiny-digits"
+    # torchvision/timm/hf: DEFAULT (the hub), a local file, or null (random init, seeded by `seed`);
+    # openclip: a pretrained tag
+    weights: Annotated[str | None, _desc("DEFAULT, a weights enum or pretrained tag, a local file, or null")] = None
+    transform: Annotated[dict[str, Any] | None, _desc("a transform mapping (size, crop, channels, mean, std)")] = None
+    pool: Annotated[str | None, _desc("timm's global_pool: avg, max, token, ...")] = None
+    pooling: Annotated[Literal["cls", "mean"] | None, _desc("cls or mean")] = None
+    config: Annotated[dict[str, Any] | None, _desc("a transformers model config mapping")] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return _named(value)
 
     def options(self) -> dict[str, Any]:
         family = self.name.split(":", 1)[0]
@@ -40,151 +72,216 @@ class BackboneConfig:
             if key in allowed and (value is not None or key == "weights"):
                 opts[key] = value
             elif value is not None:
-                raise BenchError(f"backbone.{key} does not apply to {self.name}")
+                raise BenchError(f"backbone.{key} does not apply to {self.name}; it applies to "
+                                 + ", ".join(f for f, keys in {"torchvision": {"weights"}, "timm": {"weights", "pool"},
+                                                               "openclip": {"weights"},
+                                                               "hf": {"weights", "pooling", "config"}}.items()
+                                             if key in keys))
         if self.transform is not None:
             opts["transform"] = self.transform
         return opts
 
 
-@dataclass
-class DatasetConfig:
-    name: str | None = None  # default: the task suite's dataset
-    train_split: str = "train"
-    test_split: str = "test"
-    options: dict = field(default_factory=dict)  # e.g. image_key / label_key for hf datasets
+class DatasetConfig(Section):
+    name: Annotated[str | None, _desc("digits, imagefolder:<root>, hf:<name or path>, tv:<Name> or "
+                                      "synthetic:<n> (default: the task suite's dataset)")] = None
+    train_split: Annotated[str, _desc("a split name")] = "train"
+    test_split: Annotated[str, _desc("a split name")] = "test"
+    options: Annotated[dict[str, Any], _desc("a mapping of the source's options, e.g. {image_key: img}")] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return _named(value)
 
 
-@dataclass
-class ExtractConfig:
-    batch_size: int = 256
-    num_workers: Any = "auto"  # or an int; see workers_for
-    dtype: str = "float32"
-    skip_corrupt: bool = False
-    rebuild: bool = False
-    shard_size: int = 65536
+class ExtractConfig(Section):
+    batch_size: Annotated[PositiveInt, _desc("a positive int")] = 256
+    num_workers: Annotated[Union[Literal["auto"], NonNegativeInt], _desc("auto or an int >= 0")] = "auto"
+    dtype: Annotated[Literal["float32", "float16"], _desc("float32 or float16")] = "float32"
+    skip_corrupt: Annotated[StrictBool, _desc("true or false")] = False
+    rebuild: Annotated[StrictBool, _desc("true or false")] = False
+    shard_size: Annotated[PositiveInt, _desc("a positive int (rows per shard file)")] = 65536
+
+
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+class TrainerConfig(Section):
+    accelerator: Annotated[Literal["cpu", "gpu", "cuda", "mps", "auto"], _desc("cpu, gpu, cuda, mps or auto")] = "cpu"
+    devices: Annotated[Union[PositiveInt, Literal["auto"], list[NonNegativeInt]],
+                       _desc("a positive int, auto, or a list of device ids")] = 1
+    num_nodes: Annotated[PositiveInt, _desc("a positive int")] = 1
+    strategy: Annotated[Literal[STRATEGIES], _desc("one of " + ", ".join(STRATEGIES))] = "auto"
+    precision: Annotated[Literal["32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true"],
+                         _desc("32-true, 16-mixed, bf16-mixed, 16-true, bf16-true or 64-true")] = "32-true"
+
+    @property
+    def processes(self) -> int:
+        """Processes per node that the devices setting asks for (1 when it is 'auto')."""
+        if isinstance(self.devices, list):
+            return len(self.devices)
+        return self.devices if isinstance(self.devices, int) else 1
+
+    def resolved_strategy(self) -> str:
+        """``auto`` with several processes is our DDP; a single process needs no strategy."""
+        if self.strategy == "auto" and self.processes * self.num_nodes > 1:
+            return "ddp"
+        return self.strategy
+
+    def kwargs(self) -> dict[str, Any]:
+        return {**self.model_dump(), "strategy": self.resolved_strategy()}
+
+
+class ImprintConfig(Section):
+    max_batch_bytes: Annotated[ByteSize, _desc("a positive size, e.g. 1073741824 or 1GiB")] = ByteSize(1 << 30)
+
+    @model_validator(mode="after")
+    def _positive(self) -> ImprintConfig:
+        if self.max_batch_bytes <= 0:
+            raise ValueError("imprint.max_batch_bytes must be positive")
+        return self
+
+
+class WandbConfig(Section):
+    mode: Annotated[Literal["auto", "offline", "online", "disabled"],
+                    _desc("auto (online only with credentials), offline, online or disabled")] = "auto"
+    project: Annotated[str, _desc("a W&B project name")] = "bench"
+    entity: Annotated[str | None, _desc("a W&B entity or null")] = None
+
+
+class DiagnoseConfig(Section):
+    backbones: Annotated[list[Union[str, BackboneConfig]], _desc("a list of backbone names or sections")] = []
+    methods: Annotated[list[str], _desc("a list of methods")] = ["qi2018", "l2/kmeans:k=5/l2/l2/max"]
+    gc_samples: Annotated[PositiveInt, _desc("a positive int")] = 256
+    gc_probes: Annotated[PositiveInt, _desc("a positive int")] = 16
+    pool_split: Annotated[str | None, _desc("a split name or null")] = None
+
+    def backbone_configs(self, default: BackboneConfig) -> list[BackboneConfig]:
+        if not self.backbones:
+            return [default]
+        return [BackboneConfig(name=b) if isinstance(b, str) else b for b in self.backbones]
+
+
+class TaskConfig(Section):
+    """A task suite (``suite``: a name under tasks/ or a YAML path) with optional field overrides;
+    without a suite, the fields define the whole suite inline."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    suite: Annotated[str | None, _desc("a suite name under tasks/ or a YAML path")] = "digits-base-novel"
+    overrides: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"suite": value}
+        if isinstance(value, dict) and set(value) - {"suite", "overrides"}:
+            fields = {k: v for k, v in value.items() if k not in ("suite", "overrides")}
+            return {"suite": value.get("suite"), "overrides": {**value.get("overrides", {}), **fields}}
+        return value
+
+    def resolve(self) -> TaskSuite:
+        return TaskSuite.load(self.suite, self.overrides) if self.suite else TaskSuite.build(self.overrides, "task")
+
+    def __str__(self) -> str:
+        return self.overrides.get("name") or Path(self.suite or "task").stem
+
+
+class RunConfig(Section):
+    backbone: BackboneConfig = BackboneConfig()
+    task: TaskConfig = TaskConfig()
+    dataset: DatasetConfig = DatasetConfig()
+    methods: Annotated[list[str], _desc("a list of presets or method grids, e.g. [qi2018,l2/kmeans:k=[5,20]/l2/l2/max]")] = list(QUICKSTART_METHODS)
+    reference: Annotated[Union[str, list[int], None],
+                         _desc("a class subset (e.g. base) whose pool samples give the reference statistics "
+                               "(center-l2's mean, dc's class statistics), or null")] = None
+    name: Annotated[str | None, _desc("a run name or null")] = None
+    cache_dir: Annotated[str, _desc("a folder")] = ".cache/bench"
+    out_dir: Annotated[str, _desc("a folder")] = "runs"
+    seed: Annotated[NonNegativeInt, _desc("an int >= 0 (seeds random backbone weights)")] = 0
+    save_heads: Annotated[StrictBool, _desc("true or false")] = False
+    plugins: Annotated[list[str], _desc("a list of modules or .py files that register methods")] = []
+    extract: ExtractConfig = ExtractConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    imprint: ImprintConfig = ImprintConfig()
+    wandb: WandbConfig = WandbConfig()
+    diagnose: DiagnoseConfig = DiagnoseConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _methods_as_list(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("methods"), str):
+            value = {**value, "methods": parse_method_list(value["methods"])}
+        return value
+
+
+def parse_method_list(text: str) -> list[str]:
+    """``[qi2018,l2/kmeans:k=[5,20]/l2/l2/max]`` or ``qi2018``: split on commas outside
+    brackets, which YAML cannot do for grids with bracketed option lists."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [item.strip() for item in split_top(text, ",") if item.strip()]
 
 
 def workers_for(num_workers: Any, accelerator: str, devices: Any) -> int:
     """DataLoader workers per process. ``auto``: none on the CPU, where workers would compete
     with the model for the same cores; on accelerators, the CPUs per device minus one, at most 8."""
     if num_workers != "auto":
-        if not isinstance(num_workers, int) or num_workers < 0:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise BenchError(f"extract.num_workers must be 'auto' or an int >= 0, got {num_workers!r}")
         return num_workers
     if accelerator == "cpu":
         return 0
-    import os
-
-    per_device = (os.cpu_count() or 2) // max(int(devices) if str(devices).isdigit() else 1, 1)
-    return max(0, min(8, per_device - 1))
-
-
-@dataclass
-class TrainerConfig:
-    accelerator: str = "cpu"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-
-    def kwargs(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class WandbConfig:
-    mode: str = "auto"  # auto (online only with credentials) | offline | online | disabled
-    project: str = "bench"
-    entity: str | None = None
-
-
-@dataclass
-class DiagnoseConfig:
-    backbones: list = field(default_factory=list)  # names or backbone sections; empty: `backbone`
-    methods: list = field(default_factory=lambda: ["qi2018", "l2/kmeans:k=5/l2/l2/max"])
-    gc_samples: int = 256
-    gc_probes: int = 16
-    pool_split: str | None = None  # default: the test split when the task has one
-
-    def backbone_configs(self, default: BackboneConfig) -> list[BackboneConfig]:
-        if not self.backbones:
-            return [default]
-        out = []
-        for item in self.backbones:
-            out.append(_build(BackboneConfig, {"name": item} if isinstance(item, str) else item,
-                              "diagnose.backbones"))
-        return out
-
-
-@dataclass
-class RunConfig:
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    task: str = "digits-base-novel"
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    methods: list = field(default_factory=lambda: list(QUICKSTART_METHODS))
-    center: str | None = None  # center-l2 reference: null (support mean) or a class subset, e.g. base
-    name: str | None = None
-    cache_dir: str = ".cache/bench"
-    out_dir: str = "runs"
-    batch_size: int = 4096
-    save_heads: bool = False
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _build(cls, data: dict[str, Any], where: str):
-    if not isinstance(data, dict):
-        raise BenchError(f"config section '{where or 'root'}' must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise BenchError(
-            f"unknown config key(s) {[prefix + k for k in unknown]}; known keys in "
-            f"'{where or 'root'}': {sorted(known)}"
-        )
-    kwargs = {}
-    for key, value in data.items():
-        ftype = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
-        if ftype is not None and dataclasses.is_dataclass(ftype):
-            kwargs[key] = _build(ftype, value or {}, f"{where}.{key}" if where else key)
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+    count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
+    return max(0, min(8, (os.cpu_count() or 2) // max(count, 1) - 1))
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     cur = data
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(cur.get(p), str):  # a shorthand string becomes its section
+            cur[p] = {"suite" if p == "task" and i == 0 else "name": cur[p]}
         cur = cur.setdefault(p, {})
         if not isinstance(cur, dict):
-            raise BenchError(f"cannot set '{dotted}': '{p}' is not a section")
+            raise BenchError(f"cannot set '{dotted}': '{'.'.join(parts[:i + 1])}' is not a section")
     cur[parts[-1]] = value
 
 
+def _parse_value(key: str, raw: str) -> Any:
+    """An override's value: YAML, except method lists (grids hold brackets YAML cannot read)."""
+    if key.split(".")[-1] == "methods" or key == "diagnose.methods":
+        return parse_method_list(raw)
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        return raw  # not YAML: take the text as it is, and let the key's type judge it
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then ``key.sub=value`` overrides (values parsed as YAML)."""
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise BenchError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise BenchError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from err
         if not isinstance(loaded, dict):
             raise BenchError(f"config file {p} must hold a YAML mapping")
         data = loaded
     for item in overrides or []:
         key, eq, raw = item.partition("=")
+        key = key.strip()
         if not eq or not key:
             raise BenchError(f"override '{item}' must look like key=value, e.g. trainer.devices=2")
-        _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    cfg = _build(RunConfig, data, "")
-    if isinstance(cfg.methods, str):
-        cfg.methods = [cfg.methods]
-    return cfg
+        _set_path(data, key, _parse_value(key, raw))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise BenchError(format_validation_error(err, RunConfig, "config")) from None

@@ -54,7 +54,7 @@ def test_quickstart_results_are_identical_across_two_runs(tmp_path):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["run", "trainer.devcies=2"], "unknown config key(s) ['trainer.devcies']"),
+        (["run", "trainer.devcies=2"], "unknown key 'trainer.devcies'"),
         (["run", "backbone.name=vit-huge"], "unknown backbone 'vit-huge'"),
         (["run", "dataset.name=mnist"], "unknown dataset 'mnist'"),
         (["run", "methods=[l2/kmeans:k=0/l2/l2/max]"], "k=0"),
@@ -88,7 +88,7 @@ def test_config_file_and_overrides(tmp_path):
     cfg_file.write_text("backbone: {name: tiny-digits}\ntrainer: {devices: 2}\nmethods: [qi2018]\n")
     cfg = load_config(cfg_file, ["trainer.strategy=ddp", "extract.dtype=float16"])
     assert cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp" and cfg.extract.dtype == "float16"
-    assert cfg.methods == ["qi2018"] and cfg.task == "digits-base-novel"
+    assert cfg.methods == ["qi2018"] and cfg.task.suite == "digits-base-novel"
     with pytest.raises(BenchError, match="known keys in 'extract'"):
         load_config(None, ["extract.bsz=3"])
 

@@ -119,7 +119,7 @@ def test_hf_dataset_and_image_folder_give_the_same_episodes(tmp_path):
     datasets.Dataset.from_dict({"image": [str(f) for f in folder.files], "label": folder.labels.tolist()},
                                features=features).save_to_disk(str(tmp_path / "saved"))
     hf = build_source(f"hf:{tmp_path / 'saved'}")
-    suite = TaskSuite.from_dict({"name": "s", "dataset": "x", "classes": ["all", "even"], "shots": [1, 3],
+    suite = TaskSuite.build({"name": "s", "dataset": "x", "classes": ["all", "even"], "shots": [1, 3],
                                  "queries": 2, "seeds": [0, 1, 2]})
     a, b = list(suite.episodes(folder.labels)), list(suite.episodes(hf.labels))
     assert len(a) == 12

@@ -6,7 +6,10 @@ draws from its own ``numpy`` PCG64 stream seeded by ``(seed, class)``, so:
 - the same seed gives the same episode on any machine and any number of processes;
 - adding or removing a class does not change the samples drawn for the others;
 - queries are drawn before support, so for one seed the query set is the same at every
-  shot count and shot counts compare on equal footing (support for more shots is a superset).
+  shot count and shot counts compare on equal footing (support for more shots is a superset);
+- ``queries="holdout"`` sets a seeded share of each class apart once (a stream seeded by the
+  class alone, not by the episode's seed), so the queries are the same for every episode and
+  disjoint from every episode's support: a test split carved from a dataset that has none.
 
 Indices are returned sorted, which is the order in which heads see support embeddings
 everywhere (single process or gathered across ranks), so heads are identical either way.
@@ -22,7 +25,7 @@ import numpy as np
 from bench.errors import BenchError
 
 Shots = Union[int, str]  # an int or "all"
-Queries = Union[int, str]  # an int, "rest" or "test"
+Queries = Union[int, str]  # an int, "rest", "test" or "holdout"
 ClassSubset = Union[str, Sequence[int]]
 
 
@@ -31,7 +34,7 @@ class Episode:
     classes: tuple[int, ...]
     support: np.ndarray  # sorted indices into the support pool's labels
     query: np.ndarray  # sorted indices into the query pool (same pool, or the test split)
-    query_split: str  # "train" (same pool as support) or "test"
+    query_split: str  # "train" (the same pool as the support) or "test"
     shots: Shots
     queries: Queries
     seed: int
@@ -68,6 +71,16 @@ def select_classes(
     return chosen
 
 
+# The holdout split's random stream: seeded by the class only, so every episode sets apart the
+# same queries, whatever its seed.
+HOLDOUT_STREAM = 0x401D
+
+
+def holdout_count(n: int, holdout: float | int) -> int:
+    """Queries set apart from a class of n pool samples: a share (at least 1) or a count."""
+    return max(1, int(round(n * holdout))) if isinstance(holdout, float) else int(holdout)
+
+
 def _by_class(labels: np.ndarray, classes: Sequence[int]) -> dict[int, np.ndarray]:
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
@@ -93,11 +106,13 @@ def sample_episode(
     queries: Queries,
     seed: int,
     test_labels: Sequence[int] | np.ndarray | None = None,
+    holdout: float | int = 0.25,
 ) -> Episode:
     """Draw one episode. Never shrinks silently: too few samples is an error listing every
-    short class with its count."""
+    short class with its count. With ``queries="holdout"``, ``holdout`` is the share (a float
+    in (0, 1)) or count (an int) of each class set apart as queries."""
     _check_arg("shots", shots, ("all",))
-    _check_arg("queries", queries, ("rest", "test"))
+    _check_arg("queries", queries, ("rest", "test", "holdout"))
     if shots == "all" and queries == "rest":
         raise BenchError("shots='all' leaves no samples for queries='rest'; use queries=N or 'test'")
     labels = np.asarray(labels).astype(np.int64, copy=False)
@@ -106,15 +121,18 @@ def sample_episode(
     test_pool = None
     if queries == "test":
         if test_labels is None:
-            raise BenchError("queries='test' needs a test split; the dataset provides none")
+            raise BenchError("queries='test' needs a test split, and the dataset provides none; use "
+                             "queries: holdout to set seeded queries apart from the pool")
         test_pool = _by_class(np.asarray(test_labels).astype(np.int64, copy=False), classes)
 
+    if queries == "holdout":
+        held = {c: holdout_count(len(pool[c]), holdout) for c in classes}
     need_q = queries if isinstance(queries, (int, np.integer)) else 0
     need_s = shots if shots != "all" else 1
     short = []
     for c in classes:
         have = len(pool[c])
-        need = need_s + need_q + (1 if queries == "rest" else 0)
+        need = need_s + need_q + (1 if queries == "rest" else 0) + (held[c] if queries == "holdout" else 0)
         if have < need:
             short.append(f"class {c}: {have} < {need}")
         if test_pool is not None and len(test_pool[c]) == 0:
@@ -128,11 +146,17 @@ def sample_episode(
 
     support, query = [], []
     for c in classes:
+        candidates = pool[c]
+        if queries == "holdout":
+            kept = np.random.Generator(np.random.PCG64(np.random.SeedSequence([HOLDOUT_STREAM, c])))
+            order = candidates[kept.permutation(len(candidates))]
+            query.append(order[: held[c]])
+            candidates = np.sort(order[held[c]:])
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, c])))
-        perm = pool[c][rng.permutation(len(pool[c]))]
+        perm = candidates[rng.permutation(len(candidates))]
         if test_pool is not None:
             query.append(test_pool[c])
-        elif queries != "rest":
+        elif queries not in ("rest", "holdout"):
             query.append(perm[:need_q])
             perm = perm[need_q:]
         take = len(perm) if shots == "all" else shots

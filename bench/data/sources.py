@@ -14,6 +14,7 @@ alone) and describes itself for the cache key. Sources:
 
 from __future__ import annotations
 
+import inspect
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,44 @@ from PIL import Image, UnidentifiedImageError
 from bench.errors import BenchError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+SPLIT_NAMES = {"train", "test", "val", "valid", "validation"}
+_HOLDOUT_HINT = ("; use queries: holdout in the task to set seeded queries apart from the pool "
+                 "(or queries: rest, or a number per class)")
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    """Subfolders, leaving out hidden ones (.ipynb_checkpoints, .git, ...) as torchvision does."""
+    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, Image.DecompressionBombError):
+        return (f"{err} It is refused as a possible decompression bomb; if you trust the file, raise "
+                "PIL.Image.MAX_IMAGE_PIXELS")
+    return str(err)
+
+
+def label_ids(values: Any, names: list[str] | None, what: str) -> tuple[np.ndarray, list[str]]:
+    """Class ids 0..K-1 and class names for a label column.
+
+    With class names (a ClassLabel), the values are the ids, and -1 (a missing label) is an
+    error. Otherwise the sorted distinct values (ints of any size or sign, or strings) become
+    ids 0..K-1, named by the values, so {0, 3_000_000_000} makes two classes, not three billion.
+    """
+    arr = np.asarray(values)
+    if names:
+        ids = arr.astype(np.int64)
+        bad = ids[(ids < 0) | (ids >= len(names))]
+        if len(bad):
+            raise BenchError(f"{what}: {len(bad)} label(s) outside the {len(names)} class names (e.g. {int(bad[0])}; "
+                             "-1 marks an unlabelled sample); keep only labelled samples")
+        return ids, list(names)
+    if arr.dtype.kind not in "iuUSO" or (arr.dtype.kind == "O" and not all(isinstance(v, (str, int)) for v in arr)):
+        raise BenchError(f"{what}: labels must be ints or strings, got {arr.dtype}")
+    distinct, ids = np.unique(arr.astype(str) if arr.dtype.kind == "O" else arr, return_inverse=True)
+    return ids.astype(np.int64), [str(v) for v in distinct.tolist()]
 
 
 class CorruptImage(BenchError):
@@ -43,6 +82,8 @@ class Source:
     split: str
     labels: np.ndarray = field(repr=False)
     class_names: list[str] = field(repr=False)
+
+    notes = ()  # what the user should know about how the source read the data (not a field)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -83,24 +124,36 @@ class ImageFolderSource(Source):
     """``root/<class>/<file>``: classes are the sorted subfolder names."""
 
     def __init__(self, root: str | Path, split: str = "train") -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise BenchError(f"image folder {self.root} does not exist")
-        if (self.root / split).is_dir():  # root/<split>/<class>/<image> layouts
-            self.root = self.root / split
-        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        base = Path(root)
+        if not base.is_dir():
+            raise BenchError(f"image folder {base} does not exist")
+        splits = sorted(p.name for p in _visible_dirs(base) if p.name in SPLIT_NAMES)
+        if splits:  # root/<split>/<class>/<image>
+            if split not in splits:
+                raise BenchError(f"image folder {base} has split folders {splits} but no '{split}'"
+                                 + (_HOLDOUT_HINT if split != "train" else ""))
+            self.root = base / split
+        elif split == "train":  # root/<class>/<image>: the whole folder is one split
+            self.root = base
+        else:
+            raise BenchError(f"image folder {base} holds class folders directly (root/<class>/<image>), so it has "
+                             f"no '{split}' split{_HOLDOUT_HINT}")
+        files, labels, classes, notes = [], [], [], []
+        for folder in sorted(_visible_dirs(self.root), key=lambda p: p.name):
+            images = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:  # a class with nothing to embed: said, not silently dropped
+                notes.append(f"class folder '{folder.name}' of {self.root} holds no images; it is not a "
+                                  f"class of split '{split}'")
+                continue
+            files += images
+            labels += [len(classes)] * len(images)
+            classes.append(folder.name)
         if not classes:
-            raise BenchError(f"image folder {self.root} has no class subfolders (root/<class>/<image>)")
-        files, labels = [], []
-        for label, cls in enumerate(classes):
-            for f in sorted((self.root / cls).iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append(f)
-                    labels.append(label)
-        if not files:
-            raise BenchError(f"image folder {self.root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise BenchError(f"image folder {self.root} has no class subfolders with images "
+                             f"(root/<class>/<image>, images: {', '.join(sorted(IMAGE_SUFFIXES))})")
         self.files = files
         super().__init__(f"imagefolder:{self.root.resolve()}", split, np.asarray(labels, np.int64), classes)
+        self.notes = tuple(notes)
 
     def load(self, index: int) -> Image.Image:
         path = self.files[index]
@@ -108,8 +161,8 @@ class ImageFolderSource(Source):
             with Image.open(path) as img:
                 img.load()
                 return img.copy()
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise CorruptImage(f"cannot decode image {path} (index {index}): {err}", index) from err
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            raise CorruptImage(f"cannot decode image {path} (index {index}): {_why(err)}", index) from err
 
     def key_fields(self) -> dict[str, Any]:
         # Every file's bytes, not its name and size: an image replaced by another of the same
@@ -140,10 +193,13 @@ class HFSource(Source):
                 ds = datasets.load_from_disk(str(p))
                 if isinstance(ds, datasets.DatasetDict):
                     ds = self._pick_split(ds, split, path)
+                elif split != "train":
+                    raise BenchError(f"Hugging Face dataset {path} was saved without splits, so it has no "
+                                     f"'{split}' split (it serves as 'train'){_HOLDOUT_HINT}")
             elif p.is_dir():
                 ds = datasets.load_dataset("imagefolder", data_dir=str(p), split=split)
             elif p.suffix == ".parquet" or "*" in path:
-                ds = datasets.load_dataset("parquet", data_files={split: path}, split=split)
+                ds = datasets.load_dataset("parquet", data_files={split: split_files(path, split)}, split=split)
             else:
                 ds = datasets.load_dataset(path, split=split, revision=revision)
         except FileNotFoundError as err:
@@ -160,11 +216,8 @@ class HFSource(Source):
                 raise BenchError(
                     f"Hugging Face dataset '{path}' has no column '{key}'; columns: {ds.column_names}"
                 )
-        feature = ds.features[label_key]
-        names = list(getattr(feature, "names", None) or [])
-        labels = np.asarray(ds[label_key], dtype=np.int64)
-        if not names:
-            names = [str(c) for c in range(int(labels.max()) + 1)]
+        labels, names = label_ids(ds[label_key], list(getattr(ds.features[label_key], "names", None) or []),
+                                  f"column '{label_key}' of Hugging Face dataset {path} ({split})")
         self.ds = ds
         self.image_key = image_key
         super().__init__(f"hf:{path}", split, labels, names)
@@ -185,8 +238,8 @@ class HFSource(Source):
                 img = Image.fromarray(np.asarray(img))
             img.load()
             return img
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise CorruptImage(f"cannot decode image at index {index} of {self.name}: {err}") from err
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            raise CorruptImage(f"cannot decode image at index {index} of {self.name}: {_why(err)}", index) from err
 
     def key_fields(self) -> dict[str, Any]:
         return {**super().key_fields(), "hf_fingerprint": self._fingerprint}
@@ -229,7 +282,8 @@ class HFStreamingSource(Source):
         p = Path(path)
         try:
             if p.suffix == ".parquet" or "*" in path:
-                ds = datasets.load_dataset("parquet", data_files={split: path}, split=split, streaming=True)
+                ds = datasets.load_dataset("parquet", data_files={split: split_files(path, split)}, split=split,
+                                           streaming=True)
             elif p.is_dir():
                 ds = datasets.load_dataset("imagefolder", data_dir=str(p), split=split, streaming=True)
             else:
@@ -240,9 +294,9 @@ class HFStreamingSource(Source):
         for key in (image_key, label_key):
             if features and key not in features:
                 raise BenchError(f"Hugging Face dataset '{path}' has no column '{key}'; columns: {list(features)}")
-        labels = np.fromiter((ex[label_key] for ex in ds.select_columns([label_key])), dtype=np.int64)
-        names = list(getattr(features.get(label_key), "names", None) or []) or [
-            str(c) for c in range(int(labels.max()) + 1)]
+        labels, names = label_ids([ex[label_key] for ex in ds.select_columns([label_key])],
+                                  list(getattr(features.get(label_key), "names", None) or []),
+                                  f"column '{label_key}' of Hugging Face dataset {path} ({split})")
         self.stream = ds.cast_column(image_key, datasets.Image(decode=False))
         self.image_key, self.path, self.revision = image_key, path, revision
         super().__init__(f"hf-stream:{path}", split, labels, names)
@@ -261,8 +315,8 @@ class HFStreamingSource(Source):
                 img = value
             img.load()
             return img
-        except (OSError, UnidentifiedImageError, ValueError, KeyError) as err:
-            raise CorruptImage(f"cannot decode image at stream position {index} of {self.name}: {err}",
+        except (OSError, UnidentifiedImageError, ValueError, KeyError, Image.DecompressionBombError) as err:
+            raise CorruptImage(f"cannot decode image at stream position {index} of {self.name}: {_why(err)}",
                                index) from err
 
     def load(self, index: int) -> Image.Image:
@@ -315,8 +369,8 @@ class TorchvisionSource(Source):
     def load(self, index: int) -> Image.Image:
         try:
             img = self.ds[int(index)][0]
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise CorruptImage(f"cannot decode image at index {index} of {self.name}: {err}") from err
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            raise CorruptImage(f"cannot decode image at index {index} of {self.name}: {_why(err)}", index) from err
         return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
 
 
@@ -351,15 +405,38 @@ def known_sources() -> list[str]:
     return ["digits", "imagefolder:<root>", "hf:<name or path>", "tv:<torchvision dataset>"]
 
 
-def build_source(name: str, split: str = "train", **options: Any) -> Source:
-    """``digits``, ``imagefolder:<root>`` or ``hf:<name or path>``."""
+def split_files(path: str, split: str) -> str:
+    """Parquet files of one split: ``{split}`` in the path names them; a path without it is one
+    split only ('train'), so asking it for another split cannot silently reuse the same files."""
+    if "{split}" in path:
+        return path.replace("{split}", split)
+    if split != "train":
+        raise BenchError(f"parquet files {path} are one split ('train'), so there is no '{split}' split; write the "
+                         f"path with {{split}} (e.g. /data/{{split}}-*.parquet) for split files{_HOLDOUT_HINT}")
+    return path
+
+
+def check_dataset_name(name: str) -> tuple[str, str]:
+    """(family, argument) of a dataset name, or a clear error."""
     family, _, arg = name.partition(":")
     if family not in _SOURCES:
         raise BenchError(f"unknown dataset '{name}'; known: {', '.join(known_sources())}")
+    if family != "digits" and not arg:
+        raise BenchError(f"dataset '{name}' needs a path or name after the colon, e.g. {family}:/data/x")
+    return family, arg
+
+
+def build_source(name: str, split: str = "train", **options: Any) -> Source:
+    """``digits``, ``imagefolder:<root>``, ``hf:<name or path>``, ``tv:<Name>`` or ``synthetic:<n>``."""
+    family, arg = check_dataset_name(name)
+    factory = HFStreamingSource if family == "hf" and options.get("streaming") else _SOURCES[family]
+    options = {k: v for k, v in options.items() if not (family == "hf" and k == "streaming")}
+    params = list(inspect.signature(factory.__init__).parameters)[1:]  # after self
+    accepted = [p for p in (params if family == "digits" else params[1:]) if p != "split"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise BenchError(f"dataset.options {unknown} do not apply to {family} datasets; "
+                         f"they accept: {', '.join(accepted + (['streaming'] if family == 'hf' else [])) or 'none'}")
     if family == "digits":
         return DigitsSource(split, **options)
-    if not arg:
-        raise BenchError(f"dataset '{name}' needs a path or name after the colon, e.g. {family}:/data/x")
-    if family == "hf" and options.pop("streaming", False):
-        return HFStreamingSource(arg, split=split, **options)
-    return _SOURCES[family](arg, split=split, **options)
+    return factory(arg, split=split, **options)

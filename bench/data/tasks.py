@@ -7,21 +7,28 @@ A suite file looks like::
     class_splits: {base: [0, 1, 2, 3, 4], novel: "5-9"}   # lists or inclusive ranges
     classes: [base, novel]          # subsets: all | even | odd | a split name | [explicit list]
     shots: [1, 5, 20, all]
-    queries: test                   # an int per class, 'rest', or 'test' (the test split)
+    queries: test                   # an int per class, rest, test (the test split) or holdout
+    holdout: 0.25                   # with queries: holdout, the share (or count) of each class
     seeds: [0, 1, 2]
+
+Every field is typed; a bad value stops with one line naming the file, the key and the
+accepted form. Listing a seed, shot count or class subset twice is an error (it would give
+duplicate rows).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Annotated, Any, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import field_validator
 
 from bench.data.episodes import Episode, sample_episode, select_classes
 from bench.errors import BenchError
+from bench.validation import format_validation_error
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 
@@ -31,44 +38,90 @@ def _class_list(value: Any, where: str) -> list[int]:
     if isinstance(value, str):
         first, sep, last = value.partition("-")
         if not sep or not first.strip().isdigit() or not last.strip().isdigit():
-            raise BenchError(f"{where}: '{value}' must be a list of class ids or a range like '0-49'")
+            raise ValueError(f"{where}: '{value}' must be a list of class ids or a range like '0-49'")
         return list(range(int(first), int(last) + 1))
-    if not isinstance(value, list):
-        raise BenchError(f"{where}: must be a list of class ids or a range like '0-49'")
-    return [int(v) for v in value]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{where}: must be a list of class ids or a range like '0-49'")
+    return list(value)
 
 
-@dataclass
-class TaskSuite:
-    name: str
-    dataset: str
-    classes: list[Any] = field(default_factory=lambda: ["all"])
-    shots: list[Any] = field(default_factory=lambda: [1, 5])
-    queries: Any = "test"
-    seeds: list[int] = field(default_factory=lambda: [0])
-    class_splits: dict[str, list[int]] = field(default_factory=dict)
+def _listed(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+def _once(values: list, what: str) -> list:
+    seen, twice = set(), []
+    for v in values:
+        key = tuple(v) if isinstance(v, list) else v
+        if key in seen:
+            twice.append(v)
+        seen.add(key)
+    if twice:
+        raise ValueError(f"{what} {twice} listed more than once; list each once (duplicates would give duplicate rows)")
+    return values
+
+
+class TaskSuite(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(description="a suite name")]
+    dataset: Annotated[str, Field(description="a dataset source name, e.g. digits or imagefolder:<root>")]
+    classes: Annotated[list[Union[str, list[int]]],
+                       Field(description="a list of class subsets: all, even, odd, a class_splits name, "
+                                         "or a list of class ids")] = ["all"]
+    shots: Annotated[list[Union[PositiveInt, Literal["all"]]],
+                     Field(description="a list of positive ints or 'all'")] = [1, 5]
+    queries: Annotated[Union[PositiveInt, Literal["rest", "test", "holdout"]],
+                       Field(description="a positive int per class, rest, test or holdout")] = "test"
+    holdout: Annotated[Union[PositiveInt, float],
+                       Field(description="with queries: holdout, a share in (0, 1) or a count per class")] = 0.25
+    seeds: Annotated[list[NonNegativeInt], Field(description="a list of ints >= 0")] = [0]
+    class_splits: Annotated[dict[str, Any], Field(description="a mapping of split names to class lists or "
+                                                              "ranges like '0-49'")] = {}
+
+    @field_validator("classes", "shots", "seeds", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return _listed(value)
+
+    @field_validator("shots")
+    @classmethod
+    def _unique_shots(cls, value: list) -> list:
+        return _once(value, "shot count(s)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list) -> list:
+        return _once(value, "seed(s)")
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, value: list) -> list:
+        return _once(value, "class subset(s)")
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout_share(cls, value: Any) -> Any:
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(f"holdout {value} must be a share in (0, 1) or a positive count per class")
+        return value
+
+    @field_validator("class_splits")
+    @classmethod
+    def _ranges(cls, value: dict) -> dict:
+        return {k: _class_list(v, f"class_splits.{k}") for k, v in value.items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "task suite") -> TaskSuite:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BenchError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        for key in ("name", "dataset"):
-            if key not in data:
-                raise BenchError(f"{source}: missing required key '{key}'")
-        data = dict(data)
-        data["class_splits"] = {k: _class_list(v, f"{source}: class_splits.{k}")
-                                for k, v in (data.get("class_splits") or {}).items()}
-        suite = cls(**data)
-        for key in ("classes", "shots", "seeds"):
-            if not isinstance(getattr(suite, key), list):
-                setattr(suite, key, [getattr(suite, key)])
-        return suite
+    def build(cls, data: dict[str, Any], source: str = "task suite") -> TaskSuite:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise BenchError(format_validation_error(err, cls, source)) from None
 
     @classmethod
-    def load(cls, name_or_path: str | Path) -> TaskSuite:
-        """A YAML path, or a suite name looked up in ./tasks and the repository's tasks/."""
+    def load(cls, name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> TaskSuite:
+        """A YAML path, or a suite name looked up in ./tasks and the repository's tasks/, with
+        ``overrides`` replacing its fields."""
         path = Path(name_or_path)
         candidates = [path] if path.suffix in (".yaml", ".yml") else [
             Path("tasks") / f"{name_or_path}.yaml",
@@ -76,11 +129,13 @@ class TaskSuite:
         ]
         for cand in candidates:
             if cand.is_file():
-                with open(cand) as f:
-                    data = yaml.safe_load(f) or {}
+                try:
+                    data = yaml.safe_load(cand.read_text()) or {}
+                except yaml.YAMLError as err:
+                    raise BenchError(f"{cand} is not valid YAML: {str(err).splitlines()[0]}") from err
                 if not isinstance(data, dict):
                     raise BenchError(f"{cand}: a task suite must be a YAML mapping")
-                return cls.from_dict(data, source=str(cand))
+                return cls.build({**data, **(overrides or {})}, source=f"task suite {cand}")
         known = sorted(p.stem for p in TASKS_DIR.glob("*.yaml")) if TASKS_DIR.is_dir() else []
         raise BenchError(
             f"task suite '{name_or_path}' not found (looked at {', '.join(map(str, candidates))}); "
@@ -99,10 +154,9 @@ class TaskSuite:
         self, labels: np.ndarray, test_labels: np.ndarray | None = None
     ) -> Iterator[tuple[str, Episode]]:
         """Every (class subset, shots, seed) episode of the suite, in a fixed order."""
-        available = np.unique(labels).tolist()
+        available = np.unique(labels[labels >= 0]).tolist()
         for label, classes in self.subsets(available):
             for shots in self.shots:
                 for seed in self.seeds:
-                    yield label, sample_episode(
-                        labels, classes, shots, self.queries, seed, test_labels=test_labels
-                    )
+                    yield label, sample_episode(labels, classes, shots, self.queries, seed,
+                                                test_labels=test_labels, holdout=self.holdout)
