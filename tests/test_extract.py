@@ -1,10 +1,12 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -259,3 +261,332 @@ def test_a_full_disk_fails_clearly_and_leaves_no_entry(tmp_path):
     again = _cli(args[3:], tmp_path)  # with space again, the kept shards are merged
     assert again.returncode == 0, again.stderr[-2000:]
     assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2
+
+
+# --- The cache never serves stale embeddings: content keys, locking, kills, read-only use ---
+
+def write_bmp_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 12) -> Path:
+    """Uncompressed images: every file has the same byte size, so one can replace another."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.full((size, size, 3), 40, dtype=np.uint8)
+            pixels[..., c] = 200
+            pixels = np.clip(pixels + rng.integers(-30, 30, pixels.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.bmp")
+    return root
+
+
+def test_an_image_replaced_by_another_of_the_same_size_is_extracted_again(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("BENCH_DIGEST_MEMO", str(tmp_path / "memo.sqlite"))
+    root = write_bmp_folder(tmp_path / "imgs")
+    bb = build_backbone("tiny-digits", transform={"size": 8, "channels": 1})
+    cache = EmbeddingCache(tmp_path / "cache")
+    before = extract(bb, build_source(f"imagefolder:{root}"), cache, trainer_kwargs=QUIET)
+
+    target, donor = root / "cat" / "001.bmp", root / "dog" / "002.bmp"
+    st = target.stat()
+    assert donor.stat().st_size == st.st_size
+    target.write_bytes(donor.read_bytes())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # even the old timestamp does not hide it
+    src = build_source(f"imagefolder:{root}")
+    after = extract(bb, src, cache, trainer_kwargs=QUIET)
+
+    assert after.path != before.path
+    i = src.files.index(target)
+    with Image.open(target) as img:
+        fresh = bb.model(bb.transform(img.copy())[None])[0]
+    assert torch.allclose(after.embeddings[i], fresh, atol=1e-5)
+    assert not torch.allclose(before.embeddings[i], fresh, atol=1e-3)
+    others = torch.arange(len(src)) != i
+    assert torch.equal(after.embeddings[others], before.embeddings[others])
+
+
+def test_file_digests_come_from_the_memo_until_a_file_changes(tmp_path, monkeypatch):
+    from bench.extract import hashing
+    from bench.extract.hashing import HashStats, files_digest
+
+    monkeypatch.setattr(hashing, "SETTLE_NS", 0)  # files written by this test count as settled
+    root = write_bmp_folder(tmp_path / "imgs")
+    files = sorted(root.rglob("*.bmp"))
+    memo = tmp_path / "memo.sqlite"
+
+    def digest(**kw):
+        stats = HashStats()
+        return files_digest(files, root, memo=memo, stats=stats, **kw), stats
+
+    first, s = digest()
+    assert (s.hashed, s.memoised, s.bytes_hashed) == (len(files), len(files), sum(f.stat().st_size for f in files))
+    again, s = digest()
+    assert again == first and s.hashed == 0 and s.memo_hits == len(files)  # nothing read twice
+
+    st = files[0].stat()
+    os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a new mtime alone: read again
+    same, s = digest()
+    assert same == first and s.hashed == 1
+
+    st = files[1].stat()
+    files[1].write_bytes(files[-1].read_bytes())  # same size, other content, old mtime put back
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed, s = digest()
+    assert s.hashed == 1 and changed != first
+    assert changed == files_digest(files, root, memo=None)
+
+    renamed = files[2].with_name("zzz.bmp")
+    files[2].rename(renamed)
+    files[2] = renamed
+    assert digest()[0] != changed  # file names (and so class folders) are part of the digest
+
+    memo.write_bytes(b"not a database" * 100)  # a torn or foreign memo is replaced, never trusted
+    rebuilt, s = digest()
+    assert rebuilt == files_digest(files, root, memo=None) and s.hashed == len(files)
+    (tmp_path / "file").write_text("")
+    unusable = files_digest(files, root, memo=tmp_path / "file" / "memo.sqlite")  # cannot be created
+    assert unusable == rebuilt
+
+
+def test_a_file_written_moments_ago_is_never_served_from_the_memo(tmp_path):
+    """A filesystem with a coarse clock gives a rewrite in the same tick the same timestamps;
+    so a digest is memoised only once the file's timestamps are older than any such tick."""
+    from bench.extract.hashing import HashStats, files_digest
+
+    f = tmp_path / "a" / "x.bin"
+    f.parent.mkdir()
+    memo = tmp_path / "memo.sqlite"
+    for i in range(20):
+        f.write_bytes(bytes([i]) * 4096)
+        stats = HashStats()
+        got = files_digest([f], tmp_path, memo=memo, stats=stats)
+        assert got == files_digest([f], tmp_path, memo=None)
+        assert stats.hashed == 1 and stats.memoised == 0
+
+
+EXTRACT_SCRIPT = r'''
+import hashlib, json, os, sys, time
+from pathlib import Path
+
+import lightning as L
+
+from bench.backbones import build_backbone
+from bench.data.sources import build_source
+from bench.extract import EmbeddingCache, extract
+
+args = json.loads(sys.argv[1])
+
+
+def pause(where):
+    print(f"paused {where}", flush=True)
+    time.sleep(600)
+
+
+class Steps(L.Callback):
+    """Slows each batch (so that two runs overlap) or stops after some (to be killed there)."""
+
+    def on_predict_batch_end(self, trainer, *rest):
+        time.sleep(args.get("batch_sleep", 0))
+        if trainer.predict_loop.batch_progress.current.completed == args.get("pause_after_batches"):
+            pause("in the extraction")
+
+
+class PausingCache(EmbeddingCache):
+    """Stops for the parent's SIGKILL inside the merge: tensors filled but no manifest yet, or
+    the entry renamed into place but the shards not yet removed."""
+
+    def write_streaming(self, key, fields, num_samples, dim, dtype, fill, **extra):
+        def fill_then_pause(maps):
+            fill(maps)
+            if args.get("pause") == "filled":
+                pause("in the merge")
+
+        entry = super().write_streaming(key, fields, num_samples, dim, dtype, fill_then_pause, **extra)
+        if args.get("pause") == "renamed":
+            pause("in the merge")
+        return entry
+
+
+print("ready", flush=True)
+while args.get("go") and not Path(args["go"]).exists():
+    time.sleep(0.01)
+entry = extract(build_backbone("tiny-digits"), build_source("digits", split=args.get("split", "test")),
+                PausingCache(args["cache"]), trainer_kwargs={"enable_progress_bar": False, **args.get("trainer", {})},
+                batch_size=args.get("batch_size", 32), shard_size=args.get("shard_size", 64), callbacks=[Steps()])
+if os.environ.get("LOCAL_RANK", "0") == "0":
+    print("entry", entry.path.name, hashlib.sha256(entry.embeddings.numpy().tobytes()).hexdigest(), flush=True)
+'''
+
+
+def _start(tmp_path: Path, **args) -> subprocess.Popen:
+    script = tmp_path / "extract_script.py"
+    script.write_text(EXTRACT_SCRIPT)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(script), json.dumps(args)], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _wait_for(proc: subprocess.Popen, prefix: str) -> list[str]:
+    """Lines of the process's stdout up to the first that starts with ``prefix``."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    proc.wait()
+    raise AssertionError(f"no '{prefix}' line; rc {proc.returncode}; stdout {''.join(lines)[-2000:]}; "
+                         f"stderr {proc.stderr.read()[-3000:]}")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".shards-")))
+
+
+def _entries(root: Path) -> list[Path]:
+    return [p for p in root.iterdir() if not p.name.startswith(".")]
+
+
+def _assert_same_entry(a, b) -> None:
+    assert a.path.name == b.path.name
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+    assert torch.equal(a.embeddings, b.embeddings)  # same batches in both runs, so the same bits
+
+
+def test_two_concurrent_extractions_of_one_key_both_succeed_with_one_entry(tmp_path, tiny):
+    cache = tmp_path / "cache"
+    go = tmp_path / "go"
+    runs = [_start(tmp_path, cache=str(cache), go=str(go), batch_sleep=0.05) for _ in range(2)]
+    for run in runs:
+        _wait_for(run, "ready")
+    go.touch()  # both start extracting at the same moment
+    outs = [run.communicate(timeout=300) for run in runs]
+    for run, (out, err) in zip(runs, outs):
+        assert run.returncode == 0, err[-3000:]
+    reported = {line for out, _ in outs for line in out.splitlines() if line.startswith("entry")}
+    assert len(reported) == 1  # the same entry, with the same embeddings, for both
+    assert len(_entries(cache)) == 1 and _leftovers(cache) == []
+    ref = extract(tiny, build_source("digits", split="test"), EmbeddingCache(tmp_path / "ref"), trainer_kwargs=QUIET,
+                  batch_size=32, shard_size=64)
+    _assert_same_entry(open_entry(_entries(cache)[0]), ref)
+
+
+@pytest.mark.parametrize("point", ["filled", "renamed"])
+def test_a_kill_in_the_merge_then_a_rerun_equals_an_uninterrupted_run(tmp_path, tiny, point):
+    root = tmp_path / "cache"
+    run = _start(tmp_path, cache=str(root), pause=point)
+    _wait_for(run, "paused in the merge")
+    if point == "filled":
+        assert _entries(root) == [] and any(p.startswith(".tmp-") for p in _leftovers(root))
+    else:
+        assert len(_entries(root)) == 1 and any(p.startswith(".shards-") for p in _leftovers(root))
+    _kill(run)
+
+    counter = Counter()
+    src = build_source("digits", split="test")
+    again = extract(tiny, src, EmbeddingCache(root), trainer_kwargs=QUIET, batch_size=32, shard_size=64,
+                    callbacks=[counter])
+    assert counter.seen == 0  # the killed run's shards (or entry) were complete: nothing extracted again
+    ref = extract(tiny, src, EmbeddingCache(tmp_path / "ref"), trainer_kwargs=QUIET, batch_size=32, shard_size=64)
+    _assert_same_entry(again, ref)
+    assert again.manifest["fields"] == ref.manifest["fields"]
+    assert _leftovers(root) == [] and len(_entries(root)) == 1
+
+
+def test_a_waiting_ddp_run_takes_over_the_shards_of_a_killed_run(tmp_path, tiny):
+    root = tmp_path / "cache"
+    first = _start(tmp_path, cache=str(root), split="train", batch_size=16, shard_size=32, pause_after_batches=6)
+    _wait_for(first, "paused in the extraction")  # holds the key's lock, 3 shards written
+    second = _start(tmp_path, cache=str(root), split="train", batch_size=16, shard_size=32,
+                    trainer={"devices": 2, "strategy": "ddp", "accelerator": "cpu"})
+    _wait_for(second, "waiting for another run")
+    assert _entries(root) == []
+    _kill(first)
+    lines = _wait_for(second, "entry")
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err[-3000:]
+    src = build_source("digits", split="train")
+    assert any(line.startswith(f"resuming extraction: 96 of {len(src)} ") for line in lines), lines
+    ref = extract(tiny, src, EmbeddingCache(tmp_path / "ref"), trainer_kwargs=QUIET, batch_size=16)
+    entry = open_entry(_entries(root)[0])
+    assert entry.manifest["world_size"] == 2 and _leftovers(root) == []
+    assert torch.equal(entry.indices, ref.indices) and torch.equal(entry.labels, ref.labels)
+    assert torch.allclose(entry.embeddings, ref.embeddings, atol=1e-6)
+
+
+READ_ONLY_SCRIPT = r'''
+import hashlib, json, sys
+
+from bench import BenchError
+from bench.backbones import build_backbone
+from bench.data.sources import build_source
+from bench.extract import EmbeddingCache, cache_key, entry_fields, extract
+
+args = json.loads(sys.argv[1])
+backbone, source = build_backbone("tiny-digits"), build_source("digits", split="test")
+entry = EmbeddingCache(args["cache"]).lookup(cache_key(entry_fields(backbone, source, "float32")))
+print("lookup", entry.path.name, hashlib.sha256(entry.embeddings.numpy().tobytes()).hexdigest())
+hit = extract(backbone, source, EmbeddingCache(args["cache"]), trainer_kwargs={"enable_progress_bar": False})
+print("extract", hit.path.name)
+try:
+    extract(backbone, source, EmbeddingCache(args["cache"]), dtype="float16",
+            trainer_kwargs={"enable_progress_bar": False})
+except BenchError as err:
+    print("refused", err)
+'''
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _without_root_file_access() -> None:
+    """In the child, before exec: as root, give up the capabilities that let root write past
+    permission bits (dropped from the bounding set, so the exec'd program never has them)."""
+    if os.getuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_a_read_only_cache_serves_lookups_and_hits(tmp_path, tiny):
+    import hashlib
+    import stat
+
+    root = tmp_path / "cache"
+    src = build_source("digits", split="test")
+    entry = extract(tiny, src, EmbeddingCache(root), trainer_kwargs=QUIET)
+    digest = hashlib.sha256(entry.embeddings.numpy().tobytes()).hexdigest()
+    script = tmp_path / "read_only.py"
+    script.write_text(READ_ONLY_SCRIPT)
+    for p in [root, *root.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    before = _tree(root)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONDONTWRITEBYTECODE": "1", "BENCH_DIGEST_MEMO": "off"}
+    try:
+        try:
+            proc = subprocess.run([sys.executable, str(script), json.dumps({"cache": str(root)})], cwd=tmp_path,
+                                  env=env, capture_output=True, text=True, timeout=300,
+                                  preexec_fn=_without_root_file_access)
+        except subprocess.SubprocessError as err:
+            pytest.skip(f"cannot give up root's file access here ({err}), and root writes through chmod")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = proc.stdout.splitlines()
+        assert f"lookup {entry.path.name} {digest}" in lines
+        assert f"extract {entry.path.name}" in lines
+        refused = [line for line in lines if line.startswith("refused")]
+        assert refused and "no write permission for cache folder" in refused[0] and str(root) in refused[0]
+        assert _tree(root) == before  # reading wrote nothing, not even a lock file
+    finally:
+        for p in [root, *root.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)

@@ -5,6 +5,10 @@ its weights, transform, layer, dataset and split, dtype), so a different transfo
 different entry. Entries are written under a temporary name and renamed into place, so an
 interrupted run never leaves a directory that looks complete. Opening an entry checks the
 manifest against the tensors; a mismatch is refused with instructions to rebuild.
+
+Writers of one key take its file lock (``.lock-<key>``), so concurrent runs never work on the
+same entry or shards at once; the operating system releases it when a process dies. Reading
+takes no lock and writes nothing, so a read-only cache folder serves lookups.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import shutil
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from bench.errors import BenchError
 
@@ -42,6 +48,15 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a crash of the machine, not only of the process)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 ST_DTYPES = {torch.float32: ("F32", "float32"), torch.float16: ("F16", "float16"),
@@ -167,31 +182,79 @@ def open_entry(path: str | Path, verify: bool | None = None) -> CacheEntry:
 
 
 class EmbeddingCache:
-    """A folder of entries keyed by :func:`cache_key`."""
+    """A folder of entries keyed by :func:`cache_key`.
+
+    Constructing one touches nothing: lookups work on a read-only or missing folder, and only
+    writing (:meth:`lock`) creates the folder or asks for write access.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    @staticmethod
+    def open(path: str | Path) -> CacheEntry:
+        """Open one entry directory (see :func:`open_entry`)."""
+        return open_entry(path)
+
+    def path_for(self, key: str) -> Path:
+        return self.root / key
+
+    def shard_dir(self, key: str) -> Path:
+        return self.root / f".shards-{key}"
+
+    def lookup(self, key: str) -> CacheEntry | None:
+        path = self.path_for(key)
+        return open_entry(path) if path.exists() else None
+
+    def require_writable(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise BenchError(f"cannot create cache folder {self.root}: {err.strerror}; choose "
                              "another with cache_dir=...") from err
-        if not os.access(self.root, os.W_OK):
-            raise BenchError(f"no write permission for cache folder {self.root}; choose another "
-                             "with cache_dir=...")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise BenchError(f"no write permission for cache folder {self.root}; it can serve cached "
+                             "embeddings, but this needs new ones: choose another with cache_dir=...")
 
-    def path_for(self, key: str) -> Path:
-        return self.root / key
+    def lock(self, key: str) -> FileLock:
+        """The per-key lock every writer of ``key`` holds; reentrant within a thread."""
+        self.require_writable()
+        return FileLock(str(self.root / f".lock-{key}"), is_singleton=True)
 
-    def lookup(self, key: str) -> CacheEntry | None:
-        path = self.path_for(key)
-        return open_entry(path) if path.exists() else None
+    @contextmanager
+    def locked(self, key: str, timeout: float = -1) -> Iterator[None]:
+        lock = self.lock(key)
+        try:
+            lock.acquire(timeout=timeout)
+        except OSError as err:  # e.g. a read-only filesystem, which os.access does not see for root
+            raise BenchError(f"cannot lock {lock.lock_file}: {err.strerror or err}; the cache folder must be "
+                             "writable to add entries: choose another with cache_dir=...") from err
+        try:
+            yield
+        finally:
+            lock.release()
 
     def scratch_dir(self, key: str, tag: str = "tmp") -> Path:
         """A private directory for work in progress; never mistaken for an entry."""
         path = self.root / f".{tag}-{key}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
         return path
+
+    def remove(self, path: Path, key: str) -> None:
+        """Delete an entry or shard folder of ``key``: renamed out of the way first, so a reader
+        or a killed run never sees it half deleted; a leftover is a ``.tmp-`` folder that
+        :meth:`clear_temporaries` removes. Hold the key's lock."""
+        if not path.exists():
+            return
+        trash = self.root / f".tmp-{key}-trash-{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def clear_temporaries(self, key: str) -> None:
+        """Remove what killed writers of ``key`` left (half-written entries, half-deleted
+        folders). Hold the key's lock: then no live writer of ``key`` has one."""
+        for path in self.root.glob(f".tmp-{key}-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     def write(
         self,
@@ -226,8 +289,13 @@ class EmbeddingCache:
         maps (piece by piece if it likes), fsync, write the manifest, then one rename.
 
         A full disk or any other failure removes the temporary directory and says so; nothing
-        that looks like an entry is left behind.
+        that looks like an entry is left behind. Holds the key's lock (reentrant, so callers that
+        hold it already may call this).
         """
+        with self.locked(key):
+            return self._write_streaming(key, fields, num_samples, dim, dtype, fill, **extra)
+
+    def _write_streaming(self, key, fields, num_samples, dim, dtype, fill, **extra) -> CacheEntry:
         final = self.path_for(key)
         tmp = self.scratch_dir(key)
         try:
@@ -261,6 +329,7 @@ class EmbeddingCache:
             ours = not final.exists()
             if ours:
                 os.rename(tmp, final)
+                fsync_dir(self.root)
             else:  # another process finished the same entry first: keep theirs
                 shutil.rmtree(tmp, ignore_errors=True)
         except OSError as err:

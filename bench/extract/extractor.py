@@ -3,13 +3,14 @@
 Each rank runs the frozen backbone on its part of the dataset (Lightning's own distributed
 sampler, no repeats when predicting) and :class:`ShardWriter` writes what it computes to
 shard files with the dataset indices. When all ranks are done, rank 0 merges the shards in
-dataset order into one cache entry, written atomically.
+dataset order into one cache entry, written atomically. From deciding what to extract to the
+end of the merge, rank 0 holds the key's file lock, so concurrent runs of one key take turns
+and the later one finds the entry, or resumes from the shards of a run that was killed.
 """
 
 from __future__ import annotations
 
 import mmap
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from filelock import Timeout
 from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -205,6 +207,104 @@ def entry_fields(backbone: Backbone, source: Source, dtype: str) -> dict[str, An
     return {**backbone.key_fields(), **source.key_fields(), "dtype": dtype}
 
 
+LOCK_POLL_S = 5.0  # rank 0 reports to the other ranks this often while it waits for the lock
+
+
+class ExtractionPlan(L.Callback):
+    """Decides on global rank 0, under the entry's file lock, what this run extracts, and tells
+    every rank, once the Trainer's processes are up.
+
+    Deciding inside the process group keeps the ranks in agreement even when another run
+    finishes the same entry meanwhile. Rank 0 tries the lock for a few seconds at a time and
+    broadcasts after each try, so a wait of any length never runs into a collective's timeout.
+    Under the lock it clears what killed runs left, then either finds the entry or lists the
+    dataset indices that no shard covers yet.
+    """
+
+    def __init__(self, cache: EmbeddingCache, key: str, num_samples: int, datamodule: ImageDataModule,
+                 rebuild: bool = False) -> None:
+        self.cache, self.key, self.num_samples, self.datamodule, self.rebuild = (
+            cache, key, num_samples, datamodule, rebuild)
+        self.lock = None
+        self.state: str | None = None  # "hit" or "extract"
+        self.entry: CacheEntry | None = None
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        announced = False
+        while True:
+            msg = self._decide() if trainer.is_global_zero else None
+            msg = trainer.strategy.broadcast(msg, src=0)
+            if msg[0] != "wait":
+                break
+            if trainer.is_global_zero and not announced:
+                print(f"waiting for another run that is extracting the same entry (lock {self.lock.lock_file}); "
+                      "if it stops, this run continues from its shards", flush=True)
+                announced = True
+        if msg[0] == "error":
+            raise BenchError(msg[1])
+        if not trainer.strategy.reduce_boolean_decision(msg[1] == self.key, all=True):
+            raise BenchError(
+                f"the processes of this run computed different cache keys for {self.cache.root} (rank 0: "
+                f"{msg[1]}, this rank: {self.key}): the dataset changed while they started; rerun")
+        self.state = msg[0]
+        if self.state == "hit":
+            trainer.limit_predict_batches = 0
+            return
+        todo, done = msg[2], msg[3]
+        if done and trainer.is_global_zero:
+            print(f"resuming extraction: {done} of {self.num_samples} samples already in "
+                  f"{self.cache.shard_dir(self.key)}", flush=True)
+        self.datamodule.indices = todo.tolist() if done else None
+        if len(todo) == 0:
+            trainer.limit_predict_batches = 0
+
+    def _decide(self) -> tuple:
+        """On rank 0: ("wait",), ("error", message), ("hit", key) or ("extract", key, todo, done)."""
+        try:
+            if self.lock is None:
+                self.lock = self.cache.lock(self.key)
+            try:
+                self.lock.acquire(timeout=LOCK_POLL_S)
+            except Timeout:
+                return ("wait",)
+            except OSError as err:
+                raise BenchError(f"cannot lock {self.lock.lock_file}: {err.strerror or err}; the cache folder "
+                                 "must be writable to add entries: choose another with cache_dir=...") from err
+            shard_dir = self.cache.shard_dir(self.key)
+            self.cache.clear_temporaries(self.key)
+            if self.rebuild:
+                self.cache.remove(self.cache.path_for(self.key), self.key)
+                self.cache.remove(shard_dir, self.key)
+            if self.cache.path_for(self.key).exists():  # another run finished it while we waited
+                self.entry = open_entry(self.cache.path_for(self.key))
+                self.cache.remove(shard_dir, self.key)
+                return ("hit", self.key)
+            shard_dir.mkdir(exist_ok=True)
+            done = scan_shards(shard_dir, self.key, self.num_samples)
+            missing = torch.ones(self.num_samples, dtype=torch.bool)
+            missing[done] = False
+            return ("extract", self.key, torch.nonzero(missing).flatten(), len(done))
+        except BenchError as err:
+            return ("error", str(err))
+
+    def release(self) -> None:
+        if self.lock is not None and self.lock.is_locked:
+            self.lock.release()
+
+
+def _tidy(cache: EmbeddingCache, key: str) -> None:
+    """Remove shards and temporaries that a run killed after its merge left next to an entry,
+    if no other run holds the lock and the folder is writable; never blocks."""
+    if not (cache.shard_dir(key).exists() or any(cache.root.glob(f".tmp-{key}-*"))):
+        return
+    try:
+        with cache.locked(key, timeout=0):
+            cache.clear_temporaries(key)
+            cache.remove(cache.shard_dir(key), key)
+    except (BenchError, Timeout):
+        pass
+
+
 def extract(
     backbone: Backbone,
     source: Source,
@@ -224,41 +324,57 @@ def extract(
     """Return the cache entry for (backbone, source, dtype), extracting what is missing.
 
     Shards of an interrupted run (same key) are kept: a rerun extracts only the indices they do
-    not cover, then merges everything. The merged entry equals an uninterrupted run's.
+    not cover, then merges everything. The merged entry equals an uninterrupted run's. Runs of
+    the same key take turns through the key's file lock; a run that waited finds the entry, or
+    the shards of a run that died, and goes on from there.
     """
     fields = entry_fields(backbone, source, dtype)
     key = cache_key(fields)
-    final = cache.path_for(key)
-    shard_dir = cache.root / f".shards-{key}"
-    if rebuild:
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.rmtree(shard_dir, ignore_errors=True)
-    if final.exists():
-        return open_entry(final)
-
     kwargs = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
               "enable_model_summary": False, **(trainer_kwargs or {})}
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    done = scan_shards(shard_dir, key, len(source))
-    todo = sorted(set(range(len(source))) - set(done.tolist()))
-    writer = ShardWriter(shard_dir, key, len(source), shard_size)
-    trainer = L.Trainer(callbacks=[writer, *(callbacks or [])], **kwargs)
-    if todo:
-        if len(done) and trainer.is_global_zero:
-            print(f"resuming extraction: {len(done)} of {len(source)} samples already in {shard_dir}")
-        dm = ImageDataModule(source, backbone.transform, batch_size, num_workers, skip_corrupt,
-                             indices=todo if len(done) else None,
-                             pin_memory=kwargs.get("accelerator") != "cpu" and torch.cuda.is_available())
-        module = EmbeddingExtractor(backbone.model, dtype, channels_last=channels_last, compile=compile)
-        trainer.predict(module, datamodule=dm, return_predictions=False)
-    trainer.strategy.barrier("bench-extract-written")
+    dm = ImageDataModule(source, backbone.transform, batch_size, num_workers, skip_corrupt,
+                         pin_memory=kwargs.get("accelerator") != "cpu" and torch.cuda.is_available())
+    dm.allow_zero_length_dataloader_with_multiple_devices = True  # a resumed run may leave a rank nothing
+    plan = ExtractionPlan(cache, key, len(source), dm, rebuild)
+    writer = ShardWriter(cache.shard_dir(key), key, len(source), shard_size)
+    trainer = L.Trainer(callbacks=[plan, writer, *(callbacks or [])], **kwargs)
+    if trainer.world_size == 1 and not rebuild:
+        # One process needs no agreement: a finished entry is served without the lock, so a
+        # read-only cache works.
+        entry = cache.lookup(key)
+        if entry is not None:
+            _tidy(cache, key)
+            return entry
+
+    module = EmbeddingExtractor(backbone.model, dtype, channels_last=channels_last, compile=compile)
+    status: tuple[str, str] | None = None
     entry = None
-    if trainer.is_global_zero:
-        entry = merge_shards(cache, shard_dir, key, fields, len(source), class_names=source.class_names,
-                             world_size=trainer.world_size)
-        shutil.rmtree(shard_dir, ignore_errors=True)
-    trainer.strategy.barrier("bench-extract-merged")
-    entry = entry or open_entry(final)
+    try:
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+        trainer.strategy.barrier("bench-extract-written")  # every rank's last shard is on disk
+        if trainer.is_global_zero:
+            try:
+                if plan.state == "extract":
+                    entry = merge_shards(cache, cache.shard_dir(key), key, fields, len(source),
+                                         class_names=source.class_names, world_size=trainer.world_size)
+                    cache.remove(cache.shard_dir(key), key)
+                else:
+                    entry = plan.entry
+                status = ("ok", "")
+            except Exception as err:
+                status = ("error", str(err) if isinstance(err, BenchError) else f"rank 0 failed to merge: {err!r}")
+                raise
+            finally:
+                plan.release()
+                if trainer.world_size > 1:  # tell the other ranks, which wait for the merge
+                    trainer.strategy.broadcast(status, src=0)
+        else:
+            status = trainer.strategy.broadcast(status, src=0)
+            if status[0] != "ok":
+                raise BenchError(status[1])
+    finally:
+        plan.release()
+    entry = entry or open_entry(cache.path_for(key))
     skipped = entry.manifest.get("skipped", [])
     if skipped and trainer.is_global_zero:
         print(f"skipped {len(skipped)} corrupt image(s): dataset indices {skipped[:20]}"
