@@ -1,0 +1,236 @@
+"""Training SNE with Lightning, predicting with it, and its checkpoint (safetensors + JSON).
+
+``SNEPredictor(model_config, fit_config).fit(items, accuracies)`` trains an ``SNERegressor``
+(LightningModule) on a ``WeightSetDataModule`` (LightningDataModule): items are networks (lists
+of ``Layer``) or heads (``HeadWeights``), chunked once up front. The loss is the mean squared
+error on standardised targets plus ``invariance`` times the logit-invariance loss on a freshly
+permuted copy of each network in the batch. ``save(dir)`` writes ``model.safetensors`` and
+``config.json`` (architecture, training settings, target scaling, the weights' sha256);
+``SNEPredictor.load(dir)`` refuses a folder whose weights do not match its config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from bench.errors import BenchError
+from bench.weightspace.architectures import Layer
+from bench.weightspace.chunking import chunk_head, chunk_network, collate_heads, collate_networks
+from bench.weightspace.headzoo import HeadWeights
+from bench.weightspace.runtime import finish_wandb, quiet_lightning, wandb_logger, write_json_atomic
+from bench.weightspace.sne import SNE, SNEConfig, logit_invariance_loss
+
+CHECKPOINT_FORMAT = "bench-sne/1"
+HEAD_ELEMENT_DIM = 16
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 60
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    invariance: float = 0.0  # strength of the logit-invariance regulariser; 0 turns it off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise BenchError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if self.invariance < 0:
+            raise BenchError(f"invariance strength must be >= 0, got {self.invariance}")
+
+
+def item_kind(items: Sequence) -> str:
+    kinds = {"head" if isinstance(it, HeadWeights) else "network" for it in items}
+    if len(kinds) != 1:
+        raise BenchError("SNE reads either networks or heads in one call, not a mix" if kinds
+                         else "no networks or heads were given")
+    return kinds.pop()
+
+
+def chunk_items(items: Sequence, element_dim: int) -> list:
+    if item_kind(items) == "head":
+        return [chunk_head(h.proxies, h.proxy_labels, h.classes, element_dim) for h in items]
+    return [chunk_network(layers, element_dim) for layers in items]
+
+
+def collate(kind: str, chunks: list):
+    return collate_heads(chunks) if kind == "head" else collate_networks(chunks)
+
+
+def _lightning_classes():
+    import lightning as L
+
+    class WeightSetDataModule(L.LightningDataModule):
+        """Chunked items, standardised targets and (networks) their layers for permuted copies."""
+
+        def __init__(self, kind: str, chunks: list, targets: torch.Tensor, raw: list | None,
+                     batch_size: int, seed: int) -> None:
+            super().__init__()
+            self.kind, self.chunks, self.targets, self.raw = kind, chunks, targets, raw
+            self.batch_size, self.seed = batch_size, seed
+
+        def _collate(self, idx: list[int]):
+            raw = [self.raw[i] for i in idx] if self.raw is not None else None
+            return collate(self.kind, [self.chunks[i] for i in idx]), self.targets[idx], raw
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(
+                list(range(len(self.chunks))), batch_size=self.batch_size, shuffle=True,
+                collate_fn=self._collate, generator=torch.Generator().manual_seed(self.seed))
+
+    class SNERegressor(L.LightningModule):
+        def __init__(self, model: dict, fit: dict, target_mean: float, target_std: float) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.model = SNE(SNEConfig(**model))
+            self.fit_cfg = FitConfig(**fit)
+            self.perm_generator = torch.Generator().manual_seed(self.fit_cfg.seed + 1)
+
+        def predict_networks(self, networks: list[list[Layer]]) -> torch.Tensor:
+            chunks = [chunk_network(layers, self.model.cfg.element_dim) for layers in networks]
+            return self.model(collate_networks(chunks).to(self.device))
+
+        def training_step(self, batch, _):
+            sets, y, raw = batch
+            pred = self.model(sets)
+            loss = torch.nn.functional.mse_loss(pred, y)
+            self.log("train/mse", loss, prog_bar=True, batch_size=len(y))
+            lam = self.fit_cfg.invariance
+            if lam > 0 and raw is not None:
+                inv = logit_invariance_loss(self.predict_networks, raw, self.perm_generator, reference=pred)
+                self.log("train/logit_invariance", inv, prog_bar=True, batch_size=len(y))
+                loss = loss + lam * inv
+            return loss
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=self.fit_cfg.lr, weight_decay=self.fit_cfg.weight_decay)
+            return {"optimizer": opt,
+                    "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.fit_cfg.epochs)}
+
+    return WeightSetDataModule, SNERegressor
+
+
+class SNEPredictor:
+    """Fit SNE on items and accuracies; predict accuracies of new items; save and load."""
+
+    def __init__(self, model: SNEConfig | None = None, fit: FitConfig | None = None, name: str | None = None) -> None:
+        self.model_cfg = model or SNEConfig()
+        self.fit_cfg = fit or FitConfig()
+        self.name = name or ("sne+li" if self.fit_cfg.invariance > 0 else "sne")
+        self.model: SNE | None = None
+        self.target_mean, self.target_std = 0.0, 1.0
+        self.info: dict[str, Any] = {}
+
+    def fit(self, items: Sequence, y, wandb: str = "disabled", log_dir: str | Path = "runs/weights",
+            progress: bool = True, run_name: str | None = None) -> SNEPredictor:
+        import lightning as L
+
+        quiet_lightning()
+        kind = item_kind(items)
+        if kind != self.model_cfg.kind:
+            self.model_cfg = SNEConfig(**{**self.model_cfg.to_dict(), "kind": kind,
+                                          "element_dim": HEAD_ELEMENT_DIM if kind == "head" else self.model_cfg.element_dim})
+        y = torch.as_tensor(np.asarray(y, dtype=np.float32))
+        if len(y) != len(items) or len(items) < 2:
+            raise BenchError(f"SNE needs at least 2 items with one target each, got {len(items)} items "
+                             f"and {len(y)} targets")
+        self.target_mean, self.target_std = float(y.mean()), float(y.std().clamp_min(1e-6))
+        data_cls, module_cls = _lightning_classes()
+        chunks = chunk_items(items, self.model_cfg.element_dim)
+        raw = list(items) if kind == "network" and self.fit_cfg.invariance > 0 else None
+        dm = data_cls(kind, chunks, (y - self.target_mean) / self.target_std, raw,
+                      self.fit_cfg.batch_size, self.fit_cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.fit_cfg.seed)
+            module = module_cls(self.model_cfg.to_dict(), asdict(self.fit_cfg), self.target_mean, self.target_std)
+        config = {"model": self.model_cfg.to_dict(), "fit": asdict(self.fit_cfg), "items": len(items)}
+        logger = wandb_logger(wandb, Path(log_dir), run_name or self.name, config)
+        trainer = L.Trainer(max_epochs=self.fit_cfg.epochs, accelerator="cpu", devices=1, logger=logger or False,
+                            enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                            gradient_clip_val=1.0, log_every_n_steps=5, num_sanity_val_steps=0)
+        trainer.fit(module, datamodule=dm)
+        self.info = {"wandb": finish_wandb(logger), "items": len(items),
+                     "final_loss": float(trainer.callback_metrics.get("train/mse", float("nan")))}
+        self.model = module.model.eval()
+        return self
+
+    @torch.no_grad()
+    def predict(self, items: Sequence, batch_size: int = 64) -> np.ndarray:
+        if self.model is None:
+            raise BenchError("SNE predict before fit or load")
+        if item_kind(items) != self.model_cfg.kind:
+            raise BenchError(f"this SNE was trained on {self.model_cfg.kind}s and cannot read {item_kind(items)}s")
+        self.model.eval()
+        out = []
+        for start in range(0, len(items), batch_size):
+            chunks = chunk_items(items[start:start + batch_size], self.model_cfg.element_dim)
+            out.append(self.model(collate(self.model_cfg.kind, chunks)))
+        return (torch.cat(out) * self.target_std + self.target_mean).double().numpy()
+
+    @torch.no_grad()
+    def encode(self, items: Sequence, batch_size: int = 64) -> torch.Tensor:
+        if self.model is None:
+            raise BenchError("SNE encode before fit or load")
+        self.model.eval()
+        out = []
+        for start in range(0, len(items), batch_size):
+            chunks = chunk_items(items[start:start + batch_size], self.model_cfg.element_dim)
+            out.append(self.model.encode(collate(self.model_cfg.kind, chunks)))
+        return torch.cat(out)
+
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        if self.model is None:
+            raise BenchError("nothing to save: fit SNE first")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = folder / "model.safetensors"
+        tmp = folder / "model.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
+        os.replace(tmp, weights)
+        write_json_atomic(folder / "config.json", {
+            "format": CHECKPOINT_FORMAT, "name": self.name, "model": self.model_cfg.to_dict(),
+            "fit": asdict(self.fit_cfg), "target_mean": self.target_mean, "target_std": self.target_std,
+            "weights_sha256": _sha256(weights), "info": self.info, **(extra or {}),
+        })
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SNEPredictor:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg_path, weights = folder / "config.json", folder / "model.safetensors"
+        if not cfg_path.is_file() or not weights.is_file():
+            raise BenchError(f"{folder} is not an SNE checkpoint (needs config.json and model.safetensors); "
+                             "make one with `bench weights fit`")
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("format") != CHECKPOINT_FORMAT:
+            raise BenchError(f"{cfg_path} has format {cfg.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        if _sha256(weights) != cfg["weights_sha256"]:
+            raise BenchError(f"{weights} does not match {cfg_path} (sha256 differs); the checkpoint was "
+                             "overwritten or cut short; refit it")
+        out = cls(SNEConfig(**cfg["model"]), FitConfig(**cfg["fit"]), cfg.get("name"))
+        out.target_mean, out.target_std, out.info = cfg["target_mean"], cfg["target_std"], cfg.get("info", {})
+        out.model = SNE(out.model_cfg)
+        out.model.load_state_dict(load_file(str(weights)))
+        out.model.eval()
+        return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,313 @@
+"""Weight space: zoo networks, chunking, SNE, StatNN, the logit-invariance loss and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench import BenchError
+from bench.weightspace.architectures import (
+    Layer,
+    NetSpec,
+    build_network,
+    layers_to_state,
+    network_layers,
+    permute_hidden_units,
+)
+from bench.weightspace.chunking import chunk_head, chunk_layer, chunk_network, collate_heads, collate_networks, unchunk_layer
+from bench.weightspace.headzoo import HeadWeights
+from bench.weightspace.netzoo import NetworkZoo, TrainRecipe, ZooMember, build_zoo, plan_zoo
+from bench.weightspace.scoring import kendall_tau, selection_regret
+from bench.weightspace.sne import SNE, SNEConfig, logit_invariance_loss
+from bench.weightspace.statnn import QUANTILES, network_feature_names, network_features
+
+
+def random_state(spec: NetSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A network's state with random weights and non-trivial batch-norm statistics."""
+    torch.manual_seed(seed)
+    net = build_network(spec)
+    state = {}
+    for k, v in net.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        state[k] = torch.rand_like(v) + 0.5 if k.endswith("running_var") else torch.randn_like(v) * 0.3
+    return state
+
+
+SPECS = [NetSpec("conv", 3, 8, 3, True), NetSpec("conv", 2, 6, 5, False), NetSpec("mlp", 2, 7, 3, True)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_chunking_round_trips_every_layer(spec):
+    for layer in network_layers(spec, random_state(spec)):
+        chunked = chunk_layer(layer)
+        assert chunked.values.shape[1] == 25
+        w, b = unchunk_layer(chunked)
+        assert torch.equal(w, layer.weight)
+        assert (b is None and layer.bias is None) or torch.equal(b, layer.bias)
+
+
+def test_chunking_keeps_conv_kernels_whole_and_centred():
+    w = torch.arange(2 * 3 * 9, dtype=torch.float).reshape(2, 3, 3, 3)
+    c = chunk_layer(Layer("conv", w, torch.tensor([7.0, 8.0])))
+    assert c.values.shape == (2 * 3 + 2, 25)  # one element per kernel, one per output bias
+    grid = c.values[1].reshape(5, 5)  # kernel (out 0, in 1)
+    assert torch.equal(grid[1:4, 1:4], w[0, 1]) and grid.abs().sum() == w[0, 1].abs().sum()
+    assert c.rows[1] == 0 and c.cols[1] == 1
+    assert torch.equal(c.values[6:, 0], torch.tensor([7.0, 8.0])) and int(c.cols[6]) == 3
+
+
+def test_linear_rows_are_padded_and_chunked():
+    w = torch.randn(3, 30)
+    c = chunk_layer(Layer("linear", w, torch.randn(3)))
+    assert c.values.shape == (3 * 2, 25)  # 31 values per row -> 2 chunks of 25
+    assert torch.equal(c.values[1, 6:], torch.zeros(19))  # padding after weight + bias
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_permuted_hidden_units_compute_the_same_function(spec):
+    state = random_state(spec, 1)
+    x = torch.randn(5, 1, 8, 8)
+    net = build_network(spec).eval()
+    net.load_state_dict(state, strict=False)
+    before = net(x)
+    permuted = permute_hidden_units(network_layers(spec, state), torch.Generator().manual_seed(3))
+    assert not torch.equal(permuted[0].weight, network_layers(spec, state)[0].weight)
+    net.load_state_dict(layers_to_state(permuted, state), strict=False)
+    torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+
+
+def _head(seed: int, sizes=(1, 3, 2), dim: int = 20) -> HeadWeights:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((n,), c) for c, n in zip((4, 7, 9), sizes)])
+    return HeadWeights(torch.randn(len(labels), dim, generator=g, dtype=torch.float64), labels,
+                       torch.tensor([4, 7, 9]))
+
+
+def _head_model() -> SNE:
+    torch.manual_seed(0)
+    return SNE(SNEConfig(kind="head", element_dim=8, hidden=16)).double().eval()
+
+
+def test_head_encoding_is_invariant_to_class_and_proxy_order():
+    model = _head_model()
+    head = _head(0)
+    enc = lambda h: model.encode(collate_heads([chunk_head(h.proxies, h.proxy_labels, h.classes, 8)]))  # noqa: E731
+    base = enc(head)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        perm = torch.randperm(len(head.proxies), generator=g)  # shuffles classes and proxies together
+        shuffled = HeadWeights(head.proxies[perm], head.proxy_labels[perm], head.classes[torch.randperm(3, generator=g)])
+        torch.testing.assert_close(enc(shuffled), base, rtol=0, atol=1e-12)
+    # a different head (one proxy moved to another class) is encoded differently
+    moved = HeadWeights(head.proxies, torch.tensor([4, 4, 7, 7, 9, 9]), head.classes)
+    assert (enc(moved) - base).abs().max() > 1e-4
+
+
+def test_batched_items_are_encoded_as_if_alone():
+    model = _head_model()
+    heads = [_head(1), _head(2, sizes=(4, 1, 1), dim=13)]
+    chunks = [chunk_head(h.proxies, h.proxy_labels, h.classes, 8) for h in heads]
+    together = model(collate_heads(chunks))
+    for i, c in enumerate(chunks):
+        torch.testing.assert_close(model(collate_heads([c])), together[i:i + 1], rtol=0, atol=1e-12)
+    torch.manual_seed(0)
+    net_model = SNE(SNEConfig(hidden=16)).double().eval()
+    nets = [network_layers(s, random_state(s)) for s in SPECS]
+    together = net_model(collate_networks([chunk_network(n) for n in nets]))
+    for i, n in enumerate(nets):
+        one = net_model(collate_networks([chunk_network(n)]))
+        torch.testing.assert_close(one, together[i:i + 1], rtol=0, atol=1e-10)
+
+
+def _sorted_stats_model(networks):
+    """Exactly invariant to hidden-unit permutations: sorted values do not depend on order."""
+    out = []
+    for layers in networks:
+        v = torch.cat([torch.sort(layer.weight.reshape(-1))[0] for layer in layers])
+        out.append((v * torch.linspace(-1, 1, len(v))).sum())
+    return torch.stack(out)
+
+
+def test_logit_invariance_loss_is_zero_for_an_invariant_model_and_positive_for_sne():
+    nets = [network_layers(s, random_state(s, i)) for i, s in enumerate(SPECS)]
+    g = torch.Generator().manual_seed(0)
+    assert float(logit_invariance_loss(_sorted_stats_model, nets, g)) == 0.0
+    # SNE's positional encodings break the symmetry; in float64 rounding alone stays below 1e-24
+    torch.manual_seed(0)
+    sne = SNE(SNEConfig(hidden=16)).double().eval()
+    predict = lambda ns: sne(collate_networks([chunk_network(n) for n in ns]))  # noqa: E731
+    with torch.no_grad():
+        assert float(logit_invariance_loss(predict, nets, g)) > 1e-14
+        reordered = [list(reversed(n)) for n in nets]  # not a permutation of units: a different network
+        assert float(torch.mean((predict(nets) - predict(reordered)) ** 2)) > 1e-8
+
+
+def test_statnn_features_match_a_direct_computation():
+    spec = NetSpec("conv", 3, 5, 3, True)
+    state = random_state(spec, 2)
+    feats = dict(zip(network_feature_names(), network_features(network_layers(spec, state)).tolist()))
+
+    def stats(a):
+        a = np.asarray(a, dtype=np.float64).reshape(-1)
+        return [a.mean(), a.var(ddof=1)] + list(np.quantile(a, QUANTILES))
+
+    def check(prefix, values):
+        names = ["mean", "var", "q0", "q25", "q50", "q75", "q100"]
+        np.testing.assert_allclose([feats[f"{prefix}.{n}"] for n in names], stats(values), rtol=1e-12, atol=1e-12)
+
+    s = {k: v.numpy() for k, v in state.items()}
+    check("first.weight", s["0.weight"])
+    check("first.bias", s["0.bias"])
+    # hidden slot: the two middle convs pooled (modules 0 conv, 1 bn, 2 relu, 3 pool, 4 conv, ..., 8 conv)
+    check("hidden.weight", np.concatenate([s["4.weight"].ravel(), s["8.weight"].ravel()]))
+    check("hidden.bias", np.concatenate([s["4.bias"], s["8.bias"]]))
+    check("last.weight", s["13.weight"])
+    check("bn.weight", np.concatenate([s["1.weight"], s["5.weight"], s["9.weight"]]))
+    check("bn.bias", np.concatenate([s["1.bias"], s["5.bias"], s["9.bias"]]))
+    assert feats["num_weight_layers"] == 4 and feats["hidden.present"] == 1.0
+    n_params = sum(v.size for k, v in s.items() if k.split(".")[0] in ("0", "4", "8", "13")) + 2 * 3 * 5
+    assert feats["log10_params"] == pytest.approx(np.log10(n_params))
+
+
+def test_statnn_features_are_invariant_to_hidden_unit_permutations():
+    spec = NetSpec("mlp", 3, 9, 3, False)
+    layers = network_layers(spec, random_state(spec, 4))
+    moved = permute_hidden_units(layers, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(network_features(moved), network_features(layers), rtol=0, atol=1e-12)
+
+
+def test_selection_regret_and_kendall():
+    true = np.array([0.5, 0.9, 0.7, 0.2, 0.4])
+    scores = np.array([0.1, 0.2, 0.9, 0.5, 0.3])
+    np.testing.assert_allclose(selection_regret([[0, 1, 2], [3, 4]], true, scores), [0.2, 0.2])
+    assert kendall_tau([1, 2, 3], [3, 4, 10]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+FAST = [
+    ZooMember(NetSpec("mlp", 1, 8), TrainRecipe(epochs=1, lr=0.1, seed=1)),
+    ZooMember(NetSpec("conv", 2, 8, 3, True), TrainRecipe(epochs=1, lr=0.05, batch_size=128, seed=2)),
+    ZooMember(NetSpec("mlp", 2, 8, 3, True), TrainRecipe(optimizer="adam", lr=1e-3, epochs=1, seed=3, label_noise=0.5)),
+    ZooMember(NetSpec("conv", 2, 16, 3), TrainRecipe(epochs=1, lr=0.01, batch_size=128, seed=4)),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    summary = build_zoo(root, FAST, workers=1, log=lambda s: None)
+    assert summary["trained_now"] == len(FAST)
+    return root
+
+
+def test_zoo_is_content_addressed_and_resumable(tiny_zoo, capsys):
+    zoo = NetworkZoo.load(tiny_zoo)
+    assert sorted(r.key for r in zoo) == sorted(m.key for m in FAST)
+    assert all(0.0 <= r.test_acc <= 1.0 and r.metrics["gap"] == pytest.approx(r.metrics["train_acc"] - r.test_acc)
+               for r in zoo)
+    again = build_zoo(tiny_zoo, FAST, workers=1, log=lambda s: None)
+    assert again["trained_now"] == 0
+    rows = list(csv.DictReader((tiny_zoo / "index.csv").open()))
+    assert len(rows) == len(FAST) and {"family", "test_acc", "train.lr"} <= set(rows[0])
+    # the same (seed, index) always plans the same member; another seed plans another zoo
+    assert [m.key for m in plan_zoo(5, seed=3)] == [m.key for m in plan_zoo(5, seed=3)]
+    assert [m.key for m in plan_zoo(5, seed=3)] != [m.key for m in plan_zoo(5, seed=4)]
+    # a stored network's weights rebuild its architecture
+    rec = zoo[0]
+    net = build_network(rec.spec)
+    net.load_state_dict(rec.state(), strict=False)
+
+
+def test_cli_fit_then_predict(tiny_zoo, tmp_path, capsys):
+    from bench.cli import main
+
+    out = tmp_path / "sne"
+    assert main(["weights", "fit", "--zoo", str(tiny_zoo), "--out", str(out), "--epochs", "2", "--batch-size", "2",
+                 "--hidden", "16", "--invariance", "0.5", "--wandb", "offline", "--no-progress"]) == 0
+    assert (out / "model.safetensors").is_file()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["fit"]["invariance"] == 0.5 and cfg["model"]["hidden"] == 16
+    assert list((out / "wandb").rglob("*.wandb")), "an offline W&B run was written"
+    preds = tmp_path / "preds.csv"
+    assert main(["weights", "predict", "--checkpoint", str(out), "--zoo", str(tiny_zoo), "--csv", str(preds)]) == 0
+    rows = list(csv.DictReader(preds.open()))
+    assert len(rows) == len(FAST)
+    assert all(np.isfinite(float(r["predicted_acc"])) for r in rows)
+    assert "Kendall tau" in capsys.readouterr().out
+    # predictions do not depend on the batch: the CSV equals a fresh load's one-by-one predictions
+    from bench.weightspace.sne_training import SNEPredictor
+
+    p = SNEPredictor.load(out)
+    zoo = NetworkZoo.load(tiny_zoo)
+    one = [float(p.predict([r.layers()])[0]) for r in zoo]
+    np.testing.assert_allclose([float(r["predicted_acc"]) for r in rows], one, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_with_changed_weights_is_refused(tiny_zoo, tmp_path):
+    from bench.weightspace.sne_training import FitConfig, SNEPredictor
+
+    zoo = NetworkZoo.load(tiny_zoo)
+    p = SNEPredictor(SNEConfig(hidden=8, heads=2), FitConfig(epochs=1)).fit(
+        [r.layers() for r in zoo], zoo.targets().numpy(), progress=False)
+    p.save(tmp_path / "ck")
+    blob = bytearray((tmp_path / "ck" / "model.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (tmp_path / "ck" / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(BenchError, match="sha256"):
+        SNEPredictor.load(tmp_path / "ck")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["weights", "fit", "--zoo", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a network zoo" in err
+    assert main(["zoo", "build", "--out", str(tmp_path / "z"), "--dataset", "cifar"]) == 2
+    assert "digits-permuted" in capsys.readouterr().err
+
+
+def _fake_run(root, methods=("qi2018", "l2/kmeans:k=2/l2/l2/max")):
+    """A run folder laid out as `bench run ... save_heads=true` writes it."""
+    from bench.imprint import SupportSet, build_head_grid
+
+    from bench.weightspace.headzoo import method_slug
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for seed in (0, 1):
+        x = torch.randn(12, 6, generator=g)
+        y = torch.arange(3).repeat(4)
+        folder = root / "heads" / f"novel-4shot-seed{seed}"
+        folder.mkdir(parents=True)
+        heads = build_head_grid(list(methods), [SupportSet(x, y, seed=seed)])
+        for j, m in enumerate(methods):
+            heads[j][0].save(folder / f"{method_slug(m)}.safetensors")
+            rows.append({"backbone": "tiny-digits", "dataset": "digits", "task": "t", "classes": "novel",
+                         "shots": "4", "seed": seed, "method": m, "acc": 0.5 + 0.1 * j + 0.01 * seed})
+    with (root / "results.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def test_head_zoo_pairs_results_rows_with_head_files(tmp_path):
+    from bench.weightspace.headzoo import HeadZoo
+    from bench.weightspace.statnn import StatNN
+
+    zoo = HeadZoo.load([_fake_run(tmp_path / "run")])
+    assert len(zoo) == 4 and len(zoo.episodes()) == 2
+    rec = [r for r in zoo if r.method.startswith("l2/kmeans") and r.seed == 1][0]
+    assert rec.acc == pytest.approx(0.61)
+    w = rec.weights()
+    assert w.proxies.shape == (6, 6) and sorted(set(w.proxy_labels.tolist())) == [0, 1, 2]
+    assert StatNN("gbt").fit([r.weights() for r in zoo], zoo.targets()).predict([w]).shape == (1,)
+    next((tmp_path / "run" / "heads").rglob("qi2018.safetensors")).unlink()
+    with pytest.raises(BenchError, match="qi2018"):
+        HeadZoo.load([tmp_path / "run"])
