@@ -130,3 +130,22 @@ def test_wandb_offline_run_holds_config_keys_and_metrics(tmp_path, monkeypatch):
     west = by_method["westerhoff2025"]
     assert west[columns.index("gen")] == "kmeans" and west[columns.index("gen.k")] == 20
     assert west[columns.index("norm_pre")] == "l2" and len(table["data"]) == len(frame)
+
+
+def test_report_wandb_logs_the_merged_report_as_its_own_run(tmp_path, monkeypatch, capsys):
+    from bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path / "runs" / "a", make_rows())
+    make_run(tmp_path / "runs" / "b", make_rows(backbone="other", seed=1))
+    assert main(["report", "runs/*", "-o", "out/report", "--wandb"]) == 0
+    assert "W&B: " in capsys.readouterr().out
+    folders = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 1 and not (tmp_path / "runs" / "a" / "wandb").exists()
+    got = read_offline_run(folders[0])
+    assert got["run"]["job_type"] == "report" and got["config"]["metric"] == "acc"
+    assert len(got["config"]["runs"]) == 2 and "average_rank/westerhoff2025" in got["summary"]
+    assert any(k.startswith("figures/cd") for k in got["history"])
+    report_art = next(a for a in got["artifacts"] if a["type"] == "report")
+    paths = {c["path"] for c in report_art["manifest"]["contents"]}
+    assert {"report.html", "report.md", "ranks.csv"} <= paths

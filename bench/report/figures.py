@@ -69,7 +69,9 @@ def accuracy_vs_shots(summary: pd.DataFrame, metric: str, title: str):
         rows = summary[summary["method"] == method].copy()
         rows = rows.assign(x=rows["shots"].map(x_of)).sort_values("x")
         mean, std = rows["mean"].to_numpy() * scale, rows["std"].to_numpy() * scale
-        ax.plot(rows["x"], mean, color=color, linestyle=LINESTYLES[(i // 10) % len(LINESTYLES)],
+        # tab20 pairs a dark and a light shade of one hue: the light one gets a dashed line
+        style = LINESTYLES[i % 2] if len(methods) > 10 else "-"
+        ax.plot(rows["x"], mean, color=color, linestyle=style,
                 marker=MARKERS[i % len(MARKERS)], markersize=5, linewidth=1.6, label=method)
         ax.fill_between(rows["x"], mean - std, mean + std, color=color, alpha=0.12, linewidth=0)
     ax.set_xticks(range(len(shots)), [str(s) for s in shots])

@@ -1,6 +1,8 @@
 """Does multi-proxy k-means imprinting beat mean imprinting? A paired comparison over the same
-episodes: a win is claimed only when the mean per-episode difference is larger than its 95%
-confidence half-width over seeds, i.e. larger than the spread that the seeds themselves show."""
+episodes: a win is claimed only when the mean per-episode difference exceeds the spread over
+seeds, the standard deviation of those per-episode differences. Pairing removes what the two
+methods share (an easy or a hard draw of support and queries), which the unpaired ± of the
+tables still holds."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from bench.report.stats import ci95_halfwidth, ordered_shots
+from bench.report.stats import ordered_shots
 
 EPISODE = ("backbone", "dataset", "task", "classes", "shots", "seed")
 
@@ -21,7 +23,7 @@ class Paired:
     method_mean: float
     baseline_mean: float
     diff: float  # mean over episodes of (method - baseline)
-    halfwidth: float  # 95% CI half-width of diff over episodes; NaN with one episode
+    spread: float  # standard deviation of the per-episode differences; NaN with one episode
     n: int
     # Both methods scored the same on every seed: the seeds drew the same episode (shots=all
     # with a fixed query set), so there is one observation and no spread to judge against.
@@ -30,11 +32,11 @@ class Paired:
     @property
     def outcome(self) -> str:
         """'win', 'loss' or 'tie' (within the spread over seeds, or one seed: nothing to judge)."""
-        if self.n < 2 or self.identical or math.isnan(self.halfwidth):
+        if self.n < 2 or self.identical or math.isnan(self.spread):
             return "tie"
-        if self.diff > self.halfwidth and self.diff > 0:
+        if self.diff > self.spread and self.diff > 0:
             return "win"
-        if self.diff < -self.halfwidth and self.diff < 0:
+        if self.diff < -self.spread and self.diff < 0:
             return "loss"
         return "tie"
 
@@ -44,9 +46,9 @@ class Paired:
         elif self.identical:
             spread = f"the same on all {self.n} seeds: no spread to judge against"
         else:
-            spread = f"95% CI ± {100 * self.halfwidth:.1f} over {self.n} seeds"
+            spread = f"std {100 * self.spread:.1f} over {self.n} seeds"
         return (f"{self.shots}-shot: {self.method} {100 * self.method_mean:.1f}% vs {self.baseline} "
-                f"{100 * self.baseline_mean:.1f}%, paired difference {100 * self.diff:+.1f} points, {spread}")
+                f"{100 * self.baseline_mean:.1f}%, paired difference {100 * self.diff:+.1f} points ({spread})")
 
 
 def paired(rows: Sequence[dict[str, Any]], subset: str, shots: str, method: str, baseline: str,
@@ -64,11 +66,9 @@ def paired(rows: Sequence[dict[str, Any]], subset: str, shots: str, method: str,
     n = len(diffs)
     mean = sum(diffs) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
-    # A constant difference over several seeds has no spread: it is a win (or a loss) as it stands.
-    half = 0.0 if n > 1 and sd == 0 else ci95_halfwidth(sd, n)
     identical = n > 1 and len({a[e] for e in common}) == 1 and len({b[e] for e in common}) == 1
     return Paired(method, baseline, shots, sum(a[e] for e in common) / n, sum(b[e] for e in common) / n,
-                  mean, half, n, identical)
+                  mean, sd, n, identical)
 
 
 def multiproxy_verdict(rows: Sequence[dict[str, Any]], subset: str, mean_method: str = "qi2018",

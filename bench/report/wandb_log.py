@@ -50,7 +50,7 @@ def _open_run(mode: str, project: str, entity: str | None, name: str, group: str
 
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(project=project, entity=entity, name=name, group=group, job_type=job_type,
-                       save_dir=str(save_dir), offline=(mode == "offline"), config=config, reinit="create_new")
+                       save_dir=str(Path(save_dir).resolve()), offline=(mode == "offline"), config=config, reinit="create_new")
 
 
 def _close_run(logger, mode: str) -> str:
@@ -144,8 +144,10 @@ def _init(mode: str, project: str, entity: str | None, name: str, group: str | N
 
     save_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_SILENT", "true")
+    # An absolute folder: W&B's service process keeps the working directory it started in, so a
+    # relative one would put the run's record somewhere else once the caller has changed folder.
     return wandb.init(project=project, entity=entity, name=name, group=group, tags=tags, job_type=job_type,
-                      dir=str(save_dir), mode=mode, config=config, reinit="create_new",
+                      dir=str(save_dir.resolve()), mode=mode, config=config, reinit="create_new",
                       settings=wandb.Settings(silent=True, console="off"))
 
 
