@@ -13,6 +13,7 @@ Shorthands: a section given as a plain string is its ``name``: ``dataset: imagef
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -179,7 +180,11 @@ class TaskConfig(Section):
             return {"suite": value}
         if isinstance(value, dict) and set(value) - {"suite", "overrides"}:
             fields = {k: v for k, v in value.items() if k not in ("suite", "overrides")}
-            return {"suite": value.get("suite"), "overrides": {**value.get("overrides", {}), **fields}}
+            # Without a suite, a mapping naming its own name and dataset is a whole suite; other
+            # fields override the default suite's.
+            inline = "suite" not in value and {"name", "dataset"} <= set(fields)
+            suite = value.get("suite", None if inline else cls.model_fields["suite"].default)
+            return {"suite": suite, "overrides": {**value.get("overrides", {}), **fields}}
         return value
 
     def resolve(self) -> TaskSuite:
@@ -223,7 +228,15 @@ def parse_method_list(text: str) -> list[str]:
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    return [item.strip() for item in split_top(text, ",") if item.strip()]
+    items: list[str] = []
+    for piece in split_top(text, ","):
+        # A comma also separates a stage's options: a piece starting `key=` continues the
+        # previous method (`l2/kmeans:k=5,n_init=3/l2/l2/max`).
+        if items and re.match(r"\s*[A-Za-z_][\w.-]*\s*=", piece):
+            items[-1] += "," + piece
+        elif piece.strip():
+            items.append(piece)
+    return [item.strip() for item in items]
 
 
 def workers_for(num_workers: Any, accelerator: str, devices: Any) -> int:

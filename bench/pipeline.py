@@ -158,10 +158,10 @@ def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite
     backbone = build_backbone(cfg.backbone.name, **cfg.backbone.options())
     cache = EmbeddingCache(cfg.cache_dir)
     splits = [cfg.dataset.train_split] + ([cfg.dataset.test_split] if suite.queries == "test" else [])
-    entries, notes = [], []
-    for split in splits:
-        source = build_source(dataset, split=split, **cfg.dataset.options)
-        notes += list(source.notes)
+    # Every split is opened before any is embedded, so a missing split stops the run at once.
+    sources = [build_source(dataset, split=split, **cfg.dataset.options) for split in splits]
+    entries, notes = [], [note for source in sources for note in source.notes]
+    for split, source in zip(splits, sources):
         if require_cached:
             entry = cache.lookup(cache_key(entry_fields(backbone, source, cfg.extract.dtype)))
             if entry is None:
@@ -205,14 +205,21 @@ def align_query_labels(pool: CacheEntry, queries: CacheEntry) -> tuple[CacheEntr
     return CacheEntry(queries.path, queries.manifest, queries.embeddings, labels, queries.indices), dropped
 
 
+def check_reference(cfg: RunConfig, grid: Grid) -> list[str]:
+    """The methods that read reference-class statistics; without ``reference`` they are refused
+    before any work."""
+    needs_classes = [s.name for s in grid.specs if get("gen", s.gen.name).needs_reference]
+    if needs_classes and cfg.reference is None:
+        raise BenchError(f"methods {needs_classes} calibrate from reference classes; set reference: base "
+                         "(a class subset of the pool, e.g. a suite's base classes)")
+    return needs_classes
+
+
 def reference_stats(cfg: RunConfig, emb: Embeddings, grid: Grid) -> Reference | None:
     """Statistics of the ``reference`` classes (e.g. base) over the pool: the center-l2 mean,
     and the class means and covariances that generators such as ``dc`` read."""
-    needs_classes = [s.name for s in grid.specs if get("gen", s.gen.name).needs_reference]
+    needs_classes = check_reference(cfg, grid)
     if cfg.reference is None:
-        if needs_classes:
-            raise BenchError(f"methods {needs_classes} calibrate from reference classes; set reference: base "
-                             "(a class subset of the pool, e.g. a suite's base classes)")
         return None
     labels = emb.pool.labels
     available = torch.unique(labels[labels >= 0]).tolist()
@@ -230,7 +237,7 @@ def imprint_stage(
     number of processes."""
     grid = grid or expand_grid(cfg.methods)
     q_labels = emb.queries.labels.numpy() if emb.queries is not None else None
-    episodes = list(emb.suite.episodes(emb.pool.labels.numpy(), q_labels))
+    episodes = list(emb.suite.episodes(emb.pool.labels.numpy(), q_labels, names=emb.pool.class_names))
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     labels = RunLabels(emb.backbone.name, emb.dataset or cfg.dataset.name or emb.suite.dataset, emb.suite.name,
                        emb.backbone.fingerprint)
@@ -251,6 +258,7 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
     suite = cfg.task.resolve()
     dataset_of(cfg, suite)
     grid = expand_grid(cfg.methods)  # a typo in the grid should stop us before any extraction
+    check_reference(cfg, grid)
     name = cfg.name or slug(f"{suite.name}-{cfg.backbone.name}")
     out_dir = Path(cfg.out_dir) / name
     if is_rank_zero():

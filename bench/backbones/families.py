@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from bench.backbones.registry import Backbone, freeze, register_family, weights_fingerprint
+from bench.backbones.base import Backbone, freeze, load_state_file, register_family, weights_fingerprint
 from bench.backbones.transforms import build_transform, describe_transform
 from bench.errors import BenchError
 
@@ -33,10 +32,7 @@ def _need(family: str):
 
 
 def _load_local(model: nn.Module, path: Path, what: str) -> None:
-    if not path.is_file():
-        raise BenchError(f"weights file {path} for {what} does not exist")
-    state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(
-        path, map_location="cpu", weights_only=True)
+    state = load_state_file(path, what)
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing, _ = model.load_state_dict(state, strict=False)

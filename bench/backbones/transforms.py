@@ -19,19 +19,42 @@ from bench.errors import BenchError
 KNOWN = {"size", "crop", "channels", "mean", "std", "interpolation"}
 
 
+def _positive(spec: dict[str, Any], key: str, default: int) -> int:
+    value = spec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BenchError(f"transform {key}={value!r} is not valid: expected a positive int (pixels)")
+    return value
+
+
+def transform_channels(spec: dict[str, Any]) -> int:
+    """The channel count a transform spec produces (1 or 3)."""
+    channels = spec.get("channels", 3)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise BenchError(f"transform channels={channels!r} is not valid: expected 1 or 3")
+    return channels
+
+
 def build_transform(spec: dict[str, Any]) -> Callable[[Image.Image], Any]:
+    if not isinstance(spec, dict):
+        raise BenchError(f"a transform must be a mapping such as {{size: 224, channels: 3}}, got {spec!r}")
     unknown = set(spec) - KNOWN
     if unknown:
         raise BenchError(f"unknown transform option(s) {sorted(unknown)}; known: {sorted(KNOWN)}")
     import torch
 
-    channels = int(spec.get("channels", 3))
-    if channels not in (1, 3):
-        raise BenchError(f"transform channels must be 1 or 3, got {channels}")
+    channels = transform_channels(spec)
     mode = "L" if channels == 1 else "RGB"
-    size = int(spec.get("size", 224))
-    crop = int(spec.get("crop", size))
-    interp = getattr(v2.InterpolationMode, str(spec.get("interpolation", "bilinear")).upper())
+    size = _positive(spec, "size", 224)
+    crop = _positive(spec, "crop", size)
+    modes = [m.name.lower() for m in v2.InterpolationMode]
+    interp_name = str(spec.get("interpolation", "bilinear")).lower()
+    if interp_name not in modes:
+        raise BenchError(f"transform interpolation={interp_name!r} is not valid: expected one of {', '.join(modes)}")
+    interp = v2.InterpolationMode[interp_name.upper()]
+    for key in ("mean", "std"):
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, list) or len(value) != channels):
+            raise BenchError(f"transform {key}={value!r} is not valid: expected a list of {channels} numbers")
     steps = [
         v2.Lambda(lambda img: img.convert(mode) if isinstance(img, Image.Image) else img),
         v2.PILToTensor(),

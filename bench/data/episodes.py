@@ -107,6 +107,7 @@ def sample_episode(
     seed: int,
     test_labels: Sequence[int] | np.ndarray | None = None,
     holdout: float | int = 0.25,
+    names: Sequence[str] | None = None,
 ) -> Episode:
     """Draw one episode. Never shrinks silently: too few samples is an error listing every
     short class with its count. With ``queries="holdout"``, ``holdout`` is the share (a float
@@ -131,12 +132,13 @@ def sample_episode(
     need_s = shots if shots != "all" else 1
     short = []
     for c in classes:
+        label = f"class {c} ({names[c]})" if names is not None and 0 <= c < len(names) else f"class {c}"
         have = len(pool[c])
         need = need_s + need_q + (1 if queries == "rest" else 0) + (held[c] if queries == "holdout" else 0)
         if have < need:
-            short.append(f"class {c}: {have} < {need}")
+            short.append(f"{label}: {have} < {need}")
         if test_pool is not None and len(test_pool[c]) == 0:
-            short.append(f"class {c}: no test samples")
+            short.append(f"{label}: no test samples")
     if short:
         raise BenchError(
             f"not enough samples for shots={shots}, queries={queries}: "

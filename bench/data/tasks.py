@@ -151,12 +151,13 @@ class TaskSuite(BaseModel):
         return out
 
     def episodes(
-        self, labels: np.ndarray, test_labels: np.ndarray | None = None
+        self, labels: np.ndarray, test_labels: np.ndarray | None = None, names: Sequence[str] | None = None
     ) -> Iterator[tuple[str, Episode]]:
-        """Every (class subset, shots, seed) episode of the suite, in a fixed order."""
+        """Every (class subset, shots, seed) episode of the suite, in a fixed order. ``names``
+        (class id -> name) only makes error messages name the classes."""
         available = np.unique(labels[labels >= 0]).tolist()
         for label, classes in self.subsets(available):
             for shots in self.shots:
                 for seed in self.seeds:
                     yield label, sample_episode(labels, classes, shots, self.queries, seed,
-                                                test_labels=test_labels, holdout=self.holdout)
+                                                test_labels=test_labels, holdout=self.holdout, names=names)

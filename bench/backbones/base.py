@@ -1,0 +1,107 @@
+"""What every backbone family shares: the :class:`Backbone` record, the family registry, the
+weights fingerprint, and loading a weights file safely.
+
+Families register with :func:`register_family`; :mod:`bench.backbones.registry` builds a
+backbone by name. Built-in families live in ``builtin.py``, optional ones (timm, open_clip,
+Hugging Face) in ``families.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from bench.errors import BenchError
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: nn.Module
+    transform: Callable[[Any], torch.Tensor]
+    transform_desc: str
+    dim: int
+    fingerprint: str
+    layer: str  # which layer / pooling the embedding comes from
+
+    def key_fields(self) -> dict[str, Any]:
+        """Everything about the backbone that changes the embeddings."""
+        return {
+            "backbone": self.name,
+            "weights_sha256": self.fingerprint,
+            "transform": self.transform_desc,
+            "layer": self.layer,
+        }
+
+
+FAMILIES: dict[str, Callable[..., Backbone]] = {}
+
+
+def register_family(name: str):
+    def deco(fn):
+        FAMILIES[name] = fn
+        return fn
+
+    return deco
+
+
+def known_backbones() -> list[str]:
+    return ["tiny-digits", "torchvision:<arch>", "checkpoint:<path.safetensors>", "timm:<name>",
+            "openclip:<arch>", "hf:<name or folder>"]
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over every tensor of the state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_state_file(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, or from a .pt/.pth/.bin file holding only tensors.
+
+    Pickles are never unpickled beyond tensors (``weights_only=True``), so a file that pickles
+    code or other objects is refused with a message saying how to convert it.
+    """
+    if not path.is_file():
+        raise BenchError(f"weights file {path} for {what} does not exist")
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(
+            path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise BenchError(
+            f"{path} is not a plain state dict of tensors, so it is not loaded ({str(err).splitlines()[0][:120]}); "
+            "bench loads weights with weights_only=True and never unpickles other objects: save "
+            "model.state_dict() with safetensors.torch.save_file (or torch.save) and pass that file"
+        ) from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BenchError(f"{path} does not hold a state dict (a mapping of names to tensors) for {what}")
+    return state
+
+
+def check_channels(model: nn.Module, channels: int, what: str) -> None:
+    """Refuse a transform whose channel count the model's first convolution cannot take (an
+    RGB transform for a 1-channel model, or the reverse), before any image is embedded."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels != channels:
+        raise BenchError(
+            f"{what} takes {first.in_channels}-channel images but its transform makes {channels}-channel ones; "
+            f"set backbone.transform.channels={first.in_channels} (images are converted, e.g. RGB to grey)"
+        )
