@@ -299,16 +299,26 @@ def geometric_median(x: torch.Tensor, mask: torch.Tensor, iters: int = 200, tol:
     """The point minimising the summed euclidean distance to a row's samples (Weiszfeld).
 
     Starts at the mean; each row stops once its step is below ``tol`` times its spread, so a
-    row's result does not depend on the other rows of the batch. A sample that coincides with
-    the estimate gets a large finite weight rather than a division by zero.
+    row's result does not depend on the other rows of the batch. Weiszfeld only creeps towards
+    a median that is itself a sample, so every step also tests the nearest sample with the
+    optimality condition (the unit pulls of the other samples sum to at most its multiplicity)
+    and stops there exactly when it holds.
     """
     w = mask.to(x.dtype)
+    rows = torch.arange(len(x), device=x.device)
     y = (w[:, None, :] @ x)[:, 0] / w.sum(1, keepdim=True)
     spread = ((x - y[:, None]).norm(dim=-1) * w).sum(1) / w.sum(1)
     done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(iters):
-        dist = (x - y[:, None]).norm(dim=-1).clamp_min(1e-12 * (1 + spread[:, None]))
-        inv = w / dist
+        nearest = x[rows, (x - y[:, None]).norm(dim=-1).masked_fill(~mask, float("inf")).argmin(1)]
+        diff = x - nearest[:, None]
+        dist = diff.norm(dim=-1)
+        same = mask & (dist <= 1e-12 * (1 + spread[:, None]))
+        pull = (torch.where(mask & ~same, 1 / dist.clamp_min(1e-300), 0)[..., None] * diff).sum(1).norm(dim=-1)
+        is_median = ~done & (pull <= same.sum(1))
+        y = torch.where(is_median[:, None], nearest, y)
+        done |= is_median
+        inv = w / (x - y[:, None]).norm(dim=-1).clamp_min(1e-12 * (1 + spread[:, None]))
         new = (inv[:, None, :] @ x)[:, 0] / inv.sum(1, keepdim=True)
         step = (new - y).norm(dim=-1)
         y = torch.where(done[:, None], y, new)
