@@ -63,9 +63,17 @@ def two_runs(tmp_path):
     return a, b
 
 
-def test_report_merges_runs_and_writes_every_output(two_runs, tmp_path):
-    a, b = two_runs
-    report = build_report([str(tmp_path / "runs" / "*")], tmp_path / "rep")
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    """One report of two runs, read by several tests (figures take most of a report's time)."""
+    root = tmp_path_factory.mktemp("merged")
+    make_run(root / "runs" / "a", make_rows(subsets=("base", "novel")))
+    make_run(root / "runs" / "b", make_rows(backbone="other-net", offset=-0.05, seed=1))
+    return root, build_report([str(root / "runs" / "*")], root / "rep")
+
+
+def test_report_merges_runs_and_writes_every_output(merged):
+    tmp_path, report = merged
     out = tmp_path / "rep"
     assert report.html == out / "report.html" and report.html.stat().st_size > 10_000
     assert len(report.merged.runs) == 2 and len(report.groups) == 3  # a: base, novel; b: novel
@@ -82,36 +90,35 @@ def test_report_merges_runs_and_writes_every_output(two_runs, tmp_path):
     assert not list(tmp_path.glob(".rep.tmp-*"))
 
 
-def test_table_holds_mean_std_ci_over_seeds_and_marks_the_best(two_runs, tmp_path):
+def test_table_holds_mean_std_ci_over_seeds_and_marks_the_best(merged):
     from scipy.stats import t
 
-    a, _ = two_runs
-    build_report([str(a)], tmp_path / "rep")
+    tmp_path, _ = merged
     table = pd.read_csv(tmp_path / "rep" / "tables" / "tiny-suite-digits-tiny-digits-novel.csv",
                         dtype={"shots": str})
-    rows = pd.read_csv(a / "results.csv", dtype={"shots": str})
+    rows = pd.read_csv(tmp_path / "runs" / "a" / "results.csv", dtype={"shots": str})
     cell = rows[(rows["method"] == "knn") & (rows["shots"] == "5") & (rows["classes"] == "novel")]["acc"]
     got = table[(table["method"] == "knn") & (table["shots"] == "5")].iloc[0]
     half = t.ppf(0.975, 2) * cell.std(ddof=1) / math.sqrt(3)
     assert got["mean"] == pytest.approx(cell.mean()) and got["std"] == pytest.approx(cell.std(ddof=1))
     assert got["ci95_low"] == pytest.approx(cell.mean() - half) and got["n"] == 3
+    assert table["ci95_high"].max() <= 1.0 and table["ci95_low"].min() >= 0.0
     for shots, part in table.groupby("shots"):
         assert part.loc[part["best"], "mean"].min() == pytest.approx(part["mean"].max())
     best_all = table[(table["shots"] == "all") & table["best"]]["method"].tolist()
     assert best_all == ["knn"]  # 0.89 against 0.85 at most, noise 0.02
 
 
-def test_ranks_and_friedman_come_from_the_libraries(tmp_path):
+def test_ranks_and_friedman_come_from_the_libraries(merged):
     import scikit_posthocs as sp
     from scipy.stats import friedmanchisquare
 
-    run = make_run(tmp_path / "r", make_rows(subsets=("base", "novel", "all")))
-    report = build_report([str(run)], tmp_path / "rep")
+    tmp_path, report = merged
     c = report.comparison
     cells = pd.read_csv(tmp_path / "rep" / "tables" / "cells.csv")
     methods = list(METHODS)
     values = cells[methods].to_numpy()
-    assert len(cells) == 9  # 3 subsets x 3 shot counts, each the mean over 3 seeds
+    assert len(cells) == 9  # 3 (run, subset) x 3 shot counts, each the mean over 3 seeds
     assert c.friedman_p == pytest.approx(friedmanchisquare(*values.T).pvalue)
     expected_ranks = pd.DataFrame(values, columns=methods).rank(axis=1, ascending=False).mean()
     ranks = pd.read_csv(tmp_path / "rep" / "tables" / "ranks.csv").set_index("method")["average_rank"]
@@ -123,11 +130,21 @@ def test_ranks_and_friedman_come_from_the_libraries(tmp_path):
     assert report.figures["cd"]["png"].is_file()
 
 
-def test_wilcoxon_holm_posthoc(tmp_path):
-    run = make_run(tmp_path / "r", make_rows(subsets=("base", "novel", "all", "even")))
-    report = build_report([str(run)], tmp_path / "rep", posthoc="wilcoxon")
-    p = report.comparison.pvalues
-    assert p.shape == (5, 5) and (p.to_numpy() <= 1).all() and (tmp_path / "rep" / "tables" / "posthoc-wilcoxon.csv").is_file()
+def test_wilcoxon_holm_posthoc_and_too_few_methods():
+    import scikit_posthocs as sp
+
+    from bench.report.stats import compare_methods
+
+    frame = pd.DataFrame(make_rows(subsets=("base", "novel", "all", "even")))
+    c = compare_methods(frame, posthoc="wilcoxon")
+    cells = frame.groupby(["classes", "shots", "method"], sort=False)["acc"].mean().unstack("method")
+    long = cells[list(METHODS)].reset_index(drop=True).melt(var_name="method", value_name="value")
+    want = sp.posthoc_wilcoxon(long, val_col="value", group_col="method", p_adjust="holm", zero_method="zsplit")
+    assert np.allclose(c.pvalues.loc[list(METHODS), list(METHODS)], want.loc[list(METHODS), list(METHODS)])
+    two = compare_methods(frame[frame["method"].isin(["qi2018", "knn"])])
+    assert not two.defined and "at least 3 methods" in two.notes[0]
+    with pytest.raises(BenchError, match="--posthoc 'tukey' is not one of nemenyi, wilcoxon"):
+        compare_methods(frame, posthoc="tukey")
 
 
 def test_partial_and_missing_runs_are_reported_not_skipped(two_runs, tmp_path):
@@ -176,19 +193,21 @@ def test_runs_with_different_metric_columns_cannot_be_merged(tmp_path):
         build_report([str(a)], tmp_path / "rep", metric="top5")
 
 
-def test_report_never_overwrites_what_is_not_a_report(two_runs, tmp_path):
-    a, b = two_runs
+def test_report_never_overwrites_what_is_not_a_report(tmp_path):
+    small = {m: METHODS[m] for m in ("qi2018", "knn", "westerhoff2025")}
+    a = make_run(tmp_path / "runs" / "a", make_rows(methods=small))
+    b = make_run(tmp_path / "runs" / "b", make_rows(backbone="other-net", methods=small))
     with pytest.raises(BenchError, match="is not a report folder"):
         build_report([str(a)], b)  # -o pointing at a run folder
     assert (b / "results.csv").is_file()
-    first = build_report([str(a)], tmp_path / "rep")
-    again = build_report([str(a), str(b)], tmp_path / "rep")  # an earlier report is replaced whole
-    assert first.html == again.html and len(again.merged.runs) == 2
-    # a glob over runs/* passes over a report folder that lies among them
-    rep = write_run_report(a)
-    assert rep == a / "report" / "report.html"
-    report = build_report([str(tmp_path / "runs" / "*")], tmp_path / "rep2")
-    assert len(report.merged.runs) == 2
+    assert write_run_report(a) == a / "report" / "report.html"
+    # a report folder among the runs is passed over by the glob, and replaced whole by the next
+    first = build_report([str(tmp_path / "runs" / "*")], tmp_path / "runs" / "rep")
+    (tmp_path / "runs" / "rep" / "stale.txt").write_text("")
+    again = build_report([str(tmp_path / "runs" / "*")], tmp_path / "runs" / "rep")
+    assert len(first.merged.runs) == 2 and len(again.merged.runs) == 2
+    assert any("is a report folder, not a run" in n for n in again.merged.notes)
+    assert not (tmp_path / "runs" / "rep" / "stale.txt").exists()
 
 
 def test_latex_escapes_names(tmp_path):
@@ -229,3 +248,12 @@ def test_diagnostics_scatter_when_diagnose_results_are_present(two_runs, tmp_pat
     report = build_report([str(tmp_path / "runs" / "*")], tmp_path / "rep")
     assert report.figures["diagnostics"]["png"].stat().st_size > 1000
     assert 'id="diagnostics"' in report.html.read_text()
+
+
+def test_one_method_name_with_two_specs_is_refused(tmp_path):
+    a = make_run(tmp_path / "a", make_rows())
+    changed = dict(METHODS, westerhoff2025=("l2/kmeans:k=10/l2/l2/max", 10, (0.5, 0.68, 0.85)))
+    b = make_run(tmp_path / "b", make_rows(backbone="other", methods=changed))
+    with pytest.raises(BenchError, match=r"method 'westerhoff2025' is l2/kmeans:k=20/l2/l2/max in run .*a but "
+                                         r"l2/kmeans:k=10/l2/l2/max in run .*b"):
+        build_report([str(a), str(b)], tmp_path / "rep")

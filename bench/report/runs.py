@@ -166,6 +166,7 @@ def load_runs(patterns: Sequence[str], prefer: str | None = None, skip_incomplet
         raise BenchError(f"no finished run to report ({why})")
     _check_same_metrics(frames)
     merged = pd.concat(frames, ignore_index=True, sort=False)
+    _check_one_spec_per_method(merged)
     merged, replaced = _resolve_duplicates(merged, runs, prefer)
     return Merged(
         frame=merged, runs=runs, skipped=skipped, replaced=replaced,
@@ -186,6 +187,19 @@ def _check_same_metrics(frames: list[pd.DataFrame]) -> None:
                 f"runs {a} and {b} do not have the same metric columns "
                 f"(only in the first: {sorted(want - have)}; only in the second: {sorted(have - want)}); "
                 "re-run them with the same bench version, or report them separately")
+
+
+def _check_one_spec_per_method(frame: pd.DataFrame) -> None:
+    """A method name is compared across runs only if it is the same head in all of them."""
+    if "spec" not in frame.columns:
+        return
+    specs = frame.dropna(subset=["spec"]).groupby("method")["spec"].unique()
+    for method, values in specs.items():
+        if len(values) > 1:
+            runs = [sorted(frame.loc[(frame["method"] == method) & (frame["spec"] == v), "run"].unique())[0]
+                    for v in values[:2]]
+            raise BenchError(f"method '{method}' is {values[0]} in run {runs[0]} but {values[1]} in run {runs[1]}; "
+                             "rename one of them (a preset changed between the runs?) and re-run it")
 
 
 def _resolve_duplicates(frame: pd.DataFrame, runs: list[RunInfo], prefer: str | None):

@@ -56,6 +56,9 @@ def summarise(frame: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
     half = [ci95_halfwidth(s, int(n)) for s, n in zip(out["std"], out["n"])]
     out["ci95_low"] = out["mean"] - np.asarray(half)
     out["ci95_high"] = out["mean"] + np.asarray(half)
+    if is_fraction(metric):  # a t interval knows no bounds; an accuracy stays within [0, 1]
+        out["ci95_low"] = out["ci95_low"].clip(lower=0.0)
+        out["ci95_high"] = out["ci95_high"].clip(upper=1.0)
     pick = "min" if metric in LOWER_IS_BETTER else "max"
     best = out.groupby([*GROUP_COLUMNS, "shots"], sort=False)["mean"].transform(pick)
     # Equal means up to float noise share the mark: a tie is not a win.
