@@ -11,6 +11,11 @@ It prints images per second for each and the ratio b/a.
     python scripts/bench_extract.py --arch resnet50 --size 224 --precision bf16-mixed --channels-last
     python scripts/bench_extract.py --arch vit_b_16 --size 224 --precision bf16-mixed
     python scripts/bench_extract.py --memory                          # peak RSS at N and 10 N images
+    python scripts/bench_extract.py --hashing                         # content hashing against decoding
+
+--hashing writes an image folder and reads it (from the page cache) three ways: decoding every
+image with PIL, as extraction does; hashing every file for the cache key, as a first run does;
+and a re-run's memo lookups. It prints each in images/s and MB/s with its ratio to decoding.
 """
 
 from __future__ import annotations
@@ -116,6 +121,92 @@ def memory(args) -> dict:
     return {"n": args.memory_n, "peak_kib_n": small, "peak_kib_10n": large, "ratio": large / small}
 
 
+def _write_jpeg_folder(root: Path, n: int, size: int, classes: int = 10) -> list[Path]:
+    """Photo-like JPEGs: smooth colour fields plus grain, so they compress like photographs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(n):
+        low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((size, size), Image.BICUBIC)
+        pixels = np.asarray(img, dtype=np.int16) + rng.integers(-12, 12, (size, size, 3))
+        folder = root / f"class{i % classes:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        files.append(folder / f"{i:06d}.jpg")
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(files[-1], quality=90)
+    return files
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def hashing(args) -> dict:
+    import hashlib
+
+    import xxhash
+
+    from bench.data.sources import build_source
+    from bench.extract import hashing as digests
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "images"
+        files = _write_jpeg_folder(root, args.hash_images, args.hash_size)
+        src = build_source(f"imagefolder:{root}")
+        nbytes = sum(f.stat().st_size for f in files)
+        for f in files:  # every variant below reads from the page cache, as a re-read would
+            f.read_bytes()
+
+        def decode():
+            for i in range(len(src)):
+                src.load(i).convert("RGB")
+
+        def hash_all(factory):
+            buf = bytearray(1 << 20)
+            view = memoryview(buf)
+            for f in files:
+                h = factory()
+                with open(f, "rb", buffering=0) as fh:
+                    while n := fh.readinto(buf):
+                        h.update(view[:n])
+                h.hexdigest()
+
+        memo = Path(tmp) / "memo.sqlite"
+        time.sleep(digests.SETTLE_NS / 1e9)  # files this fresh are never memoised
+        digests.files_digest(files, root, memo=memo)  # fills the memo
+        stats = digests.HashStats()
+        digests.files_digest(files, root, memo=memo, stats=stats)
+        assert stats.hashed == 0, "the memo should answer a re-run without reading any file"
+        threads = digests.THREADS
+        rows = {
+            "decode (PIL, 1 thread)": _best(decode, args.repeats),
+            "read + xxh3_128, 1 thread": _best(lambda: hash_all(xxhash.xxh3_128), args.repeats),
+            "read + blake2b, 1 thread": _best(lambda: hash_all(hashlib.blake2b), args.repeats),
+            "cache key, 1 thread (first run)": _best(
+                lambda: digests.files_digest(files, root, memo=None, threads=1), args.repeats),
+            f"cache key, {threads} threads (first run)": _best(
+                lambda: digests.files_digest(files, root, memo=None), args.repeats),
+            "cache key from the memo (re-run)": _best(
+                lambda: digests.files_digest(files, root, memo=memo), args.repeats),
+        }
+    base = rows["decode (PIL, 1 thread)"]
+    n = len(files)
+    print(f"{n} JPEG images of {args.hash_size} px, {nbytes / n / 1024:.1f} KiB each on average, from the page "
+          f"cache; best of {args.repeats}:")
+    print(f"  {'':38s} {'images/s':>10s} {'MB/s':>9s} {'x decode':>9s}")
+    for name, sec in rows.items():
+        print(f"  {name:38s} {n / sec:10.0f} {nbytes / sec / 1e6:9.1f} {base / sec:9.1f}")
+    return {"images": n, "size": args.hash_size, "bytes": nbytes, "repeats": args.repeats,
+            "seconds": rows, "images_per_s": {k: n / v for k, v in rows.items()},
+            "ratio_to_decode": {k: base / v for k, v in rows.items()}}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet18")
@@ -130,10 +221,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory", action="store_true", help="measure peak memory at N and 10 N images instead")
     ap.add_argument("--memory-n", type=int, default=2000)
     ap.add_argument("--shard-size", type=int, default=1024)
+    ap.add_argument("--hashing", action="store_true", help="measure content hashing against decoding instead")
+    ap.add_argument("--hash-images", type=int, default=2000)
+    ap.add_argument("--hash-size", type=int, default=256, help="image side in pixels for --hashing")
+    ap.add_argument("--repeats", type=int, default=3, help="--hashing keeps the best of this many runs")
     ap.add_argument("--out", default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
-    result = memory(args) if args.memory else throughput(args)
+    result = memory(args) if args.memory else hashing(args) if args.hashing else throughput(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result

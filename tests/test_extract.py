@@ -120,7 +120,7 @@ def test_ddp_extraction_on_two_processes_equals_one(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = _cli([*common, f"cache_dir={tmp_path / 'two'}", "trainer.devices=2", "trainer.strategy=ddp"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
-    for split_dir in (tmp_path / "one").iterdir():
+    for split_dir in _entries(tmp_path / "one"):
         assert open_entry(tmp_path / "two" / split_dir.name).manifest["world_size"] == 2
         a = open_entry(split_dir)
         b = open_entry(tmp_path / "two" / split_dir.name)  # same key: same backbone, data, dtype
@@ -234,7 +234,7 @@ def test_torchrun_launch_uses_two_ranks(tmp_path):
                            "trainer.strategy=ddp"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for d in (tmp_path / "c").iterdir():
+    for d in _entries(tmp_path / "c"):
         entry = open_entry(d)
         assert entry.manifest["world_size"] == 2
         assert torch.equal(entry.indices, torch.arange(entry.manifest["num_samples"]))
@@ -348,6 +348,24 @@ def test_file_digests_come_from_the_memo_until_a_file_changes(tmp_path, monkeypa
     (tmp_path / "file").write_text("")
     unusable = files_digest(files, root, memo=tmp_path / "file" / "memo.sqlite")  # cannot be created
     assert unusable == rebuilt
+    files[0].unlink()  # listed, then gone before it was read
+    with pytest.raises(BenchError, match=f"{files[0].name} disappeared"):
+        files_digest(files, root, memo=None)
+
+
+def test_bench_extract_prints_hashing_next_to_decoding(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_extract", Path(__file__).parents[1] / "scripts" /
+                                                  "bench_extract.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = script.main(["--hashing", "--hash-images", "30", "--hash-size", "32", "--repeats", "1",
+                       "--out", str(tmp_path / "h.json")])
+    assert out["images"] == 30 and json.loads((tmp_path / "h.json").read_text())["bytes"] == out["bytes"] > 0
+    assert out["ratio_to_decode"]["decode (PIL, 1 thread)"] == 1.0
+    assert {"read + xxh3_128, 1 thread", "read + blake2b, 1 thread",
+            "cache key from the memo (re-run)"} <= set(out["images_per_s"])
 
 
 def test_a_file_written_moments_ago_is_never_served_from_the_memo(tmp_path):

@@ -6,7 +6,7 @@ different entry. Entries are written under a temporary name and renamed into pla
 interrupted run never leaves a directory that looks complete. Opening an entry checks the
 manifest against the tensors; a mismatch is refused with instructions to rebuild.
 
-Writers of one key take its file lock (``.lock-<key>``), so concurrent runs never work on the
+Writers of one key take its file lock (``.locks/<key>``), so concurrent runs never work on the
 same entry or shards at once; the operating system releases it when a process dies. Reading
 takes no lock and writes nothing, so a read-only cache folder serves lookups.
 """
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from bench.errors import BenchError
 
@@ -217,15 +217,25 @@ class EmbeddingCache:
                              "embeddings, but this needs new ones: choose another with cache_dir=...")
 
     def lock(self, key: str) -> FileLock:
-        """The per-key lock every writer of ``key`` holds; reentrant within a thread."""
+        """The per-key lock every writer of ``key`` holds; reentrant within a thread. Lock files
+        stay (removing one while another process waits on it would break the lock), in one
+        hidden folder so that the cache folder lists only entries."""
         self.require_writable()
-        return FileLock(str(self.root / f".lock-{key}"), is_singleton=True)
+        locks = self.root / ".locks"
+        try:
+            locks.mkdir(exist_ok=True)
+        except OSError as err:
+            raise BenchError(f"cannot create {locks}: {err.strerror}; the cache folder must be writable to "
+                             "add entries: choose another with cache_dir=...") from err
+        return FileLock(str(locks / key), is_singleton=True)
 
     @contextmanager
     def locked(self, key: str, timeout: float = -1) -> Iterator[None]:
         lock = self.lock(key)
         try:
             lock.acquire(timeout=timeout)
+        except Timeout:
+            raise
         except OSError as err:  # e.g. a read-only filesystem, which os.access does not see for root
             raise BenchError(f"cannot lock {lock.lock_file}: {err.strerror or err}; the cache folder must be "
                              "writable to add entries: choose another with cache_dir=...") from err

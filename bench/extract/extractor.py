@@ -226,6 +226,7 @@ class ExtractionPlan(L.Callback):
         self.cache, self.key, self.num_samples, self.datamodule, self.rebuild = (
             cache, key, num_samples, datamodule, rebuild)
         self.lock = None
+        self.held = False
         self.state: str | None = None  # "hit" or "extract"
         self.entry: CacheEntry | None = None
 
@@ -265,6 +266,7 @@ class ExtractionPlan(L.Callback):
                 self.lock = self.cache.lock(self.key)
             try:
                 self.lock.acquire(timeout=LOCK_POLL_S)
+                self.held = True
             except Timeout:
                 return ("wait",)
             except OSError as err:
@@ -288,7 +290,8 @@ class ExtractionPlan(L.Callback):
             return ("error", str(err))
 
     def release(self) -> None:
-        if self.lock is not None and self.lock.is_locked:
+        if self.held:
+            self.held = False
             self.lock.release()
 
 
@@ -370,8 +373,8 @@ def extract(
                     trainer.strategy.broadcast(status, src=0)
         else:
             status = trainer.strategy.broadcast(status, src=0)
-            if status[0] != "ok":
-                raise BenchError(status[1])
+            if not status or status[0] != "ok":
+                raise BenchError(status[1] if status else "rank 0 stopped during the merge; rerun to resume")
     finally:
         plan.release()
     entry = entry or open_entry(cache.path_for(key))
