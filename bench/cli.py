@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("-c", "--config", help="YAML run config (see configs/)")
+        p.add_argument("--dry-run", action="store_true",
+                       help="check the config, task suite and method grid and print the plan; load nothing")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     for name, (_, _, text) in GROUPS.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quickstart" and config is None and QUICKSTART_CONFIG.is_file():
             config = QUICKSTART_CONFIG
         cfg = load_config(config, args.overrides)
+        if args.dry_run:
+            print(pipeline.plan(cfg, args.command))
+            return 0
         if args.command == "extract":
             pipeline.quiet_lightning()
             pipeline.launch(cfg)

@@ -91,6 +91,7 @@ def imprint_episodes(
     """
     eps = [ep for _, ep in episodes]
     dim = int(pool.embeddings.shape[1])
+    fields = [spec.fields() for spec in specs]
     batches = plan_batches(eps, dim, len(specs), max_batch_bytes)[rank::world_size]
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, desc="imprint + evaluate", unit="episode", disable=not progress)
@@ -112,7 +113,7 @@ def imprint_episodes(
                 rows.append({
                     "_order": [j, i], "backbone": labels.backbone, "dataset": labels.dataset,
                     "task": labels.task, "classes": subset, "shots": str(ep.shots), "seed": ep.seed,
-                    **spec.fields(), **values, **head.summary(),
+                    **fields[i], **values, **head.summary(),
                 })
                 if heads_dir is not None:
                     path = head_path(heads_dir, subset, ep.shots, ep.seed, spec.name)
@@ -132,11 +133,10 @@ def _evaluate(heads, ep: Episode, entry: Any, dim: int, max_bytes: int) -> list[
     # (other episodes): no sync on compute.
     metric = HeadGridMetrics(len(heads), len(classes), sync_on_compute=False)
     step = query_chunk_rows(heads, dim, max_bytes)
+    target = class_positions(classes, entry.labels[idx].to(classes.device), "query labels")
     for start in range(0, len(idx), step):
-        part = idx[start:start + step]
-        target = class_positions(classes, entry.labels[part].to(classes.device), "query labels")
-        scores = score_heads(heads, entry.embeddings[part].float())
-        metric.update(torch.stack([s.argmax(1) for s in scores]), target)
+        scores = score_heads(heads, entry.embeddings[idx[start:start + step]].float())
+        metric.update(torch.stack([s.argmax(1) for s in scores]), target[start:start + step])
     values = {k: v.reshape(len(heads), -1) for k, v in metric.compute().items()}  # compute squeezes one head
     names = classes.tolist()
     return [flatten_metrics({k: v[h] for k, v in values.items()}, names) for h in range(len(heads))]

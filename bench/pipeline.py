@@ -249,6 +249,32 @@ def imprint_stage(
     return gather_rows(rows, fabric), grid.dropped, world
 
 
+def plan(cfg: RunConfig, command: str) -> str:
+    """What a command would do, checked as far as is possible without loading a model or a
+    dataset (``--dry-run``): the config, plugins, task suite, dataset name and method grid."""
+    load_plugins(cfg.plugins)
+    suite = cfg.task.resolve()
+    dataset = dataset_of(cfg, suite)
+    grid = expand_grid(cfg.methods)
+    check_reference(cfg, grid)
+    splits = [cfg.dataset.train_split] + ([cfg.dataset.test_split] if suite.queries == "test" else [])
+    episodes = len(suite.classes) * len(suite.shots) * len(suite.seeds)
+    processes = cfg.trainer.processes * cfg.trainer.num_nodes
+    lines = [
+        f"bench {command} (dry run: nothing loaded)",
+        f"  backbone  {cfg.backbone.name}" + (f" (weights: {cfg.backbone.weights})" if cfg.backbone.weights else ""),
+        f"  dataset   {dataset}, splits {', '.join(splits)}",
+        f"  task      {suite.name}: classes {suite.classes}, shots {suite.shots}, queries {suite.queries}, "
+        f"seeds {suite.seeds} ({episodes} episodes)",
+        f"  methods   {len(grid.specs)}: {', '.join(s.name for s in grid.specs)}",
+        f"  heads     {episodes * len(grid.specs)}",
+        f"  processes {processes} ({cfg.trainer.accelerator}, strategy {cfg.trainer.resolved_strategy()})",
+        f"  output    {Path(cfg.out_dir) / (cfg.name or slug(f'{suite.name}-{cfg.backbone.name}'))}",
+    ]
+    lines += [f"  dropped   {text}: {why}" for text, why in grid.dropped]
+    return "\n".join(lines)
+
+
 def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
     from bench.report.results import write_table
     from bench.report.wandb_log import log_to_wandb
