@@ -257,3 +257,16 @@ def test_one_method_name_with_two_specs_is_refused(tmp_path):
     with pytest.raises(BenchError, match=r"method 'westerhoff2025' is l2/kmeans:k=20/l2/l2/max in run .*a but "
                                          r"l2/kmeans:k=10/l2/l2/max in run .*b"):
         build_report([str(a), str(b)], tmp_path / "rep")
+
+
+def test_one_seed_shows_no_spread(tmp_path):
+    from bench.report.terminal import summary_text
+
+    rows = make_rows(methods={m: METHODS[m] for m in ("qi2018", "knn")}, seeds=(0,))
+    report = build_report([str(make_run(tmp_path / "one", rows))], tmp_path / "rep")
+    table = pd.read_csv(tmp_path / "rep" / "tables" / "tiny-suite-digits-tiny-digits-novel.csv")
+    assert table["std"].isna().all() and table["ci95_low"].isna().all()
+    assert "±" not in (tmp_path / "rep" / "report.md").read_text().split("## acc")[1]
+    assert "at least 3 methods" in " ".join(report.comparison.notes) and "cd" not in report.figures
+    text = summary_text(rows, color=False)
+    assert "±" not in text and "one seed (no spread)" in text

@@ -52,7 +52,7 @@ def summarise(frame: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
     keys = [*GROUP_COLUMNS, "method", "shots"]
     grouped = frame.groupby(keys, sort=False, dropna=False)[metric]
     out = grouped.agg(mean="mean", std="std", n="count").reset_index()
-    out["std"] = out["std"].where(out["n"] > 1, 0.0)
+    # one seed has no spread: std stays NaN (shown as the mean alone), never a reassuring 0
     half = [ci95_halfwidth(s, int(n)) for s, n in zip(out["std"], out["n"])]
     out["ci95_low"] = out["mean"] - np.asarray(half)
     out["ci95_high"] = out["mean"] + np.asarray(half)

@@ -32,7 +32,7 @@ def wide_table(summary: pd.DataFrame, metric: str, markup: str = "plain", with_c
             if r is None:
                 column.append("")
                 continue
-            text = f"{fmt(r.mean, metric)} ± {fmt(r.std, metric)}"
+            text = f"{fmt(r.mean, metric)} ± {fmt(r.std, metric)}" if r.n > 1 else fmt(r.mean, metric)
             if with_ci and r.n > 1:
                 text += f" [{fmt(r.ci95_low, metric)}, {fmt(r.ci95_high, metric)}]"
             column.append(_mark(text, markup) if r.best else text)
@@ -78,7 +78,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 def group_title(key: tuple, metric: str, n_seeds: int | None = None) -> str:
     task, dataset, backbone, classes = key
     unit = " (%)" if is_fraction(metric) else ""
-    seeds = f", mean ± std over {n_seeds} seed(s)" if n_seeds else ""
+    seeds = "" if not n_seeds else (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else ", one seed (no spread)")
     return f"{metric}{unit} on '{classes}' classes of {dataset}, {backbone} (task {task}){seeds}"
 
 

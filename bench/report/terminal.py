@@ -14,8 +14,9 @@ from bench.report.tables import fmt
 from bench.report.verdict import multiproxy_verdict
 
 
-def summary_tables(rows: Sequence[dict[str, Any]] | pd.DataFrame, metric: str = "acc") -> list:
-    """rich Tables, one per (task, dataset, backbone, classes)."""
+def summary_tables(rows: Sequence[dict[str, Any]] | pd.DataFrame, metric: str = "acc") -> list[tuple[str, Any]]:
+    """(title, rich Table), one per (task, dataset, backbone, classes). The title is printed on
+    its own line: as a Table title it would wrap at the width of a narrow table."""
     from rich.table import Table
 
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
@@ -26,9 +27,10 @@ def summary_tables(rows: Sequence[dict[str, Any]] | pd.DataFrame, metric: str = 
         shots = ordered_shots(part["shots"])
         unit = " (%)" if is_fraction(metric) else ""
         seeds = int(part["n"].max())
-        table = Table(title=f"{metric}{unit} on '{classes}' classes: {backbone} on {dataset} (task {task}), "
-                            f"mean ± std over {seeds} seed(s); * best of its column",
-                      title_justify="left", header_style="bold")
+        spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed (no spread)"
+        title = (f"{metric}{unit} on '{classes}' classes: {backbone} on {dataset} (task {task}), {spread}; "
+                 "* best of its column")
+        table = Table(header_style="bold")
         table.add_column("method", no_wrap=True)
         for s in shots:
             table.add_column(f"{s}-shot", justify="right", no_wrap=True)
@@ -40,10 +42,10 @@ def summary_tables(rows: Sequence[dict[str, Any]] | pd.DataFrame, metric: str = 
                 if r is None:
                     row.append("-")
                     continue
-                text = f"{fmt(r.mean, metric)} ± {fmt(r.std, metric)}"
+                text = f"{fmt(r.mean, metric)} ± {fmt(r.std, metric)}" if r.n > 1 else fmt(r.mean, metric)
                 row.append(f"[bold green]{text} *[/]" if r.best else f"{text}  ")
             table.add_row(*row)
-        out.append(table)
+        out.append((title, table))
     return out
 
 
@@ -63,7 +65,8 @@ def print_summary(rows, metric: str = "acc", console=None) -> None:
     from rich.console import Console
 
     console = console or Console()
-    for table in summary_tables(rows, metric):
+    for title, table in summary_tables(rows, metric):
+        console.print(title, highlight=False, markup=False)
         console.print(table)
     for line in verdicts(rows):
         console.print(line, highlight=False, markup=False)
