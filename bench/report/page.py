@@ -66,7 +66,7 @@ def _runs_lines(report: "Report") -> list[str]:
 
 
 def markdown(report: "Report") -> str:
-    m, c = report.merged, report.comparison
+    m = report.merged
     out = [f"# bench report: {report.metric}", ""]
     out += ["## Runs", ""] + [f"- {line}" for line in _runs_lines(report)] + [""]
     if m.skipped:

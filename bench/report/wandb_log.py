@@ -50,7 +50,8 @@ def _open_run(mode: str, project: str, entity: str | None, name: str, group: str
 
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(project=project, entity=entity, name=name, group=group, job_type=job_type,
-                       save_dir=str(Path(save_dir).resolve()), offline=(mode == "offline"), config=config, reinit="create_new")
+                       save_dir=str(Path(save_dir).resolve()), offline=(mode == "offline"), config=config,
+                       reinit="create_new")
 
 
 def _close_run(logger, mode: str) -> str:
