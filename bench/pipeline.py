@@ -78,6 +78,7 @@ class RunResult:
     wandb: str | None = None
     dropped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    report: Path | None = None
 
 
 def load_plugins(plugins: list[str]) -> None:
@@ -276,8 +277,9 @@ def plan(cfg: RunConfig, command: str) -> str:
 
 
 def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
+    from bench.report.build import write_run_report
     from bench.report.results import write_table
-    from bench.report.wandb_log import log_to_wandb
+    from bench.report.wandb_log import log_bench_run
 
     quiet_lightning()
     load_plugins(cfg.plugins)
@@ -292,18 +294,33 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
     fabric = launch(cfg)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if fabric.global_rank == 0:
+        clear_outputs(out_dir)
         write_run_record(out_dir, cfg, None, fabric.world_size, grid.dropped, started=started, complete=False)
+    fabric.barrier()  # no rank writes a head before the previous run's are gone
     emb = extract_stage(cfg, require_cached=require_cached, suite=suite)
     rows, dropped, world_size = imprint_stage(cfg, emb, out_dir, grid, fabric)
     result = RunResult(rows, out_dir, dropped=dropped, notes=emb.notes)
     if fabric.global_rank == 0:
         result.paths = write_table(rows, out_dir)
-        result.wandb = log_to_wandb(rows, cfg.to_dict(), name, out_dir, cfg.wandb.mode,
-                                    cfg.wandb.project, cfg.wandb.entity)
+        # The record says complete only once the rows are on disk; the report and the W&B
+        # artifact then read (and carry) a finished run.
         write_run_record(out_dir, cfg, emb, world_size, dropped, started=started, complete=True,
                          rows=len(rows))
+        result.report = write_run_report(out_dir)
+        result.wandb = log_bench_run(rows, cfg.to_dict(), name, out_dir, cfg.wandb.mode, cfg.wandb.project,
+                                     cfg.wandb.entity)
     fabric.barrier()
     return result
+
+
+def clear_outputs(out_dir: Path) -> None:
+    """A run folder holds one run: a rerun under the same name first removes the previous run's
+    results and saved heads, so no stale head or row is ever read as this run's."""
+    import shutil
+
+    for name in ("results.csv", "results.parquet"):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "heads", ignore_errors=True)
 
 
 def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, world_size: int, dropped, *,
@@ -343,18 +360,16 @@ def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, worl
 
 
 def report(result: RunResult) -> str:
-    """What the run prints at the end: the table, the multi-proxy verdict, where things went."""
-    from bench.report.results import format_table, multiproxy_verdict
+    """What the run prints at the end: the methods x shots tables with the multi-proxy verdict,
+    what was dropped or noticed, and where the results, the report and the W&B run went."""
+    from bench.report.terminal import summary_text
 
-    lines = [format_table(result.rows)]
+    lines = [summary_text(result.rows)]
     if result.dropped:
-        lines.append("\nmethods dropped from the grid: " + "; ".join(f"{s} ({r})" for s, r in result.dropped))
-    for note in result.notes:
-        lines.append(f"note: {note}")
-    for subset in dict.fromkeys(r["classes"] for r in result.rows):
-        verdict = multiproxy_verdict(result.rows, subset)
-        if verdict:
-            lines.append(verdict)
+        lines.append("methods dropped from the grid: " + "; ".join(f"{s} ({r})" for s, r in result.dropped))
+    lines += [f"note: {note}" for note in result.notes]
     lines.append(f"\nresults: {', '.join(str(p) for p in result.paths)}")
+    if result.report is not None:
+        lines.append(f"report: {result.report}")
     lines.append(f"W&B: {result.wandb}" if result.wandb else "W&B: disabled")
     return "\n".join(lines)
