@@ -539,7 +539,7 @@ def test_a_waiting_ddp_run_takes_over_the_shards_of_a_killed_run(tmp_path, tiny)
 
 
 READ_ONLY_SCRIPT = r'''
-import hashlib, json, sys
+import hashlib, json, os, sys
 
 from bench import BenchError
 from bench.backbones import build_backbone
@@ -552,6 +552,9 @@ entry = EmbeddingCache(args["cache"]).lookup(cache_key(entry_fields(backbone, so
 print("lookup", entry.path.name, hashlib.sha256(entry.embeddings.numpy().tobytes()).hexdigest())
 hit = extract(backbone, source, EmbeddingCache(args["cache"]), trainer_kwargs={"enable_progress_bar": False})
 print("extract", hit.path.name)
+ddp = {"enable_progress_bar": False, "devices": 2, "strategy": "ddp", "accelerator": "cpu"}
+hit = extract(backbone, source, EmbeddingCache(args["cache"]), trainer_kwargs=ddp)  # every rank agrees: a hit
+print(f"rank {os.environ.get('LOCAL_RANK', '0')} extract", hit.path.name)
 try:
     extract(backbone, source, EmbeddingCache(args["cache"]), dtype="float16",
             trainer_kwargs={"enable_progress_bar": False})
@@ -602,6 +605,7 @@ def test_a_read_only_cache_serves_lookups_and_hits(tmp_path, tiny):
         lines = proc.stdout.splitlines()
         assert f"lookup {entry.path.name} {digest}" in lines
         assert f"extract {entry.path.name}" in lines
+        assert {f"rank {r} extract {entry.path.name}" for r in (0, 1)} <= set(lines)
         refused = [line for line in lines if line.startswith("refused")]
         assert refused and "no write permission for cache folder" in refused[0] and str(root) in refused[0]
         assert _tree(root) == before  # reading wrote nothing, not even a lock file

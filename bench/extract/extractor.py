@@ -218,7 +218,8 @@ class ExtractionPlan(L.Callback):
     finishes the same entry meanwhile. Rank 0 tries the lock for a few seconds at a time and
     broadcasts after each try, so a wait of any length never runs into a collective's timeout.
     Under the lock it clears what killed runs left, then either finds the entry or lists the
-    dataset indices that no shard covers yet.
+    dataset indices that no shard covers yet. An entry that exists already is served without
+    the lock, so a read-only cache serves multi-process runs too.
     """
 
     def __init__(self, cache: EmbeddingCache, key: str, num_samples: int, datamodule: ImageDataModule,
@@ -262,6 +263,11 @@ class ExtractionPlan(L.Callback):
     def _decide(self) -> tuple:
         """On rank 0: ("wait",), ("error", message), ("hit", key) or ("extract", key, todo, done)."""
         try:
+            final = self.cache.path_for(self.key)
+            if not self.rebuild and final.exists():  # complete once it exists: no lock needed to read it
+                self.entry = open_entry(final)
+                _tidy(self.cache, self.key)
+                return ("hit", self.key)
             if self.lock is None:
                 self.lock = self.cache.lock(self.key)
             try:
@@ -277,8 +283,8 @@ class ExtractionPlan(L.Callback):
             if self.rebuild:
                 self.cache.remove(self.cache.path_for(self.key), self.key)
                 self.cache.remove(shard_dir, self.key)
-            if self.cache.path_for(self.key).exists():  # another run finished it while we waited
-                self.entry = open_entry(self.cache.path_for(self.key))
+            if final.exists():  # another run finished it while we waited
+                self.entry = open_entry(final)
                 self.cache.remove(shard_dir, self.key)
                 return ("hit", self.key)
             shard_dir.mkdir(exist_ok=True)
