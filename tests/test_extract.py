@@ -307,6 +307,32 @@ def test_an_image_replaced_by_another_of_the_same_size_is_extracted_again(tmp_pa
     assert torch.equal(after.embeddings[others], before.embeddings[others])
 
 
+class Rewrite(L.Callback):
+    """Replaces an image with another while the extraction runs."""
+
+    def __init__(self, target: Path, donor: Path) -> None:
+        self.target, self.donor = target, donor
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            self.target.write_bytes(self.donor.read_bytes())
+
+
+def test_images_that_change_during_the_extraction_are_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_DIGEST_MEMO", str(tmp_path / "memo.sqlite"))
+    root = write_bmp_folder(tmp_path / "imgs")
+    bb = build_backbone("tiny-digits", transform={"size": 8, "channels": 1})
+    cache = EmbeddingCache(tmp_path / "cache")
+    with pytest.raises(BenchError, match="changed while it was extracted"):
+        extract(bb, build_source(f"imagefolder:{root}"), cache, trainer_kwargs=QUIET, batch_size=2,
+                callbacks=[Rewrite(root / "dog" / "003.bmp", root / "cat" / "000.bmp")])
+    assert _entries(cache.root) == [] and _leftovers(cache.root) == []
+    src = build_source(f"imagefolder:{root}")
+    entry = extract(bb, src, cache, trainer_kwargs=QUIET)  # settled now: extracted and cached
+    assert torch.allclose(entry.embeddings[src.files.index(root / "dog" / "003.bmp")], entry.embeddings[0],
+                          atol=1e-6)
+
+
 def test_file_digests_come_from_the_memo_until_a_file_changes(tmp_path, monkeypatch):
     from bench.extract import hashing
     from bench.extract.hashing import HashStats, files_digest

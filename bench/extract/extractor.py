@@ -364,6 +364,12 @@ def extract(
         if trainer.is_global_zero:
             try:
                 if plan.state == "extract":
+                    if cache_key(entry_fields(backbone, source, dtype)) != key:  # memo hits: only stats
+                        cache.remove(cache.shard_dir(key), key)
+                        raise BenchError(
+                            f"the dataset {source.name} ({source.split}) changed while it was extracted, so "
+                            "its embeddings would mix old and new files; nothing was cached. Rerun once the "
+                            "files stay put")
                     entry = merge_shards(cache, cache.shard_dir(key), key, fields, len(source),
                                          class_names=source.class_names, world_size=trainer.world_size)
                     cache.remove(cache.shard_dir(key), key)
