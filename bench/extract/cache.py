@@ -1,8 +1,8 @@
 """Embedding cache: one directory per entry, safetensors tensors plus a JSON manifest.
 
 An entry's name is a hash of everything that changes the numbers (backbone and a fingerprint of
-its weights, transform, layer, dataset and split, dtype), so a different transform is a
-different entry. Entries are written under a temporary name and renamed into place, so an
+its weights, transform, layer, dataset and split, dtype, and for an image folder the content of
+every file: see bench.extract.hashing), so a different transform is a different entry. Entries are written under a temporary name and renamed into place, so an
 interrupted run never leaves a directory that looks complete. Opening an entry checks the
 manifest against the tensors; a mismatch is refused with instructions to rebuild.
 
