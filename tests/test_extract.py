@@ -431,9 +431,12 @@ def pause(where):
 class Steps(L.Callback):
     """Slows each batch (so that two runs overlap) or stops after some (to be killed there)."""
 
-    def on_predict_batch_end(self, trainer, *rest):
+    batches = 0
+
+    def on_predict_batch_end(self, *_):
         time.sleep(args.get("batch_sleep", 0))
-        if trainer.predict_loop.batch_progress.current.completed == args.get("pause_after_batches"):
+        self.batches += 1
+        if self.batches == args.get("pause_after_batches"):
             pause("in the extraction")
 
 
