@@ -298,3 +298,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise BenchError(format_validation_error(err, RunConfig, "config")) from None
+
+
+def _yaml(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def config_table() -> str:
+    """The README's config reference (markdown): every key, its accepted form and default,
+    then the task suite's fields (settable as ``task.<field>``)."""
+    lines = ["| key | accepted | default |", "| --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            default = info.default
+            if isinstance(default, BaseModel) and name != "task":
+                walk(type(default), f"{prefix}{name}.")
+                continue
+            if name == "task":
+                accepted, shown = "a suite name under tasks/ or a YAML path (`task.<field>` overrides a field)", \
+                    default.suite
+            elif f"{prefix}{name}" == "methods":
+                accepted, shown = info.description, "the 8 presets + l2/kmeans:k=[2,5,10]/l2/l2/max"
+            else:
+                accepted = info.description
+                shown = _yaml(int(default) if isinstance(default, int) else default)
+            lines.append(f"| `{prefix}{name}` | {accepted} | `{shown}` |")
+
+    walk(RunConfig, "")
+    for name, info in TaskSuite.model_fields.items():
+        default = "required" if info.is_required() else _yaml(info.default)
+        lines.append(f"| `task.{name}` | {info.description} | `{default}` |")
+    return "\n".join(lines)
