@@ -231,3 +231,42 @@ def test_bad_values_get_one_line_from_the_cli(tmp_path, args, words):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     assert words in lines[0]
     assert not list((tmp_path / "c").glob("*/manifest.json"))  # stopped before any extraction
+
+
+def test_a_corrupt_image_seen_by_one_process_stops_every_process_clearly(tmp_path):
+    root = write_image_folder(tmp_path / "f", per_class=4)
+    (root / "cat" / "001.png").write_bytes(b"not a png")  # dataset index 1: rank 1's share only
+    suite = _suite(tmp_path, f"imagefolder:{root}", queries="holdout")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["WANDB_MODE"] = "disabled"
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "extract", f"task={suite}", TINY, "cache_dir=cache",
+                           "trainer.devices=2", "extract.batch_size=2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and any("001.png" in line for line in errors), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "gloo" not in proc.stderr.lower()
+    assert not list((tmp_path / "cache").glob("*/manifest.json"))
+
+
+def test_a_manifest_moved_to_another_keys_folder_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    args = ["task.classes=[novel]", "task.shots=[1]", "task.seeds=[0]", "methods=[qi2018]", "wandb.mode=disabled"]
+    assert main(["extract", *args]) == 0
+    entries = sorted(p.parent for p in (tmp_path / ".cache/bench").glob("*/manifest.json"))
+    assert len(entries) == 2  # train and test splits
+    train, test = entries
+    manifest = json.loads((train / "manifest.json").read_text())
+    shutil.rmtree(test)
+    shutil.copytree(train, test)  # the test split's folder now holds the train split's entry
+    with pytest.raises(BenchError, match="manifest is for key"):
+        from bench.extract import EmbeddingCache
+
+        EmbeddingCache(tmp_path / ".cache/bench").lookup(test.name)
+    assert main(["imprint", *args]) == 2
+    manifest["fields"]["dataset"] = "other"  # fields edited by hand: they no longer hash to the key
+    (train / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BenchError, match="do not hash to its key"):
+        EmbeddingCache(tmp_path / ".cache/bench").lookup(train.name)

@@ -15,10 +15,14 @@ from bench.errors import BenchError
 
 
 class IndexedImages(Dataset):
-    """(image tensor, label, dataset index); with ``skip_corrupt`` a broken image yields None."""
+    """(image tensor, label, dataset index). A broken image yields None with ``skip_corrupt``;
+    with ``report_corrupt`` it yields the error message instead of raising, so that a process
+    of a multi-process run can tell the others before stopping (see ``collate_skipping``)."""
 
-    def __init__(self, source: Source, transform: Callable, skip_corrupt: bool = False) -> None:
+    def __init__(self, source: Source, transform: Callable, skip_corrupt: bool = False,
+                 report_corrupt: bool = False) -> None:
         self.source, self.transform, self.skip_corrupt = source, transform, skip_corrupt
+        self.report_corrupt = report_corrupt
 
     def __len__(self) -> int:
         return len(self.source)
@@ -26,9 +30,9 @@ class IndexedImages(Dataset):
     def __getitem__(self, index: int):
         try:
             image = self.transform(self.source.load(index))
-        except CorruptImage:
-            if self.skip_corrupt:
-                return None, int(self.source.labels[index]), index
+        except CorruptImage as err:
+            if self.skip_corrupt or self.report_corrupt:
+                return None if self.skip_corrupt else str(err), int(self.source.labels[index]), index
             raise
         return image, int(self.source.labels[index]), index
 
@@ -39,9 +43,9 @@ class StreamedImages(IterableDataset):
     already extracted."""
 
     def __init__(self, source: Any, transform: Callable, rank: int, world_size: int,
-                 todo: set[int] | None = None, skip_corrupt: bool = False) -> None:
+                 todo: set[int] | None = None, skip_corrupt: bool = False, report_corrupt: bool = False) -> None:
         self.source, self.transform, self.rank, self.world_size = source, transform, rank, world_size
-        self.todo, self.skip_corrupt = todo, skip_corrupt
+        self.todo, self.skip_corrupt, self.report_corrupt = todo, skip_corrupt, report_corrupt
 
     def __iter__(self):
         info = get_worker_info()
@@ -55,24 +59,28 @@ class StreamedImages(IterableDataset):
             label = int(self.source.labels[index])
             try:
                 image = self.transform(self.source.decode(raw, index))
-            except CorruptImage:
-                if not self.skip_corrupt:
+            except CorruptImage as err:
+                if not (self.skip_corrupt or self.report_corrupt):
                     raise
-                image = None
+                image = None if self.skip_corrupt else str(err)
             yield image, label, index
 
 
-def collate_skipping(batch: list) -> dict[str, torch.Tensor]:
-    """Stack the good samples; report the indices of skipped ones so they can be counted."""
-    good = [b for b in batch if b[0] is not None]
+def collate_skipping(batch: list) -> dict[str, Any]:
+    """Stack the good samples; report the indices of skipped ones so they can be counted, and
+    the messages of undecodable ones (``report_corrupt``)."""
+    good = [b for b in batch if isinstance(b[0], torch.Tensor)]
     skipped = torch.tensor([b[2] for b in batch if b[0] is None], dtype=torch.long)
+    errors = [b[0] for b in batch if isinstance(b[0], str)]
     if not good:
-        return {"images": None, "labels": None, "indices": torch.empty(0, dtype=torch.long), "skipped": skipped}
+        return {"images": None, "labels": None, "indices": torch.empty(0, dtype=torch.long), "skipped": skipped,
+                "errors": errors}
     return {
         "images": torch.stack([b[0] for b in good]),
         "labels": torch.tensor([b[1] for b in good], dtype=torch.long),
         "indices": torch.tensor([b[2] for b in good], dtype=torch.long),
         "skipped": skipped,
+        "errors": errors,
     }
 
 
@@ -93,9 +101,9 @@ class ImageDataModule(L.LightningDataModule):
             rank = self.trainer.global_rank if self.trainer else 0
             world = self.trainer.world_size if self.trainer else 1
             todo = set(self.indices) if self.indices is not None else None
-            data = StreamedImages(self.source, self.transform, rank, world, todo, self.skip_corrupt)
+            data = StreamedImages(self.source, self.transform, rank, world, todo, self.skip_corrupt, True)
         else:
-            data = IndexedImages(self.source, self.transform, self.skip_corrupt)
+            data = IndexedImages(self.source, self.transform, self.skip_corrupt, report_corrupt=True)
             if self.indices is not None:  # resume: only what earlier runs did not extract
                 data = Subset(data, self.indices)
         return DataLoader(

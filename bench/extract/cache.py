@@ -159,6 +159,14 @@ def open_entry(path: str | Path, verify: bool | None = None) -> CacheEntry:
         raise _refuse(path, f"unreadable manifest: {err}") from err
     if manifest.get("complete") is not True:
         raise _refuse(path, "manifest does not mark it complete")
+    # The key names what the embeddings are of: a manifest whose fields hash to another key, or
+    # that sits in another key's folder (copied or moved by hand), would serve the wrong dataset.
+    if manifest.get("key") != cache_key(manifest.get("fields", {})):
+        raise _refuse(path, f"its manifest's fields (dataset {manifest.get('fields', {}).get('dataset')!r}) do not "
+                            f"hash to its key {manifest.get('key')!r}")
+    if not path.name.startswith(".") and path.name != manifest["key"]:
+        raise _refuse(path, f"it sits in folder {path.name!r} but its manifest is for key {manifest['key']!r} "
+                            f"(dataset {manifest['fields'].get('dataset')!r})")
     size = tpath.stat().st_size
     if size != manifest.get("tensors_bytes"):
         raise _refuse(path, f"tensor file has {size} bytes, the manifest says {manifest.get('tensors_bytes')}")

@@ -46,8 +46,15 @@ class EmbeddingExtractor(L.LightningModule):
         self.forward_fn = torch.compile(self.model) if compile else self.model
         self.channels_last = channels_last
         self.out_dtype = DTYPES[dtype]
+        self.failures: list[str] = []  # undecodable images this process met
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        if batch.get("errors"):
+            if self.trainer.world_size == 1:
+                raise BenchError(f"{batch['errors'][0]}; fix or remove it, or set extract.skip_corrupt=true")
+            # Under DDP the other processes are told after the epoch, so all stop with this message
+            # instead of waiting at a collective for a process that died.
+            self.failures += batch["errors"]
         if batch["images"] is None:
             emb = torch.empty(0, 0)
         else:
@@ -360,6 +367,10 @@ def extract(
     entry = None
     try:
         trainer.predict(module, datamodule=dm, return_predictions=False)
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(bool(module.failures), all=False):
+            first = module.failures[0] if module.failures else "another process of this run met an undecodable image"
+            raise BenchError(f"{first}; fix or remove it, or set extract.skip_corrupt=true (the shards written so far "
+                             "are kept, and a rerun extracts only what is missing)")
         trainer.strategy.barrier("bench-extract-written")  # every rank's last shard is on disk
         if trainer.is_global_zero:
             try:
