@@ -153,7 +153,7 @@ def hashing(args) -> dict:
     import xxhash
 
     from bench.data.sources import build_source
-    from bench.extract import hashing as digests
+    from bench.data import hashing as digests
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"

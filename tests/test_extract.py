@@ -334,8 +334,8 @@ def test_images_that_change_during_the_extraction_are_not_cached(tmp_path, monke
 
 
 def test_file_digests_come_from_the_memo_until_a_file_changes(tmp_path, monkeypatch):
-    from bench.extract import hashing
-    from bench.extract.hashing import HashStats, files_digest
+    from bench.data import hashing
+    from bench.data.hashing import HashStats, files_digest
 
     monkeypatch.setattr(hashing, "SETTLE_NS", 0)  # files written by this test count as settled
     root = write_bmp_folder(tmp_path / "imgs")
@@ -397,7 +397,7 @@ def test_bench_extract_prints_hashing_next_to_decoding(tmp_path):
 def test_a_file_written_moments_ago_is_never_served_from_the_memo(tmp_path):
     """A filesystem with a coarse clock gives a rewrite in the same tick the same timestamps;
     so a digest is memoised only once the file's timestamps are older than any such tick."""
-    from bench.extract.hashing import HashStats, files_digest
+    from bench.data.hashing import HashStats, files_digest
 
     f = tmp_path / "a" / "x.bin"
     f.parent.mkdir()

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from bench.data.hashing import files_digest
 from bench.errors import BenchError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -167,9 +168,7 @@ class ImageFolderSource(Source):
     def key_fields(self) -> dict[str, Any]:
         # Every file's bytes, not its name and size: an image replaced by another of the same
         # size must be a new key. Digests are memoised by path and stat, so a re-run reads no
-        # image again (bench.extract.hashing says where the memo lives).
-        from bench.extract.hashing import files_digest
-
+        # image again (bench.data.hashing says where the memo lives).
         return {**super().key_fields(), "files_digest": files_digest(self.files, self.root)}
 
 

@@ -2,7 +2,7 @@
 
 An entry's name is a hash of everything that changes the numbers (backbone and a fingerprint of
 its weights, transform, layer, dataset and split, dtype, and for an image folder the content of
-every file: see bench.extract.hashing), so a different transform is a different entry. Entries are written under a temporary name and renamed into place, so an
+every file: see bench.data.hashing), so a different transform is a different entry. Entries are written under a temporary name and renamed into place, so an
 interrupted run never leaves a directory that looks complete. Opening an entry checks the
 manifest against the tensors; a mismatch is refused with instructions to rebuild.
 
