@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -16,39 +15,12 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.report import figures, page
+from bench.report.model import Group, Report
 from bench.report.runs import REPORT_MARKER, Merged, load_runs
-from bench.report.stats import GROUP_COLUMNS, Comparison, compare_methods, ordered_shots, summarise
+from bench.report.stats import GROUP_COLUMNS, compare_methods, ordered_shots, summarise
 from bench.report.tables import group_title, wide_table, write_group_tables, write_text
 
 DIAGNOSTIC_COLUMNS = ["nc1", "l2_nc1", "cdnv", "ncc_accuracy", "logme", "h_score", "gc", "gc_normalized"]
-
-
-@dataclass
-class Group:
-    """What the report shows for one (task, dataset, backbone, classes)."""
-
-    key: tuple
-    slug: str
-    title: str
-    summary: pd.DataFrame
-    tables: dict[str, Path] = field(default_factory=dict)
-    figures: dict[str, dict[str, Path]] = field(default_factory=dict)  # kind -> {png, svg}
-    heatmap_shots: str | None = None
-
-
-@dataclass
-class Report:
-    out_dir: Path
-    metric: str
-    merged: Merged
-    groups: list[Group]
-    comparison: Comparison
-    files: dict[str, Path] = field(default_factory=dict)
-    figures: dict[str, dict[str, Path]] = field(default_factory=dict)  # cross-run figures
-
-    @property
-    def html(self) -> Path:
-        return self.out_dir / "report.html"
 
 
 def slug(text: str) -> str:

@@ -7,14 +7,10 @@ import base64
 import html as htmlmod
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import pandas as pd
 
+from bench.report.model import Report
 from bench.report.tables import fmt, wide_table
-
-if TYPE_CHECKING:
-    from bench.report.build import Report
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 2em auto;
@@ -36,11 +32,11 @@ def _p(value: float) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
 
 
-def _rel(report: "Report", path: Path) -> str:
+def _rel(report: Report, path: Path) -> str:
     return path.relative_to(report.out_dir).as_posix()
 
 
-def _stats_lines(report: "Report") -> list[str]:
+def _stats_lines(report: Report) -> list[str]:
     c = report.comparison
     lines = [f"{c.blocks.shape[1]} methods over {c.blocks.shape[0]} cells (task, dataset, backbone, classes, "
              f"shots; each cell is the mean over seeds)."]
@@ -53,19 +49,19 @@ def _stats_lines(report: "Report") -> list[str]:
     return lines
 
 
-def _ranks_table(report: "Report") -> pd.DataFrame:
+def _ranks_table(report: Report) -> pd.DataFrame:
     c = report.comparison
     return pd.DataFrame({"average rank": [f"{v:.2f}" for v in c.ranks.to_numpy()]},
                         index=pd.Index(c.ranks.index, name="method"))
 
 
-def _runs_lines(report: "Report") -> list[str]:
+def _runs_lines(report: Report) -> list[str]:
     m = report.merged
     lines = [f"{r.path} ({r.rows} rows)" for r in m.runs]
     return lines
 
 
-def markdown(report: "Report") -> str:
+def markdown(report: Report) -> str:
     m = report.merged
     out = [f"# bench report: {report.metric}", ""]
     out += ["## Runs", ""] + [f"- {line}" for line in _runs_lines(report)] + [""]
@@ -115,7 +111,7 @@ def _table_html(table: pd.DataFrame, ident: str, cls: str) -> str:
     return table.to_html(escape=False, table_id=ident, classes=cls, border=0)
 
 
-def html(report: "Report") -> str:
+def html(report: Report) -> str:
     m = report.merged
     e = htmlmod.escape
     body = [f"<h1>bench report: {e(report.metric)}</h1>", "<h2>Runs</h2><ul>"]
