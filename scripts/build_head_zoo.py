@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = [
     "qi2018", "hosoda2024", "janson2022", "westerhoff2025", "simpleshot", "ncm", "knn", "ls-oracle",
     "l2/kmeans:k=[2,5]/l2/l2/max", "l2/random:k=[1,3]/l2/l2/max", "l2/fps:k=3/l2/l2/max",
-    "l2/none/l2/l2/max", "none/mean/none/none/max",
+    "none/none/l2/l2/max", "none/mean/none/none/max",
 ]
 # (width, epochs, seed): a weak, a medium and a stronger tiny CNN besides the embedded one
 BACKBONES = [(8, 3, 11), (16, 8, 12), (24, 30, 13), (12, 15, 14)]
@@ -78,13 +78,17 @@ def main(argv=None) -> list[Path]:
     task.write_text(task_yaml(args.seeds, args.shots))
     runs = []
     env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-    methods = yaml.safe_dump(METHODS, default_flow_style=True, width=10**6).strip()
+    base = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     for i, backbone in enumerate(train_backbones(args.out, min(args.backbones, len(BACKBONES)))):
         name = "tiny-digits" if backbone == "tiny-digits" else Path(backbone.split(":", 1)[1]).stem
+        # a config file rather than overrides: the method grids hold brackets and commas
+        config = {**base, "backbone": {**base.get("backbone", {}), "name": backbone}, "task": str(task),
+                  "methods": METHODS, "save_heads": True, "name": name, "out_dir": str(args.out / "runs"),
+                  "cache_dir": args.cache_dir, "wandb": {**base.get("wandb", {}), "mode": "disabled"}}
+        config_path = args.out / f"config-{name}.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         cmd = [sys.executable, "-c", "import sys; from bench.cli import main; sys.exit(main())", "run",
-               "-c", str(ROOT / "configs" / "quickstart.yaml"), f"backbone.name={backbone}", f"task={task}",
-               f"methods={methods}", "save_heads=true", f"name={name}", f"out_dir={args.out / 'runs'}",
-               f"cache_dir={args.cache_dir}", "wandb.mode=disabled"]
+               "-c", str(config_path)]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:

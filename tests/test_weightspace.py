@@ -311,3 +311,41 @@ def test_head_zoo_pairs_results_rows_with_head_files(tmp_path):
     next((tmp_path / "run" / "heads").rglob("qi2018.safetensors")).unlink()
     with pytest.raises(BenchError, match="qi2018"):
         HeadZoo.load([tmp_path / "run"])
+
+
+def test_evaluation_script_end_to_end(tmp_path):
+    """Every split of scripts/weight_encoder_eval.py on a tiny zoo, one epoch per SNE fit."""
+    import importlib.util
+    from pathlib import Path
+
+    fixed = NetSpec("conv", 2, 16, 3)  # the zoo's fixed architecture
+    fast = lambda s, **kw: TrainRecipe(epochs=1, batch_size=128, seed=s, **kw)  # noqa: E731
+    members = [ZooMember(fixed, fast(s, lr=lr)) for s, lr in ((10, 0.1), (11, 0.01), (12, 0.001), (13, 0.05))]
+    members += [ZooMember(NetSpec("mlp", 1, 8), fast(20)), ZooMember(NetSpec("mlp", 2, 8), fast(21)),
+                ZooMember(NetSpec("mlp", 1, 16), fast(22, lr=0.001)), ZooMember(NetSpec("mlp", 2, 16, 3, True), fast(23))]
+    cross = [ZooMember(fixed, fast(30, dataset="digits-permuted")),
+             ZooMember(NetSpec("mlp", 1, 8), fast(31, dataset="digits-permuted"))]
+    build_zoo(tmp_path / "zoo", members, log=lambda s: None)
+    build_zoo(tmp_path / "cross", cross, log=lambda s: None)
+    run = _fake_run(tmp_path / "run", methods=("qi2018", "knn", "l2/kmeans:k=2/l2/l2/max"))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "weight_encoder_eval.py"
+    spec = importlib.util.spec_from_file_location("weight_encoder_eval", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "out"
+    result = script.main(["--zoo", str(tmp_path / "zoo"), "--cross-zoo", str(tmp_path / "cross"), "--heads", str(run),
+                          "--out", str(out), "--holdout", "mlp2,mlp2-bn", "--epochs", "1", "--head-epochs", "1",
+                          "--hidden", "8", "--invariance", "5", "--permutations", "1", "--test-fraction", "0.5",
+                          "--seed", "1"])
+    rows = result["rows"]
+    splits = {r["split"] for r in rows}
+    assert {"in-distribution", "fixed-arch", "cross-dataset", "cross-dataset fixed-arch", "invariance",
+            "invariance (fixed-arch)", "cross-arch [mlp2,mlp2-bn]", "heads", "heads selection"} <= splits
+    assert {r["predictor"] for r in rows if r["split"] == "fixed-arch"} == {
+        "statnn-gbt", "statnn-mlp", "sne", "sne+li5", "flat-mlp"}
+    inv = {r["predictor"]: r for r in rows if r["split"].startswith("invariance")}
+    assert inv["statnn-gbt"]["perm_max_abs"] < 1e-9 < inv["flat-mlp"]["perm_max_abs"]
+    sel = [r for r in rows if r["split"] == "heads selection"]
+    assert all(r["regret_vs_oracle"] >= 0 for r in sel)
+    assert (out / "predicted_vs_true.png").stat().st_size > 10_000
+    assert {"split", "predictor", "predicted", "true"} <= set(next(csv.DictReader((out / "predictions.csv").open())))

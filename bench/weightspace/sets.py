@@ -100,21 +100,26 @@ class InducedSetAttention(_Heads):
 
 
 class AttentionPool(_Heads):
-    """PMA with one learned seed: one vector per set."""
+    """PMA with one learned seed, next to the plain mean (DeepSets' pooling): one vector per set.
+
+    Keys come from normalised rows, values from the rows themselves, so the pooled vector keeps
+    the magnitudes a row normalisation would erase (the scale of the weights is the signal).
+    """
 
     def __init__(self, h: int, heads: int = 4) -> None:
         super().__init__(h, heads)
         self.seed = nn.Parameter(torch.randn(h) / math.sqrt(h))
         self.norm = nn.LayerNorm(h)
         self.q, self.k, self.v, self.out = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
+        self.mean = nn.Linear(h, h)
         self.ffn = _ffn(h)
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
-        y = self.norm(x)
         q = self.split(self.q(self.seed))  # (H, d)
-        k, v = self.split(self.k(y)), self.split(self.v(y))
+        k, v = self.split(self.k(self.norm(x))), self.split(self.v(x))
         alpha = segment_softmax((k * q).sum(-1) / math.sqrt(self.d), seg, n)  # (N, H)
-        pooled = self.out(segment_sum(alpha[..., None] * v, seg, n).reshape(n, -1)) + self.seed
+        pooled = self.out(segment_sum(alpha[..., None] * v, seg, n).reshape(n, -1))
+        pooled = pooled + self.mean(segment_mean(x, seg, n)) + self.seed
         return pooled + self.ffn(pooled)
 
 

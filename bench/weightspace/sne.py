@@ -112,6 +112,9 @@ class SNE(nn.Module):
         n_pos = 4 if cfg.kind == "network" else 2
         self.element_in = nn.Sequential(nn.Linear(cfg.element_dim + 2 * f * n_pos, h), nn.GELU(), nn.Linear(h, h))
         self.element_type = nn.Embedding(len(ELEMENT_TYPES), h)
+        # 1 / typical magnitude of each element type's values, set from the training items
+        # (``set_value_scale``): raw weights, running variances and embeddings differ by orders
+        self.register_buffer("value_scale", torch.ones(len(ELEMENT_TYPES)))
         if cfg.kind == "network":
             self.levels = nn.ModuleList([Level(cfg)])
             self.layer_in = nn.Sequential(nn.Linear(h + 2 * f * 2, h), nn.GELU(), nn.Linear(h, h))
@@ -133,7 +136,8 @@ class SNE(nn.Module):
         f, dtype = self.cfg.freqs, self.element_in[0].weight.dtype
         pos = fourier(_scaled_positions(batch.positions.to(dtype), (1,)), f)  # column 1 is an index
         # asinh keeps small weights linear and tames large running variances and raw embeddings
-        x = self.element_in(torch.cat([torch.asinh(batch.values.to(dtype)), pos], 1)) + self.element_type(batch.types)
+        values = torch.asinh(batch.values.to(dtype) * self.value_scale[batch.types][:, None])
+        x = self.element_in(torch.cat([values, pos], 1)) + self.element_type(batch.types)
         if self.cfg.kind == "head":
             for level, seg, n in zip(self.levels, batch.segments, batch.sizes):
                 x = level(x, seg, n)
@@ -152,6 +156,16 @@ class SNE(nn.Module):
 
     def forward(self, batch: SetBatch) -> torch.Tensor:
         return self.head(self.encode(batch)).squeeze(1)
+
+    @torch.no_grad()
+    def set_value_scale(self, batch: SetBatch) -> None:
+        """Scale each element type's values to unit root-mean-square (over non-zero values:
+        padding is not data)."""
+        for t in range(len(self.value_scale)):
+            v = batch.values[batch.types == t]
+            v = v[v != 0]
+            if v.numel():
+                self.value_scale[t] = 1.0 / v.double().pow(2).mean().sqrt().clamp_min(1e-8).item()
 
 
 def logit_invariance_loss(

@@ -125,7 +125,7 @@ class SNEPredictor:
     def __init__(self, model: SNEConfig | None = None, fit: FitConfig | None = None, name: str | None = None) -> None:
         self.model_cfg = model or SNEConfig()
         self.fit_cfg = fit or FitConfig()
-        self.name = name or ("sne+li" if self.fit_cfg.invariance > 0 else "sne")
+        self.name = name or (f"sne+li{self.fit_cfg.invariance:g}" if self.fit_cfg.invariance > 0 else "sne")
         self.model: SNE | None = None
         self.target_mean, self.target_std = 0.0, 1.0
         self.info: dict[str, Any] = {}
@@ -152,6 +152,7 @@ class SNEPredictor:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.fit_cfg.seed)
             module = module_cls(self.model_cfg.to_dict(), asdict(self.fit_cfg), self.target_mean, self.target_std)
+        module.model.set_value_scale(collate(kind, chunks))
         config = {"model": self.model_cfg.to_dict(), "fit": asdict(self.fit_cfg), "items": len(items)}
         logger = wandb_logger(wandb, Path(log_dir), run_name or self.name, config)
         trainer = L.Trainer(max_epochs=self.fit_cfg.epochs, accelerator="cpu", devices=1, logger=logger or False,

@@ -128,7 +128,7 @@ class StatNN:
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        return make_pipeline(StandardScaler(), MLPRegressor((64, 64), alpha=1e-3, max_iter=3000,
+        return make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(64, 64), alpha=1e-3, max_iter=3000,
                                                             random_state=self.seed))
 
     def fit(self, items: Sequence, y) -> StatNN:
