@@ -42,21 +42,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _methods(grid_entries: list[str], markdown: bool = False) -> None:
+    import textwrap
+
     from bench.imprint import PRESET_TABLE, expand_grid
-    from bench.imprint.registry import load_lazy, method_table
+    from bench.imprint.registry import REGISTRY, STAGE_TITLES, STAGES, load_lazy, method_table
 
     if markdown:
         print(method_table())
         return
     if not grid_entries:
+        problems = load_lazy()
         print("presets:")
         for name, (spec, source) in PRESET_TABLE.items():
             print(f"  {name:16s} {spec:40s} {source}")
-        print("\nmethods (NORM_pre/GEN/NORM_post/NORM_inf/AGG; `bench methods --markdown` for details):")
-        for line in method_table().splitlines()[2:]:
-            stage, name, _, summary = [c.strip() for c in line.strip("|").split(" | ")]
-            print(f"  {stage:30s} {name.strip('`'):45s} {summary[:70]}")
-        for problem in load_lazy():
+        print("\nmethods, by stage (NORM_pre/GEN/NORM_post/NORM_inf/AGG; `bench methods --markdown` for options):")
+        for stage in STAGES:
+            print(f"  {STAGE_TITLES[stage]}")
+            for method in REGISTRY[stage].values():
+                lines = textwrap.wrap(method.summary, 70) or [""]
+                print(f"    {method.option_text().strip('`'):44s} {lines[0]}")
+                for line in lines[1:]:
+                    print(f"    {'':44s} {line}")
+        for problem in problems:
             print(f"  {problem}")
         return
     grid = expand_grid(grid_entries)
@@ -155,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
