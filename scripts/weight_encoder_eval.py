@@ -141,7 +141,8 @@ def network_splits(ev: Evaluation, zoo: NetworkZoo, cross: NetworkZoo | None) ->
         ev.timings[f"invariance {p.name}"] = time.perf_counter() - start
         ev.rows.append({"split": "invariance" + (" (fixed-arch)" if p is flat else ""), "predictor": p.name,
                         "test": len(idx), "perm_max_abs": s["max_abs"], "perm_mean_abs": s["mean_abs"],
-                        "perm_max_pct_of_range": s["max_pct_of_range"], "prediction_range": s["range"]})
+                        "perm_max_pct_of_range": s["max_pct_of_range"], "prediction_range": s["range"],
+                        "perm_mean_pct_of_range": 100.0 * s["mean_abs"] / s["range"]})
         print(f"  {p.name:13s} max change {s['max_abs']:.2e} ({s['max_pct_of_range']:.3f}% of range "
               f"{s['range']:.3f}), mean max change {s['mean_abs']:.2e}", flush=True)
 
@@ -218,11 +219,12 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{r['split']:34s} {r['predictor']:14s} {r['train']:5d} {r['test']:5d} "
                          f"{r['kendall_tau']:+7.3f} {r['r2']:+7.3f}")
     lines.append("")
-    lines.append(f"{'invariance':34s} {'predictor':14s} {'max |change|':>12s} {'% of range':>10s}")
+    lines.append(f"{'invariance':34s} {'predictor':14s} {'max |change|':>12s} {'max, % range':>12s} "
+                 f"{'mean, % range':>13s}")
     for r in rows:
         if "perm_max_abs" in r:
             lines.append(f"{r['split']:34s} {r['predictor']:14s} {r['perm_max_abs']:12.2e} "
-                         f"{r['perm_max_pct_of_range']:10.3f}")
+                         f"{r['perm_max_pct_of_range']:12.3f} {r['perm_mean_pct_of_range']:13.3f}")
     sel = [r for r in rows if "regret_vs_oracle" in r]
     if sel:
         lines.append("")

@@ -83,8 +83,8 @@ def test_permuted_hidden_units_compute_the_same_function(spec):
 
 def _head(seed: int, sizes=(1, 3, 2), dim: int = 20) -> HeadWeights:
     g = torch.Generator().manual_seed(seed)
-    labels = torch.cat([torch.full((n,), c) for c, n in zip((4, 7, 9), sizes)])
-    return HeadWeights(torch.randn(len(labels), dim, generator=g, dtype=torch.float64), labels,
+    columns = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])  # proxy -> class column
+    return HeadWeights(torch.randn(len(columns), dim, generator=g, dtype=torch.float64), columns,
                        torch.tensor([4, 7, 9]))
 
 
@@ -100,11 +100,13 @@ def test_head_encoding_is_invariant_to_class_and_proxy_order():
     base = enc(head)
     g = torch.Generator().manual_seed(5)
     for _ in range(3):
-        perm = torch.randperm(len(head.proxies), generator=g)  # shuffles classes and proxies together
-        shuffled = HeadWeights(head.proxies[perm], head.proxy_labels[perm], head.classes[torch.randperm(3, generator=g)])
+        perm = torch.randperm(len(head.proxies), generator=g)  # proxy order, across and within classes
+        cls_perm = torch.randperm(3, generator=g)  # class order: new column j holds old class cls_perm[j]
+        new_column = torch.argsort(cls_perm)
+        shuffled = HeadWeights(head.proxies[perm], new_column[head.proxy_labels[perm]], head.classes[cls_perm])
         torch.testing.assert_close(enc(shuffled), base, rtol=0, atol=1e-12)
     # a different head (one proxy moved to another class) is encoded differently
-    moved = HeadWeights(head.proxies, torch.tensor([4, 4, 7, 7, 9, 9]), head.classes)
+    moved = HeadWeights(head.proxies, torch.tensor([0, 0, 1, 1, 2, 2]), head.classes)
     assert (enc(moved) - base).abs().max() > 1e-4
 
 
@@ -282,7 +284,7 @@ def _fake_run(root, methods=("qi2018", "l2/kmeans:k=2/l2/l2/max")):
     rows = []
     for seed in (0, 1):
         x = torch.randn(12, 6, generator=g)
-        y = torch.arange(3).repeat(4)
+        y = torch.tensor([3, 5, 8]).repeat(4)  # label values that are not class columns
         folder = root / "heads" / f"novel-4shot-seed{seed}"
         folder.mkdir(parents=True)
         heads = build_head_grid(list(methods), [SupportSet(x, y, seed=seed)])
@@ -307,6 +309,7 @@ def test_head_zoo_pairs_results_rows_with_head_files(tmp_path):
     assert rec.acc == pytest.approx(0.61)
     w = rec.weights()
     assert w.proxies.shape == (6, 6) and sorted(set(w.proxy_labels.tolist())) == [0, 1, 2]
+    assert w.classes.tolist() == [3, 5, 8]
     assert StatNN("gbt").fit([r.weights() for r in zoo], zoo.targets()).predict([w]).shape == (1,)
     next((tmp_path / "run" / "heads").rglob("qi2018.safetensors")).unlink()
     with pytest.raises(BenchError, match="qi2018"):

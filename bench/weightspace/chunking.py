@@ -155,17 +155,23 @@ class HeadChunks:
     num_classes: int
 
 
+def head_class_positions(proxy_labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Each proxy's class column (0..C-1), as ImprintedHead stores ``proxy_labels``; an error if
+    a proxy points outside the head's classes."""
+    cls = proxy_labels.long()
+    if len(cls) and (int(cls.min()) < 0 or int(cls.max()) >= len(classes)):
+        raise BenchError(f"head proxy labels must be class columns 0..{len(classes) - 1}, got values "
+                         f"{int(cls.min())}..{int(cls.max())}")
+    return cls
+
+
 def chunk_head(proxies: torch.Tensor, proxy_labels: torch.Tensor, classes: torch.Tensor,
                element_dim: int = 16) -> HeadChunks:
-    """Chunk a head; ``proxy_labels`` are label values, ``classes`` the head's label values."""
+    """Chunk a head: ``proxy_labels`` are class columns into ``classes`` (ImprintedHead's layout)."""
     if proxies.ndim != 2 or len(proxies) != len(proxy_labels):
         raise BenchError(f"head proxies must be (P, D) with P labels, got {tuple(proxies.shape)} and "
                          f"{len(proxy_labels)} labels")
-    pos_of = {int(c): i for i, c in enumerate(classes.tolist())}
-    missing = sorted({int(v) for v in proxy_labels.tolist()} - pos_of.keys())
-    if missing:
-        raise BenchError(f"head proxies have labels {missing[:5]} that are not among its classes")
-    cls = torch.tensor([pos_of[int(v)] for v in proxy_labels.tolist()], dtype=torch.long)
+    cls = head_class_positions(proxy_labels, classes)
     p, d = proxies.shape
     n_chunks = -(-d // element_dim)
     values = F.pad(proxies.detach(), (0, n_chunks * element_dim - d)).reshape(p * n_chunks, element_dim)

@@ -32,7 +32,8 @@ def method_slug(method: str) -> str:
 
 @dataclass
 class HeadWeights:
-    """What an encoder reads of a head: proxies (P, D), their labels (P,) and the classes (C,)."""
+    """What an encoder reads of a head: proxies (P, D), each proxy's class column (P,) in
+    0..C-1 (as ImprintedHead stores ``proxy_labels``) and the classes' label values (C,)."""
 
     proxies: torch.Tensor
     proxy_labels: torch.Tensor

@@ -27,6 +27,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.weightspace.architectures import WEIGHT_KINDS, Layer
+from bench.weightspace.chunking import head_class_positions
 from bench.weightspace.headzoo import HeadWeights
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -87,8 +88,7 @@ def head_feature_names() -> list[str]:
 
 def head_features(head: HeadWeights) -> torch.Tensor:
     p = head.proxies.double()
-    pos = {int(c): i for i, c in enumerate(head.classes.tolist())}
-    cls = torch.tensor([pos[int(v)] for v in head.proxy_labels.tolist()])
+    cls = head_class_positions(head.proxy_labels, head.classes)
     c = len(head.classes)
     means = torch.zeros(c, p.shape[1], dtype=torch.float64).index_add_(0, cls, p)
     means = means / torch.bincount(cls, minlength=c).clamp_min(1)[:, None]
