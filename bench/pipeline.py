@@ -297,15 +297,19 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
         clear_outputs(out_dir)
         write_run_record(out_dir, cfg, None, fabric.world_size, grid.dropped, started=started, complete=False)
     fabric.barrier()  # no rank writes a head before the previous run's are gone
+    clock = time.perf_counter()
     emb = extract_stage(cfg, require_cached=require_cached, suite=suite)
+    seconds = {"extract": time.perf_counter() - clock}
+    clock = time.perf_counter()
     rows, dropped, world_size = imprint_stage(cfg, emb, out_dir, grid, fabric)
+    seconds["imprint"] = time.perf_counter() - clock
     result = RunResult(rows, out_dir, dropped=dropped, notes=emb.notes)
     if fabric.global_rank == 0:
         result.paths = write_table(rows, out_dir)
         # The record says complete only once the rows are on disk; the report and the W&B
         # artifact then read (and carry) a finished run.
         write_run_record(out_dir, cfg, emb, world_size, dropped, started=started, complete=True,
-                         rows=len(rows))
+                         rows=len(rows), seconds=seconds)
         result.report = write_run_report(out_dir)
         result.wandb = log_bench_run(rows, cfg.to_dict(), name, out_dir, cfg.wandb.mode, cfg.wandb.project,
                                      cfg.wandb.entity)
@@ -324,7 +328,7 @@ def clear_outputs(out_dir: Path) -> None:
 
 
 def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, world_size: int, dropped, *,
-                     started: str, complete: bool, rows: int = 0) -> Path:
+                     started: str, complete: bool, rows: int = 0, seconds: dict | None = None) -> Path:
     """run.json: the config, where the embeddings came from, how many processes and threads ran,
     and whether the run finished (written last, so a report never mistakes a killed run for one)."""
     import lightning
@@ -343,6 +347,7 @@ def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, worl
     if emb is not None:
         record.update({
             "rows": rows,
+            "stage_seconds": seconds or {},  # on rank 0; the imprint stage includes waiting for the others
             "dataset": emb.dataset,
             "cache_entries": [str(e.path) for e in (emb.pool, emb.queries) if e is not None],
             "backbone_sha256": emb.backbone.fingerprint,
