@@ -75,7 +75,7 @@ def _methods(grid_entries: list[str], markdown: bool = False) -> None:
 
 def _diagnose(cfg) -> int:
     from bench import pipeline
-    from bench.diagnostics.report import diagnose, format_correlations, write_diagnostics
+    from bench.diagnostics.diagnose import diagnose, format_correlations, write_diagnostics
     from bench.report.wandb_log import log_tables
 
     d = cfg.diagnose

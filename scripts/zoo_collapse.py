@@ -33,7 +33,7 @@ from build_tiny_backbone import TRANSFORM, train  # noqa: E402
 
 from bench.backbones.registry import save_checkpoint  # noqa: E402
 from bench.config import BackboneConfig, load_config  # noqa: E402
-from bench.diagnostics.report import diagnose, kendall  # noqa: E402
+from bench.diagnostics.diagnose import diagnose, kendall, tau_undefined  # noqa: E402
 from bench.report.results import mean_std  # noqa: E402
 
 MEAN, MULTI = "qi2018", "l2/kmeans:k=5/l2/l2/max"
@@ -54,6 +54,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.05, 0.2])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--weight-decays", type=float, nargs="+", default=[0.0, 5e-3])
+    ap.add_argument("--gc-samples", type=int, default=256, help="images per model for geometric complexity")
+    ap.add_argument("--gc-probes", type=int, default=16, help="random probes per image for geometric complexity")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,7 @@ def main(argv=None) -> dict:
 
     cfg = load_config(None, [f"task={args.out / 'task.yaml'}", f"cache_dir={args.out / 'cache'}",
                              "wandb.mode=disabled"])
-    result = diagnose(cfg, backbones, [MEAN, MULTI], gc_samples=256, gc_probes=16)
+    result = diagnose(cfg, backbones, [MEAN, MULTI], gc_samples=args.gc_samples, gc_probes=args.gc_probes)
 
     rows = {}
     for r in result["diagnostics"]:
@@ -113,9 +115,12 @@ def main(argv=None) -> dict:
     print(f"\nKendall's tau across {len(table)} models (claimed sign in brackets):")
     for label, a, b, claim in pairs:
         tau, wtau = kendall(col(a), col(b))
-        agrees = (tau > 0) == claim.startswith("+")
-        taus.append({"pair": label, "kendall_tau": tau, "weighted_tau": wtau, "claim": claim, "agrees": agrees})
-        print(f"  {label:38s} tau={tau:+.2f} weighted={wtau:+.2f}   claim {claim}: {'agrees' if agrees else 'DISAGREES'}")
+        why = tau_undefined(col(a), col(b), [e["backbone"] for e in table])
+        agrees = None if why else (tau > 0) == claim.startswith("+")
+        verdict = f"undefined ({why})" if why else ("agrees" if agrees else "DISAGREES")
+        taus.append({"pair": label, "kendall_tau": tau, "weighted_tau": wtau, "claim": claim, "agrees": agrees,
+                     "undefined": why})
+        print(f"  {label:38s} tau={tau:+.2f} weighted={wtau:+.2f}   claim {claim}: {verdict}")
     summary = {"models": table, "taus": taus, "seconds": time.time() - start}
     (args.out / "zoo.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {args.out / 'zoo.json'} in {time.time() - start:.0f}s")

@@ -8,6 +8,7 @@ import torch
 
 from bench.cli import main
 from bench.diagnostics.collapse import etf
+from bench.diagnostics.diagnose import correlations, format_correlations
 from bench.diagnostics.local import feature_collapse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def test_diagnose_two_backbones_reports_correlations(tmp_path, monkeypatch, caps
                  "diagnose.gc_samples=32", "diagnose.gc_probes=4"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "nc1" in out and "tau" in out
+    assert "nc1" in out and "Kendall tau needs at least 3 backbones, got 2" in out
     import csv
 
     with open(tmp_path / "runs" / "d" / "diagnostics.csv") as f:
@@ -61,9 +62,33 @@ def test_diagnose_two_backbones_reports_correlations(tmp_path, monkeypatch, caps
     assert list((tmp_path / "runs" / "d" / "wandb").glob("offline-run-*"))
 
 
+def _rows(diag, acc):
+    diag_rows = [{"backbone": b, "classes": "novel", "nc1": v, "cdnv_unbiased": u} for b, v, u in diag]
+    acc_rows = [{"backbone": b, "classes": "novel", "method": "qi2018", "shots": 5, "acc": a} for b, a in acc]
+    return correlations(diag_rows, acc_rows)
+
+
+def test_rank_correlations_of_two_backbones_say_why_they_are_undefined():
+    rows = _rows([("a", 0.1, 1.0), ("b", 0.5, 2.0)], [("a", 0.9), ("b", 0.7)])
+    assert len(rows) == 2 and all(math.isnan(r["kendall_tau"]) for r in rows)
+    assert all("at least 3 backbones" in r["undefined"] and "got 2" in r["undefined"] for r in rows)
+    assert "at least 3 backbones" in format_correlations(rows)
+
+
+def test_rank_correlations_name_the_backbone_whose_diagnostic_is_undefined():
+    rows = _rows([("a", 0.1, 1.0), ("b", 0.5, float("nan")), ("c", 0.3, 3.0)],
+                 [("a", 0.9), ("b", 0.7), ("c", 0.8)])
+    by = {r["diagnostic"]: r for r in rows}
+    assert by["nc1"]["kendall_tau"] == pytest.approx(-1.0) and by["nc1"]["undefined"] == ""
+    assert math.isnan(by["cdnv_unbiased"]["kendall_tau"]) and "b" in by["cdnv_unbiased"]["undefined"]
+    text = format_correlations(rows)
+    assert "nc1" in text and "cdnv_unbiased" in text and "undefined" in text
+
+
 def test_zoo_script_small(tmp_path):
     summary = _script("zoo_collapse").main(["--out", str(tmp_path), "--epochs", "1", "--lrs", "0.05", "0.2",
-                                           "--batch-sizes", "64", "--weight-decays", "0", "0.01"])
+                                           "--batch-sizes", "64", "--weight-decays", "0", "0.01",
+                                           "--gc-samples", "64", "--gc-probes", "4"])
     assert len(summary["models"]) == 4 and len(summary["taus"]) == 8
     assert json.loads((tmp_path / "zoo.json").read_text())["models"][0]["gc_base"] > 0
 

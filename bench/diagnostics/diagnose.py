@@ -3,7 +3,7 @@ few-shot accuracy of chosen methods, and rank correlations between the two acros
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,13 +25,17 @@ LOWER_IS_BETTER = {"nc1", "nc1_quotient", "cdnv", "cdnv_unbiased", "equinorm", "
                    "max_angle", "gc", "gc_normalized"}
 
 
-def embedding_diagnostics(emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Neural collapse on raw and l2-normalised embeddings, plus transferability scores."""
-    out: dict[str, float] = {}
+def embedding_diagnostics(emb: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Neural collapse on raw and l2-normalised embeddings, plus transferability scores.
+    A diagnostic without a value is NaN, and ``undefined`` says why ("" when all are defined)."""
+    out: dict[str, Any] = {}
+    why: list[str] = []
     for prefix, normalize in (("", False), ("l2_", True)):
         nc = neural_collapse(emb, labels, normalize=normalize)
         for key in ("nc1", "nc1_quotient", "equinorm", "equiangularity", "max_angle", "cdnv", "cdnv_unbiased"):
             out[prefix + key] = nc[key]
+        why += [f"{prefix}{key}: {reason}" for key, reason in nc.get("undefined", {}).items()]
+    out["undefined"] = "; ".join(why)
     out["ncc_accuracy"] = ncc_accuracy(emb, labels)
     out["logme"] = logme(emb, labels)["logme"]
     out["h_score"] = h_score(emb, labels)
@@ -56,11 +60,27 @@ def gc_for(backbone: Backbone, source, classes: Sequence[int], samples: int, pro
                                 input_space=f"{backbone.name} input tensor {shape} after its transform")
 
 
+MIN_BACKBONES_FOR_TAU = 3
+
+
+def tau_undefined(x: Sequence[float], y: Sequence[float], names: Sequence[str] | None = None) -> str:
+    """Why Kendall's tau between x and y (one value per backbone) has no value; "" when it has one."""
+    if len(x) < MIN_BACKBONES_FOR_TAU:
+        return f"Kendall tau needs at least {MIN_BACKBONES_FOR_TAU} backbones, got {len(x)}"
+    names = list(names) if names is not None else [str(i) for i in range(len(x))]
+    missing = [n for n, a, b in zip(names, x, y) if not (math.isfinite(a) and math.isfinite(b))]
+    if missing:
+        return f"no value for {', '.join(missing)} (see the 'undefined' column of diagnostics.csv)"
+    if len(set(x)) == 1 or len(set(y)) == 1:
+        return "every backbone has the same value, so there is no ranking to correlate"
+    return ""
+
+
 def kendall(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    """Kendall's tau and weighted tau (scipy), NaN when undefined."""
+    """Kendall's tau and weighted tau (scipy), NaN when undefined (see :func:`tau_undefined`)."""
     from scipy.stats import kendalltau, weightedtau
 
-    if len(x) < 3:
+    if tau_undefined(x, y):
         return float("nan"), float("nan")
     return float(kendalltau(x, y).statistic), float(weightedtau(x, y).statistic)
 
@@ -81,10 +101,12 @@ def correlations(diag_rows: Sequence[dict], acc_rows: Sequence[dict]) -> list[di
         for method, shots in keys:
             accs = [mean_std(acc[(b, subset, method, shots)])[0] for b in backbones]
             for metric in metrics:
-                tau, wtau = kendall([r[metric] for r in drows], accs)
+                values = [r[metric] for r in drows]
+                tau, wtau = kendall(values, accs)
                 out.append({"classes": subset, "method": method, "shots": shots, "diagnostic": metric,
                             "kendall_tau": tau, "weighted_tau": wtau, "backbones": len(backbones),
-                            "lower_is_better": metric in LOWER_IS_BETTER})
+                            "lower_is_better": metric in LOWER_IS_BETTER,
+                            "undefined": tau_undefined(values, accs, backbones)})
     return out
 
 
@@ -96,16 +118,16 @@ def diagnose(cfg: RunConfig, backbones: Sequence[BackboneConfig], methods: Seque
     quiet_lightning()
     diag_rows, acc_rows, pools = [], [], {}
     for bb_cfg in backbones:
-        run_cfg = dataclasses.replace(cfg, backbone=bb_cfg, methods=list(methods))
+        run_cfg = cfg.model_copy(update={"backbone": bb_cfg, "methods": list(methods)})
         emb = extract_stage(run_cfg)
         rows, _, _ = imprint_stage(run_cfg, emb)
         acc_rows += rows
         # The labelled pool for diagnostics is kept apart from the support sets: the query split.
         split = pool_split or ("test" if emb.queries is not None else cfg.dataset.train_split)
         entry = emb.queries if split == "test" and emb.queries is not None else emb.pool
-        source = build_source(cfg.dataset.name or emb.suite.dataset, split=split, **cfg.dataset.options)
+        source = build_source(emb.dataset or cfg.dataset.name or emb.suite.dataset, split=split, **cfg.dataset.options)
         pools[emb.backbone.name] = entry
-        available = torch.unique(entry.labels).tolist()
+        available = torch.unique(entry.labels[entry.labels >= 0]).tolist()  # -1: a query class the pool lacks
         for subset, classes in emb.suite.subsets(available):
             keep = torch.isin(entry.labels, torch.tensor(classes))
             row: dict[str, Any] = {"backbone": emb.backbone.name, "classes": subset, "pool_split": split,
@@ -146,11 +168,24 @@ def write_diagnostics(result: dict[str, list], out_dir: Path) -> list[Path]:
 
 
 def format_correlations(rows: Sequence[dict], top: int = 12) -> str:
+    """The strongest rank correlations, then why the undefined ones have no value."""
     if not rows:
-        return "(one backbone: no rank correlations)"
-    lines = [f"{'classes':8s} {'method':24s} {'shots':>5s} {'diagnostic':18s} {'tau':>6s} {'w.tau':>6s}"]
-    ranked = sorted(rows, key=lambda r: -abs(r["kendall_tau"]) if r["kendall_tau"] == r["kendall_tau"] else 0)
-    for r in ranked[:top]:
-        lines.append(f"{r['classes']:8s} {r['method'][:24]:24s} {r['shots']:>5s} {r['diagnostic'][:18]:18s} "
-                     f"{r['kendall_tau']:+6.2f} {r['weighted_tau']:+6.2f}")
+        return f"(one backbone: no rank correlations; Kendall tau needs at least {MIN_BACKBONES_FOR_TAU} backbones)"
+    defined = [r for r in rows if not r.get("undefined")]
+    lines = []
+    if defined:
+        lines.append(f"{'classes':8s} {'method':24s} {'shots':>5s} {'diagnostic':18s} {'tau':>6s} {'w.tau':>6s}")
+        for r in sorted(defined, key=lambda r: -abs(r["kendall_tau"]))[:top]:
+            lines.append(f"{r['classes']:8s} {r['method'][:24]:24s} {str(r['shots']):>5s} {r['diagnostic'][:18]:18s} "
+                         f"{r['kendall_tau']:+6.2f} {r['weighted_tau']:+6.2f}")
+    reasons: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        if r.get("undefined"):
+            reasons[r["undefined"]].add(r["diagnostic"])
+    for reason, diagnostics in reasons.items():
+        count = sum(r.get("undefined") == reason for r in rows)
+        if reason.startswith("Kendall tau needs"):
+            lines.append(f"{reason}: no rank correlations ({count} undefined rows in correlations.csv)")
+        else:
+            lines.append(f"Kendall tau undefined for {', '.join(sorted(diagnostics))}: {reason}")
     return "\n".join(lines)
