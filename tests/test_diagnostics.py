@@ -74,16 +74,19 @@ def test_collapse_matches_a_direct_numpy_computation(normalize):
         assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
-def _ddp_worker(fabric, x, y):
-    metric = ClassStatistics(4, x.shape[1]).to(fabric.device)
-    shard = slice(fabric.global_rank, None, fabric.world_size)
-    metric.update(x[shard], y[shard])
-    result = metric.compute()
+def _ddp_worker(fabric, sets, y):
+    results = []
+    for x in sets:
+        metric = ClassStatistics(4, x.shape[1]).to(fabric.device)
+        shard = slice(fabric.global_rank, None, fabric.world_size)
+        for start in range(0, len(y), 16):  # several batches per rank: merges within and across ranks
+            metric.update(x[shard][start:start + 16], y[shard][start:start + 16])
+        results.append(metric.compute())
     # Without this, a rank could exit while gloo still serves the other rank's last
     # collective, and its threads abort the process at exit (seen once in CI).
     fabric.barrier()
     torch.distributed.destroy_process_group()
-    return result
+    return results
 
 
 def test_two_processes_give_the_same_collapse_as_one():
@@ -92,11 +95,56 @@ def test_two_processes_give_the_same_collapse_as_one():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(101, 6, generator=g) + torch.arange(4).repeat(26)[:101, None].float()
     y = torch.arange(4).repeat(26)[:101]
-    single = neural_collapse(x, y)
+    far = x.double() + 1e5  # a large common offset: per-rank class statistics must merge exactly
     fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
-    multi = fabric.launch(_ddp_worker, x, y)
-    for key in ("nc1", "nc1_quotient", "equinorm", "equiangularity", "cdnv", "cdnv_unbiased"):
-        assert multi[key] == pytest.approx(single[key], rel=1e-9), key
+    multi = fabric.launch(_ddp_worker, [x, far], y)
+    for data, result in zip((x, far), multi):
+        single = neural_collapse(data, y)
+        ref = _direct(data.double().numpy(), y.numpy())
+        for key in ("nc1", "nc1_quotient", "equinorm", "equiangularity", "cdnv", "cdnv_unbiased"):
+            assert result[key] == pytest.approx(single[key], rel=1e-9), key
+            assert result[key] == pytest.approx(ref[key], rel=1e-6), key
+
+
+def test_collapse_is_exact_far_from_the_origin():
+    # Raw moments lose every digit of the within-class scatter at this offset (NC1 was off by 0.23).
+    g = torch.Generator().manual_seed(7)
+    means = 3 * torch.randn(5, 16, generator=g, dtype=torch.float64)
+    y = torch.arange(5).repeat(40)
+    x = means[y] + 0.1 * torch.randn(200, 16, generator=g, dtype=torch.float64) + 1e5
+    ref = _direct(x.numpy(), y.numpy())
+    for batch_size in (200, 23):
+        ours = neural_collapse(x, y, batch_size=batch_size)
+        for key, value in ref.items():
+            assert ours[key] == pytest.approx(value, rel=1e-6), (key, batch_size)
+
+
+def test_batches_missing_classes_merge_exactly():
+    g = torch.Generator().manual_seed(8)
+    y = torch.arange(4).repeat_interleave(10)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64) + 2 * y[:, None] + 1e4
+    metric = ClassStatistics(4, 5)
+    metric.update(x[:20], y[:20])  # classes 0 and 1 only
+    metric.update(x[:0], y[:0])  # an empty batch, as a rank without data has
+    metric.update(x[20:], y[20:])  # classes 2 and 3 only
+    first, second = ClassStatistics(4, 5), ClassStatistics(4, 5)
+    first.update(x[:20], y[:20])
+    second.update(x[20:], y[20:])
+    first.merge_state(second)  # what torchmetrics' merge_state does across metric copies
+    ref = _direct(x.numpy(), y.numpy())
+    for ours in (metric.compute(), first.compute()):
+        for key, value in ref.items():
+            assert ours[key] == pytest.approx(value, rel=1e-9), key
+
+
+def test_unbiased_cdnv_is_undefined_when_means_are_closer_than_their_noise():
+    # Corrected squared distance: 0.1^2 - 2/2 - 2/2 < 0, so the corrected CDNV has no value.
+    x = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.1, 1.0], [0.1, -1.0], [9.0, 9.0], [9.0, 11.0]])
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    nc = neural_collapse(x, y)
+    assert math.isnan(nc["cdnv_unbiased"])
+    assert "1 of 3 class pairs" in nc["undefined"]["cdnv_unbiased"]
+    assert math.isfinite(nc["cdnv"]) and nc["cdnv"] > 0
 
 
 def test_one_sample_classes_skip_only_what_is_undefined():
@@ -170,14 +218,60 @@ def test_logme_matches_direct_evidence_with_log_determinants(n, d):
     assert math.isfinite(score["logme"])
 
 
+def _noise_free_evidence(f: torch.Tensor, col: torch.Tensor) -> float:
+    """The evidence as beta -> inf, maximised over alpha: col ~ N(0, F F^T / alpha), F F^T invertible."""
+    n = len(f)
+    gram = f @ f.T
+    q = float(col @ torch.linalg.solve(gram, col))
+    alpha = n / q
+    _, logdet = torch.linalg.slogdet(gram / alpha)
+    return -0.5 * (n * math.log(2 * math.pi) + float(logdet) + alpha * q)
+
+
+def test_logme_takes_the_noise_free_limit_when_n_is_below_d_and_classes_separate():
+    # Fewer samples than dimensions and separable classes: the evidence grows with beta up to a
+    # finite limit (noise-free regression). The fixed point ran beta into an OverflowError.
+    g = torch.Generator().manual_seed(0)
+    n, d = 12, 40
+    y = torch.arange(n) % 3
+    f = torch.randn(n, d, generator=g, dtype=torch.float64)
+    f[:, :3] += 5 * nn.functional.one_hot(y, 3).double()
+    score = logme(f, y)
+    limits = [_noise_free_evidence(f, (y == k).double()) for k in range(3)]
+    assert score["noise_free_classes"] == 3 and score["beta_mean"] == math.inf
+    assert score["logme"] == pytest.approx(sum(limits) / 3 / n, rel=1e-9)
+    for k, limit in enumerate(limits):  # the limit is the supremum over finite (alpha, beta)
+        col = (y == k).double()
+        assert log_evidence(f, col, n / float(col @ torch.linalg.solve(f @ f.T, col)), math.inf) == pytest.approx(limit)
+        for alpha in (1.0, 10.0, 100.0, 1000.0):
+            for beta in (1.0, 1e3, 1e6, 1e9):
+                assert log_evidence(f, col, alpha, beta) <= limit + 1e-9
+
+
+def test_logme_takes_the_zero_weight_limit_for_uninformative_features():
+    # Random features and labels: the evidence is highest as alpha -> inf (the weights vanish and
+    # the column is pure noise), where it equals the evidence of N(0, nu I) with nu = |y|^2 / N.
+    g = torch.Generator().manual_seed(0)
+    n, d = 12, 40
+    f = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.arange(n) % 3
+    score = logme(f, y)
+    assert math.isfinite(score["logme"])
+    noise_only = -0.5 * (math.log(2 * math.pi) + math.log(4 / 12) + 1)  # per sample, |y|^2 = 4 of 12
+    assert score["logme"] >= noise_only - 1e-12
+
+
 def test_logme_fixed_point_maximises_the_evidence():
     g = torch.Generator().manual_seed(5)
     f = torch.randn(80, 10, generator=g, dtype=torch.float64)
     y = (f[:, 0] > 0).long()
-    from bench.diagnostics.transferability import _logme_column
+    from bench.diagnostics.transferability import _logme_column, _project, _thin_svd
 
-    u, s, _ = torch.linalg.svd(f, full_matrices=False)
-    alpha, beta = _logme_column(u, s**2, y.double(), len(f))
+    u, s = _thin_svd(f)
+    z, rest = _project(u, y.double()[:, None])
+    evidence, alpha, beta = _logme_column(s**2, z[:, 0], float(rest[0]), len(f))
+    assert math.isfinite(alpha) and math.isfinite(beta)
+    assert evidence == pytest.approx(log_evidence(f, y.double(), alpha, beta), rel=1e-12)
     best = log_evidence(f, y.double(), alpha, beta)
     for da, db in [(1.2, 1), (0.8, 1), (1, 1.2), (1, 0.8)]:
         assert log_evidence(f, y.double(), alpha * da, beta * db) <= best + 1e-9
@@ -202,6 +296,32 @@ def test_h_score_without_shrinkage_matches_numpy():
     mu = np.stack([x[y.numpy() == k].mean(0) for k in range(3)])
     between = (mu * 40).T @ mu / 120
     assert h_score(f, y, shrinkage=False) == pytest.approx(np.trace(np.linalg.solve(cov, between)), rel=1e-8)
+
+
+def _ledoit_wolf_direct(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit & Wolf (2004) on centred rows x: shrink S = x^T x / n towards mu I, mu = tr(S) / d."""
+    n, d = x.shape
+    s = x.T @ x / n
+    mu = np.trace(s) / d
+    delta2 = ((s - mu * np.eye(d)) ** 2).sum() / d
+    beta2 = sum(((np.outer(r, r) - s) ** 2).sum() for r in x) / n**2 / d
+    alpha = min(beta2, delta2) / delta2
+    return (1 - alpha) * s + alpha * mu * np.eye(d), alpha
+
+
+@pytest.mark.parametrize("n, d", [(120, 5), (30, 50)])
+def test_regularised_h_score_matches_the_published_formula(n, d):
+    # Ibrahim et al. 2022: tr(cov_alpha(f)^-1 (1 - alpha) cov(E[f | y])), cov(E[f | y]) over N - 1.
+    g = torch.Generator().manual_seed(n)
+    y = torch.cat([torch.zeros(n // 2), torch.ones(n // 3), torch.full((n - n // 2 - n // 3,), 2)]).long()
+    f = torch.randn(n, d, generator=g, dtype=torch.float64) + 0.7 * y[:, None]
+    x = f.numpy() - f.numpy().mean(0)
+    cov_alpha, alpha = _ledoit_wolf_direct(x)
+    assert 0 < alpha < 1
+    cond = np.stack([x[y.numpy() == k].mean(0) for k in range(3)])[y.numpy()]
+    between = np.cov(cond, rowvar=False)
+    expected = np.trace(np.linalg.solve(cov_alpha, (1 - alpha) * between))
+    assert h_score(f, y) == pytest.approx(expected, rel=1e-8)
 
 
 def test_linear_cka_properties():

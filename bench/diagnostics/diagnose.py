@@ -12,7 +12,6 @@ import torch
 
 from bench.backbones.registry import Backbone
 from bench.config import BackboneConfig, RunConfig
-from bench.data.episodes import select_classes
 from bench.data.sources import build_source
 from bench.diagnostics.collapse import neural_collapse
 from bench.diagnostics.geometry import geometric_complexity
@@ -176,7 +175,7 @@ def format_correlations(rows: Sequence[dict], top: int = 12) -> str:
     if defined:
         lines.append(f"{'classes':8s} {'method':24s} {'shots':>5s} {'diagnostic':18s} {'tau':>6s} {'w.tau':>6s}")
         for r in sorted(defined, key=lambda r: -abs(r["kendall_tau"]))[:top]:
-            lines.append(f"{r['classes']:8s} {r['method'][:24]:24s} {str(r['shots']):>5s} {r['diagnostic'][:18]:18s} "
+            lines.append(f"{r['classes']:8s} {r['method'][:24]:24s} {r['shots']!s:>5s} {r['diagnostic'][:18]:18s} "
                          f"{r['kendall_tau']:+6.2f} {r['weighted_tau']:+6.2f}")
     reasons: dict[str, set[str]] = defaultdict(set)
     for r in rows:

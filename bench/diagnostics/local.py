@@ -16,15 +16,15 @@ from bench.diagnostics.collapse import ClassStatistics
 
 
 class RoleCollapse(ClassStatistics):
-    """ClassStatistics over tokens: ``update(tokens (N, D), roles (N,))``, summed across ranks.
+    """ClassStatistics over tokens: ``update(tokens (N, D), roles (N,))``, merged across ranks.
 
     ``compute`` adds the spectrum of the centred role means to the neural-collapse measures.
     """
 
     def compute(self) -> dict[str, Any]:
         out = super().compute()
-        present = self.counts > 0
-        means = self.sums[present] / self.counts[present][:, None]
+        counts, means, _, _ = self.merged()
+        means = means[counts > 0]
         s = torch.linalg.svdvals(means - means.mean(0))
         out["role_mean_spectrum"] = (s / s.max()).tolist() if s.max() > 0 else s.tolist()
         out["role_effective_rank"] = float(torch.exp(-(p := s / s.sum()).mul(torch.log(p + 1e-300)).sum()))
