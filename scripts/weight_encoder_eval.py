@@ -271,7 +271,7 @@ def figures(out: Path, rows: list[dict], preds: list[dict]) -> list[Path]:
                 ax.set_xlabel("true test acc", fontsize=8)
             ax.tick_params(labelsize=7)
     fig.suptitle("Predicted against true accuracy (grey: y = x)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # keep the title off the column names
     paths.append(out / "predicted_vs_true.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
@@ -306,7 +306,7 @@ def figures(out: Path, rows: list[dict], preds: list[dict]) -> list[Path]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", type=Path, default=Path(".cache/zoo/digits"))
+    ap.add_argument("--zoo", type=Path, default=Path(".cache/zoo/digits"), help="network zoo; 'none': heads only")
     ap.add_argument("--cross-zoo", type=Path, default=Path(".cache/zoo/digits-permuted"),
                     help="a zoo trained on a second dataset; 'none' skips the cross-dataset split")
     ap.add_argument("--heads", type=Path, nargs="*", default=[], help="run folders with saved heads")
@@ -329,12 +329,13 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     ev = Evaluation(args)
-    zoo = NetworkZoo.load(args.zoo)
-    cross = None if str(args.cross_zoo) == "none" else NetworkZoo.load(args.cross_zoo)
-    print(zoo.describe())
-    if cross is not None:
-        print(cross.describe())
-    network_splits(ev, zoo, cross)
+    if str(args.zoo) != "none":
+        zoo = NetworkZoo.load(args.zoo)
+        cross = None if str(args.cross_zoo) == "none" else NetworkZoo.load(args.cross_zoo)
+        print(zoo.describe())
+        if cross is not None:
+            print(cross.describe())
+        network_splits(ev, zoo, cross)
     if args.heads:
         head_split(ev, HeadZoo.load(args.heads))
     total = time.perf_counter() - start

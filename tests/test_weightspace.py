@@ -214,6 +214,8 @@ def test_zoo_is_content_addressed_and_resumable(tiny_zoo, capsys):
                for r in zoo)
     again = build_zoo(tiny_zoo, FAST, workers=1, log=lambda s: None)
     assert again["trained_now"] == 0
+    with pytest.raises(BenchError, match="own folder"):
+        build_zoo(tiny_zoo, plan_zoo(1, dataset="digits-permuted"), log=lambda s: None)
     rows = list(csv.DictReader((tiny_zoo / "index.csv").open()))
     assert len(rows) == len(FAST) and {"family", "test_acc", "train.lr"} <= set(rows[0])
     # the same (seed, index) always plans the same member; another seed plans another zoo

@@ -148,8 +148,9 @@ def chunk_network(layers: list[Layer], element_dim: int = ELEMENT_DIM) -> Networ
 class HeadChunks:
     """A head's proxies cut into chunks along D, grouped by class (rows sorted by class)."""
 
-    values: torch.Tensor  # (N, E)
+    values: torch.Tensor  # (N, E): chunks of the proxy's direction (the proxy over its norm)
     positions: torch.Tensor  # (N, 2): chunk position along D (relative), chunk index
+    log_norms: torch.Tensor  # (N, 1): log of the l2 norm of the chunk's proxy
     proxy_of: torch.Tensor  # (N,) proxy index of each chunk
     class_of_proxy: torch.Tensor  # (P,) class position (0..C-1) of each proxy
     num_classes: int
@@ -174,10 +175,14 @@ def chunk_head(proxies: torch.Tensor, proxy_labels: torch.Tensor, classes: torch
     cls = head_class_positions(proxy_labels, classes)
     p, d = proxies.shape
     n_chunks = -(-d // element_dim)
-    values = F.pad(proxies.detach(), (0, n_chunks * element_dim - d)).reshape(p * n_chunks, element_dim)
+    # Direction and length apart: heads range from unit rows (l2) to raw embeddings whose norms
+    # differ by orders of magnitude, which would saturate the element encoder.
+    norms = proxies.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    values = F.pad(proxies.detach() / norms, (0, n_chunks * element_dim - d)).reshape(p * n_chunks, element_dim)
     chunk = torch.arange(n_chunks).repeat(p)
     positions = torch.stack([_rel(chunk, n_chunks), chunk.float()], 1)
-    return HeadChunks(values, positions, torch.arange(p).repeat_interleave(n_chunks), cls, len(classes))
+    return HeadChunks(values, positions, norms.log().repeat_interleave(n_chunks, 0),
+                      torch.arange(p).repeat_interleave(n_chunks), cls, len(classes))
 
 
 @dataclass
@@ -198,6 +203,7 @@ class SetBatch:
     sizes: list[int]
     group_types: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     group_positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2))
+    scalars: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # heads: (N, 1) log norms
 
     @property
     def num_items(self) -> int:
@@ -207,7 +213,7 @@ class SetBatch:
         move = lambda t: t.to(device)  # noqa: E731
         return SetBatch(self.kind, move(self.values), move(self.positions), move(self.types),
                         [move(s) for s in self.segments], list(self.sizes), move(self.group_types),
-                        move(self.group_positions))
+                        move(self.group_positions), move(self.scalars))
 
 
 def collate_networks(items: list[NetworkChunks]) -> SetBatch:
@@ -237,4 +243,5 @@ def collate_heads(items: list[HeadChunks]) -> SetBatch:
     values = torch.cat([it.values for it in items])
     return SetBatch("head", values, torch.cat([it.positions for it in items]),
                     torch.full((len(values),), ELEMENT_TYPES["proxy"]),
-                    [torch.cat(seg0), torch.cat(seg1), torch.cat(seg2)], [proxy_off, class_off, len(items)])
+                    [torch.cat(seg0), torch.cat(seg1), torch.cat(seg2)], [proxy_off, class_off, len(items)],
+                    scalars=torch.cat([it.log_norms for it in items]))

@@ -280,7 +280,15 @@ def build_zoo(
     from tqdm import tqdm
 
     out = Path(out)
+    datasets = sorted({m.recipe.dataset for m in members})
+    record = out / "zoo.json"
+    if record.is_file():
+        before = json.loads(record.read_text()).get("datasets", [])
+        if before != datasets:
+            raise BenchError(f"zoo {out} holds networks trained on {before}, not {datasets}; "
+                             "build each dataset's zoo in its own folder")
     (out / "networks").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, {"datasets": datasets, "recipe_version": RECIPE_VERSION})
     todo = [m for m in dict.fromkeys(members) if not (out / "networks" / f"{m.key}.safetensors").exists()]
     log(f"zoo {out}: {len(members)} networks planned, {len(members) - len(todo)} already built, "
         f"{len(todo)} to train on {workers} process(es)")

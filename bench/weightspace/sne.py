@@ -2,14 +2,16 @@
 
 Networks: chunked layer elements (``chunking.py``) with positional encodings of their layer
 (relative depth, index, type) and of their place in the layer (row, column) -> set-to-set
-functions within each layer (DeepSets equivariant layer + induced set attention) -> one vector
-per layer (attention pooling) -> the layer vectors, with encodings of their depth and type,
+functions within each layer (DeepSets equivariant layers; ``attention=True`` adds a Set
+Transformer ISAB after each, about 4x slower on CPU) -> one vector per layer (attention pooling
+next to the mean) -> the layer vectors, with encodings of their depth and type,
 combined in depth order (``combine="set"``: set attention + pooling over depth-encoded layers,
 as in the paper; ``combine="gru"``: a GRU reading the layers from input to output) -> a
 network vector -> a small MLP predicts the property.
 
-Heads: proxy chunks (with their place along the embedding dimension) -> set functions and
-pooling per proxy -> per class -> per head. Proxies and classes get no positional encoding, so
+Heads: proxy chunks (the proxy's direction, with the chunk's place along the embedding
+dimension and the proxy's log-norm) -> set functions and pooling per proxy -> per class -> per
+head. Proxies and classes get no positional encoding, so
 the head's encoding cannot depend on class order or on proxy order within a class.
 
 SNE does not hard-wire the networks' neuron-permutation symmetry (its positional encodings
@@ -110,7 +112,9 @@ class SNE(nn.Module):
         self.cfg = cfg
         h, f = cfg.hidden, cfg.freqs
         n_pos = 4 if cfg.kind == "network" else 2
-        self.element_in = nn.Sequential(nn.Linear(cfg.element_dim + 2 * f * n_pos, h), nn.GELU(), nn.Linear(h, h))
+        n_scalars = 0 if cfg.kind == "network" else 1  # a head chunk's proxy log-norm
+        self.element_in = nn.Sequential(nn.Linear(cfg.element_dim + 2 * f * n_pos + n_scalars, h), nn.GELU(),
+                                        nn.Linear(h, h))
         self.element_type = nn.Embedding(len(ELEMENT_TYPES), h)
         # 1 / typical magnitude of each element type's values, set from the training items
         # (``set_value_scale``): raw weights, running variances and embeddings differ by orders
@@ -137,7 +141,8 @@ class SNE(nn.Module):
         pos = fourier(_scaled_positions(batch.positions.to(dtype), (1,)), f)  # column 1 is an index
         # asinh keeps small weights linear and tames large running variances and raw embeddings
         values = torch.asinh(batch.values.to(dtype) * self.value_scale[batch.types][:, None])
-        x = self.element_in(torch.cat([values, pos], 1)) + self.element_type(batch.types)
+        parts = [values, pos] + ([batch.scalars.to(dtype)] if self.cfg.kind == "head" else [])
+        x = self.element_in(torch.cat(parts, 1)) + self.element_type(batch.types)
         if self.cfg.kind == "head":
             for level, seg, n in zip(self.levels, batch.segments, batch.sizes):
                 x = level(x, seg, n)
