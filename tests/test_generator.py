@@ -248,11 +248,12 @@ def test_meta_test_classes_cannot_leak_into_meta_training():
     first = ClassSplit(tuple(range(5)), tuple(range(5, 10)))
     second = ClassSplit(tuple(range(5, 8)), (20,))
     with pytest.raises(BenchError, match="meta-test in one source entry and meta-train in another"):
-        build_metatasks([(src, first, 2), (src, second, 2)], ways=(2, 3), per_class=(4, 4), progress=False)
+        build_metatasks([(src, first, 2), (src, second, 2)], ways=(2, 3), per_class=(4, 4), progress=False,
+                        weight_decays=(1e-1,))
     info = {"dataset": "digits", "backbone": "x"}
     check_no_leak([(info, first), ({"dataset": "digits", "backbone": "y"}, second)])  # other backbone: fine
     # tasks only ever use meta-train classes, and the split is written down with them
-    tasks = build_metatasks([(src, first, 6)], ways=(2, 3), per_class=(4, 4), progress=False)
+    tasks = build_metatasks([(src, first, 6)], ways=(2, 3), per_class=(4, 4), progress=False, weight_decays=(1e-1,))
     used = set(tasks.classes[tasks.classes >= 0].tolist())
     assert used <= set(first.train) and tasks.sources[0]["meta_test_classes"] == list(first.test)
     # a cached source refuses meta-train classes it does not have
@@ -282,12 +283,15 @@ def test_tasks_are_pure_functions_of_their_seed_and_sources_are_deterministic():
     assert torch.allclose(normalize(torch.tensor([[3.0, 4.0]]), "l2"), torch.tensor([[0.6, 0.8]]))
 
 
-def test_cli_refuses_bad_input_in_one_line(capsys):
+def test_cli_refuses_bad_input_in_one_line(capsys, tmp_path):
     from bench.cli import main
 
-    assert main(["generator", "fit", "--source", "nope"]) == 2
+    assert main(["generator", "fit", "--source", "nope", "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "unknown meta-task source 'nope'" in err and "\n" not in err
+    (tmp_path / "taken").mkdir()
+    assert main(["generator", "fit", "--out", str(tmp_path / "taken")]) == 2
+    assert "exists; choose another --out or pass --overwrite" in capsys.readouterr().err
     assert main(["generator", "fit", "--train-classes", "digits"]) == 2
     assert "DATASET=CLASSES" in capsys.readouterr().err
     assert main(["generator", "show", "/nonexistent/ckpt"]) == 2
