@@ -322,7 +322,8 @@ def config_table() -> str:
                 accepted, shown = info.description, "the 8 presets + l2/kmeans:k=[2,5,10]/l2/l2/max"
             else:
                 accepted = info.description
-                shown = _yaml(int(default) if isinstance(default, int) else default)
+                # bool is an int: keep true/false, but show sizes such as 1GiB's int as a plain number
+                shown = _yaml(default if isinstance(default, bool) or not isinstance(default, int) else int(default))
             lines.append(f"| `{prefix}{name}` | {accepted} | `{shown}` |")
 
     walk(RunConfig, "")
