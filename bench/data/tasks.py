@@ -123,10 +123,11 @@ class TaskSuite(BaseModel):
         """A YAML path, or a suite name looked up in ./tasks and the repository's tasks/, with
         ``overrides`` replacing its fields."""
         path = Path(name_or_path)
-        candidates = [path] if path.suffix in (".yaml", ".yml") else [
+        # JSON is YAML, so a .json suite file reads the same way
+        candidates = [path] if path.suffix in (".yaml", ".yml", ".json") else list(dict.fromkeys([
             Path("tasks") / f"{name_or_path}.yaml",
             TASKS_DIR / f"{name_or_path}.yaml",
-        ]
+        ]))
         for cand in candidates:
             if cand.is_file():
                 try:
