@@ -96,6 +96,7 @@ def imprint_episodes(
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, desc="imprint + evaluate", unit="episode", disable=not progress)
     rows: list[dict[str, Any]] = []
+    metrics: dict[tuple[int, int], HeadGridMetrics] = {}  # reset and reused: building one costs more than a small episode
     for batch in batches:
         supports = []
         for j in batch:
@@ -108,7 +109,11 @@ def imprint_episodes(
         for col, j in enumerate(batch):
             subset, ep = episodes[j]
             heads = [row[col] for row in grid]
-            results = _evaluate(heads, ep, pool if ep.query_split == "train" else queries, dim, max_batch_bytes)
+            shape = (len(heads), len(heads[0].classes))
+            # One rank scores a whole episode, so its counts must not be summed with other ranks'
+            # (other episodes): no sync on compute.
+            metric = metrics.setdefault(shape, HeadGridMetrics(*shape, sync_on_compute=False))
+            results = _evaluate(heads, ep, pool if ep.query_split == "train" else queries, dim, max_batch_bytes, metric)
             for i, (spec, head, values) in enumerate(zip(specs, heads, results)):
                 rows.append({
                     "_order": [j, i], "backbone": labels.backbone, "dataset": labels.dataset,
@@ -125,19 +130,19 @@ def imprint_episodes(
     return rows
 
 
-def _evaluate(heads, ep: Episode, entry: Any, dim: int, max_bytes: int) -> list[dict[str, float]]:
+def _evaluate(heads, ep: Episode, entry: Any, dim: int, max_bytes: int,
+              metric: HeadGridMetrics) -> list[dict[str, float]]:
     """Every head's metrics on the episode's queries, scored in budget-sized chunks."""
     idx = torch.as_tensor(ep.query, dtype=torch.long)
     classes = heads[0].classes
-    # One rank scores a whole episode, so its counts must not be summed with other ranks'
-    # (other episodes): no sync on compute.
-    metric = HeadGridMetrics(len(heads), len(classes), sync_on_compute=False)
+    metric.reset()
     step = query_chunk_rows(heads, dim, max_bytes)
     target = class_positions(classes, entry.labels[idx].to(classes.device), "query labels")
     for start in range(0, len(idx), step):
         scores = score_heads(heads, entry.embeddings[idx[start:start + step]].float())
         metric.update(torch.stack([s.argmax(1) for s in scores]), target[start:start + step])
-    values = {k: v.reshape(len(heads), -1) for k, v in metric.compute().items()}  # compute squeezes one head
+    # compute squeezes one head; one tolist per metric, not one item() per head and class
+    values = {k: v.reshape(len(heads), -1).tolist() for k, v in metric.compute().items()}
     names = classes.tolist()
     return [flatten_metrics({k: v[h] for k, v in values.items()}, names) for h in range(len(heads))]
 

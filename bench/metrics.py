@@ -10,7 +10,7 @@ collection per head, which matters when a benchmark scores thousands of heads.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torchmetrics import Metric, MetricCollection
@@ -75,15 +75,20 @@ class HeadGridMetrics(Metric):
         }
 
 
-def flatten_metrics(values: dict[str, torch.Tensor], classes: Iterable[int]) -> dict[str, float]:
-    """Scalars as floats; per-class accuracy as one ``acc_class_<label>`` key per class."""
+def flatten_metrics(values: dict[str, Any], classes: Iterable[int]) -> dict[str, float]:
+    """Scalars as floats; per-class accuracy as one ``acc_class_<label>`` key per class.
+    Values are tensors, floats, or lists (one value per class)."""
     out: dict[str, float] = {}
     for key, value in values.items():
-        if value.numel() == 1:
-            out[key] = float(value)
-        else:
-            for c, v in zip(classes, value.tolist()):
+        if isinstance(value, torch.Tensor):
+            value = value.item() if value.numel() == 1 else value.tolist()
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, list):
+            for c, v in zip(classes, value):
                 out[f"{key.replace('per_class_acc', 'acc_class')}_{c}"] = float(v)
+        else:
+            out[key] = float(value)
     return out
 
 

@@ -19,6 +19,7 @@ dependencies) are named in ``LAZY`` and imported the first time a spec names the
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -101,6 +102,13 @@ def _format(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+@functools.lru_cache(maxsize=None)
+def _extra_keywords(fn: Callable) -> frozenset[str]:
+    # inspect.signature costs tens of microseconds and the grid asks once per head
+    params = inspect.signature(fn).parameters
+    return frozenset(p for p in ("rng", "ctx") if p in params)
+
+
 @dataclass(frozen=True)
 class Method:
     """One registered method and the facts the grid engine reads."""
@@ -133,8 +141,7 @@ class Method:
     @property
     def takes(self) -> frozenset[str]:
         """Keyword arguments beyond the options that the function accepts (rng, ctx)."""
-        params = inspect.signature(self.fn).parameters
-        return frozenset(p for p in ("rng", "ctx") if p in params)
+        return _extra_keywords(self.fn)
 
     def option_text(self) -> str:
         """``name[:opt=default,...]`` as the README's method table shows it."""
