@@ -5,7 +5,7 @@
     bench generator fit --source digits --tasks 400 --train-classes digits=0-6 --test-classes digits=7-9
     bench generator show runs/generator/d2nwg
 
-Use a checkpoint as a GEN: ``l2/d2nwg:ckpt=runs/generator/d2nwg/none/l2/max`` (NORM_pre and
+Use a checkpoint as a GEN: ``l2/d2nwg:ckpt=d2nwg/none/l2/max`` (a folder under $BENCH_GENERATOR_DIR, default runs/generator) (NORM_pre and
 NORM_inf must be the normalisation it was fitted in, ``l2`` by default; NORM_post ``none``).
 """
 
