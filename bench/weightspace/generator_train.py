@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -253,6 +254,8 @@ def _logger(cfg: FitConfig, out: Path, name: str):
 
     save_dir = out.parent / "wandb"
     save_dir.mkdir(parents=True, exist_ok=True)
+    # as every bench run: W&B's own banners and Lightning's `anonymous` deprecation notice stay quiet
+    os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(project="bench-generator", name=f"{out.name}-{name}", save_dir=str(save_dir),
                        offline=cfg.wandb == "offline", config=asdict(cfg))
 
