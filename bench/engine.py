@@ -112,7 +112,9 @@ def imprint_episodes(
             shape = (len(heads), len(heads[0].classes))
             # One rank scores a whole episode, so its counts must not be summed with other ranks'
             # (other episodes): no sync on compute.
-            metric = metrics.setdefault(shape, HeadGridMetrics(*shape, sync_on_compute=False))
+            if shape not in metrics:
+                metrics[shape] = HeadGridMetrics(*shape, sync_on_compute=False)
+            metric = metrics[shape]
             results = _evaluate(heads, ep, pool if ep.query_split == "train" else queries, dim, max_batch_bytes, metric)
             for i, (spec, head, values) in enumerate(zip(specs, heads, results)):
                 rows.append({
@@ -124,7 +126,7 @@ def imprint_episodes(
                     path = head_path(heads_dir, subset, ep.shots, ep.seed, spec.name)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     head.save(path)
-            bar.set_postfix_str(f"{subset} {ep.shots}-shot seed {ep.seed}")
+            bar.set_postfix_str(f"{subset} {ep.shots}-shot seed {ep.seed}", refresh=False)  # update() redraws
             bar.update(1)
     bar.close()
     return rows
