@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import netrc
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from bench.errors import BenchError
-from bench.report.results import mean_std
-
-METRICS = ("acc", "balanced_acc", "macro_f1", "gen_time_s")
 
 
 def has_credentials() -> bool:
@@ -59,54 +55,6 @@ def _close_run(logger, mode: str) -> str:
     run = logger.experiment
     where = run.url if mode == "online" else str(Path(run.dir).parent.parent)
     run.finish()
-    return where
-
-
-def log_to_wandb(
-    rows: Sequence[dict[str, Any]],
-    run_config: dict[str, Any],
-    run_name: str,
-    save_dir: Path,
-    mode: str = "auto",
-    project: str = "bench",
-    entity: str | None = None,
-) -> str | None:
-    """Log results; returns where the runs went (a folder or a URL), or None if disabled."""
-    mode = resolve_mode(mode)
-    if mode == "disabled" or not rows:
-        return None
-    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_method[r["method"]].append(r)
-    columns = list(dict.fromkeys(c for r in rows for c in r))
-    method_keys = [c for c in columns if c in ("method", "spec", "norm_pre", "gen", "norm_post", "norm_inf", "agg")
-                   or c.split(".")[0] in ("norm_pre", "gen", "norm_post", "norm_inf", "agg")]
-    where = None
-    for method, mrows in by_method.items():
-        first = mrows[0]
-        config = {
-            "backbone": first["backbone"],
-            "dataset": first["dataset"],
-            "task": first["task"],
-            "classes": sorted({r["classes"] for r in mrows}),
-            "shots": list(dict.fromkeys(str(r["shots"]) for r in mrows)),
-            "seeds": sorted({int(r["seed"]) for r in mrows}),
-            **{k: v for k, v in first.items() if k in method_keys},
-            "run": run_config,
-        }
-        logger = _open_run(mode, project, entity, method, run_name, first["task"], save_dir, config)
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-        for r in mrows:
-            groups[(r["classes"], str(r["shots"]))].append(r)
-        metrics = {}
-        for (subset, shots), grp in groups.items():
-            for m in METRICS:
-                mu, sd = mean_std([float(r[m]) for r in grp])
-                metrics[f"{subset}/{m}@{shots}shot"] = mu
-                metrics[f"{subset}/{m}@{shots}shot_std"] = sd
-        logger.log_metrics(metrics)
-        logger.log_table("episodes", columns=columns, data=[[r.get(c) for c in columns] for r in mrows])
-        where = _close_run(logger, mode)
     return where
 
 
