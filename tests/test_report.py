@@ -48,10 +48,12 @@ def make_rows(backbone="tiny-digits", task="tiny-suite", subsets=("novel",), see
     return rows
 
 
-def make_run(folder: Path, rows, complete=True, config=None) -> Path:
+def make_run(folder: Path, rows, complete=True, config=None, task=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     write_table(rows, folder)
     record = {"config": config or {"name": folder.name}, "world_size": 1, "complete": complete}
+    if task is not None:
+        record["task"] = task
     (folder / "run.json").write_text(json.dumps(record))
     return folder
 
@@ -169,12 +171,25 @@ def test_same_cell_in_two_runs_is_an_error_unless_prefer_newest(tmp_path):
     time.sleep(0.05)
     new = make_run(tmp_path / "runs" / "new", make_rows(seed=4, offset=0.05))
     os.utime(old / "run.json", (1_000_000, 1_000_000))
-    with pytest.raises(BenchError, match=r"runs .*new and .*old both hold the cell \(backbone=tiny-digits"):
+    with pytest.raises(BenchError, match=rf"runs .*new and .*old both hold the cell \(backbone=tiny-digits.*"
+                                         rf"\({len(make_rows())} cells clash in all\)"):
         build_report([str(old), str(new)], tmp_path / "rep")
     report = build_report([str(old), str(new)], tmp_path / "rep", prefer="newest")
     assert len(report.merged.frame) == len(make_rows()) and len(report.merged.replaced) == len(make_rows())
     assert set(report.merged.frame["run"]) == {str(new.resolve())}
     assert "newest run was kept" in report.html.read_text()
+
+
+def test_runs_of_one_task_with_other_queries_are_not_averaged_together(tmp_path):
+    suite = {"name": "tiny-suite", "dataset": "digits", "queries": "test", "holdout": 0.25, "class_splits": {}}
+    a = make_run(tmp_path / "a", make_rows(seeds=(0, 1)), task=suite)
+    b = make_run(tmp_path / "b", make_rows(seeds=(5, 6)), task={**suite, "queries": "rest"})
+    with pytest.raises(BenchError, match=r"both hold task 'tiny-suite' but with different queries \('test' vs 'rest'\)"):
+        build_report([str(a), str(b)], tmp_path / "rep")
+    # other seeds drawn the same way are more repeats of the same condition
+    c = make_run(tmp_path / "c", make_rows(seeds=(5, 6)), task=suite)
+    report = build_report([str(a), str(c)], tmp_path / "rep")
+    assert sorted(report.merged.frame["seed"].unique()) == [0, 1, 5, 6]
 
 
 def test_a_run_repeating_a_cell_is_named(tmp_path):
@@ -272,3 +287,12 @@ def test_one_seed_shows_no_spread(tmp_path):
     assert "at least 3 methods" in " ".join(report.comparison.notes) and "cd" not in report.figures
     text = summary_text(rows, color=False)
     assert "±" not in text and "one seed (no spread)" in text
+
+
+def test_report_under_a_file_is_a_one_line_error(two_runs, tmp_path, capsys):
+    from bench.cli import main
+
+    (tmp_path / "afile").write_text("")
+    assert main(["report", str(two_runs[0]), "-o", str(tmp_path / "afile" / "rep")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write the report under") and "\n" not in err

@@ -41,7 +41,11 @@ def build_report(inputs: Sequence[str], out_dir: Path, metric: str = "acc", pref
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise BenchError(f"cannot write the report under {out_dir.parent}: {err.strerror}; "
+                         "choose another folder with -o") from err
     try:
         report = _write(merged, tmp, metric, posthoc, heatmap_shots, alpha)
         _swap_into_place(tmp, out_dir)

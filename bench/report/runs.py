@@ -25,6 +25,7 @@ class RunInfo:
     path: Path
     complete: bool
     config: dict = field(default_factory=dict)
+    task: dict | None = None  # the resolved task suite (runs before it was recorded: None)
     finished: float = 0.0  # run.json's modification time: the run writes it last
     rows: int = 0
 
@@ -92,6 +93,7 @@ def read_run(path: Path) -> tuple[RunInfo, pd.DataFrame | None, str | None]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return info, None, f"run.json is not valid JSON ({err})"
     info.config = meta.get("config") or {}
+    info.task = meta.get("task")
     info.finished = record.stat().st_mtime
     if meta.get("complete") is not True:
         return info, None, "run.json does not say complete: true (the run is still going, or was killed)"
@@ -165,6 +167,7 @@ def load_runs(patterns: Sequence[str], prefer: str | None = None, skip_incomplet
         why = "; ".join(f"{p}: {w}" for p, w in skipped) or "none of the folders is a run"
         raise BenchError(f"no finished run to report ({why})")
     _check_same_metrics(frames)
+    _check_same_protocol(runs)
     merged = pd.concat(frames, ignore_index=True, sort=False)
     _check_one_spec_per_method(merged)
     merged, replaced = _resolve_duplicates(merged, runs, prefer)
@@ -187,6 +190,28 @@ def _check_same_metrics(frames: list[pd.DataFrame]) -> None:
                 f"runs {a} and {b} do not have the same metric columns "
                 f"(only in the first: {sorted(want - have)}; only in the second: {sorted(have - want)}); "
                 "re-run them with the same bench version, or report them separately")
+
+
+# What makes two runs of one task comparable: the same queries and the same class subsets.
+# Shots, seeds and the subsets chosen may differ: they are cells of their own.
+PROTOCOL_FIELDS = ("dataset", "queries", "holdout", "class_splits")
+
+
+def _check_same_protocol(runs: list[RunInfo]) -> None:
+    """Runs of the same task name must have drawn their episodes the same way, or their seeds
+    would be averaged as repeats of one condition when they are not."""
+    seen: dict[str, RunInfo] = {}
+    for run in runs:
+        if not run.task:
+            continue
+        first = seen.setdefault(run.task.get("name", ""), run)
+        for key in PROTOCOL_FIELDS:
+            if first.task.get(key) != run.task.get(key):
+                raise BenchError(
+                    f"runs {first.path} and {run.path} both hold task '{run.task.get('name')}' but with "
+                    f"different {key} ({first.task.get(key)!r} vs {run.task.get(key)!r}); their numbers are not "
+                    "comparable: give one of them another task name (task.name=...) and re-run it, or report "
+                    "them separately")
 
 
 def _check_one_spec_per_method(frame: pd.DataFrame) -> None:
@@ -218,7 +243,7 @@ def _resolve_duplicates(frame: pd.DataFrame, runs: list[RunInfo], prefer: str | 
     names = sorted(same["run"].unique())
     if prefer != "newest":
         raise BenchError(f"runs {names[0]} and {names[1]} both hold the cell {_cell(first)} "
-                         f"({int(dup.sum())} rows clash in all); leave one of them out, "
+                         f"({int(frame[dup].drop_duplicates(KEY_COLUMNS).shape[0])} cells clash in all); leave one of them out, "
                          "or pass --prefer newest to keep the run that finished last")
     finished = {str(r.path): (r.finished, str(r.path)) for r in runs}
     frame = frame.assign(_finished=frame["run"].map(finished))
