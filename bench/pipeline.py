@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from bench.backbones.registry import Backbone, build_backbone
 from bench.config import RunConfig, workers_for
-from bench.data.episodes import select_classes
+from bench.data.episodes import holdout_indices, select_classes
 from bench.data.sources import build_source, check_dataset_name
 from bench.data.tasks import TaskSuite
 from bench.engine import RunLabels, gather_rows, imprint_episodes
@@ -226,6 +226,19 @@ def reference_stats(cfg: RunConfig, emb: Embeddings, grid: Grid) -> Reference | 
     available = torch.unique(labels[labels >= 0]).tolist()
     classes = select_classes(cfg.reference, available, emb.suite.class_splits)
     keep = torch.isin(labels, torch.tensor(classes))
+    # Queries drawn from the pool must not inform the statistics that score them. Held-out
+    # queries are fixed per class, so they leave the reference whatever the task scores;
+    # queries that change with every episode (rest, a count) cannot be kept apart at all.
+    suite = emb.suite
+    if suite.queries == "holdout":
+        keep[torch.as_tensor(holdout_indices(labels.numpy(), classes, suite.holdout), dtype=torch.long)] = False
+    elif suite.queries != "test":
+        scored = {c for subset in suite.classes for c in select_classes(subset, available, suite.class_splits)}
+        if scored & set(classes):
+            raise BenchError(f"reference '{cfg.reference}' holds classes the task scores, and with queries: "
+                             f"{suite.queries} their queries change with every episode, so they would inform their "
+                             "own reference statistics; use queries: holdout or test, or a reference the task does "
+                             "not score")
     return Reference.from_embeddings(emb.pool.embeddings[keep].float(), labels[keep],
                                      class_statistics=bool(needs_classes))
 
@@ -258,6 +271,10 @@ def plan(cfg: RunConfig, command: str) -> str:
     dataset = dataset_of(cfg, suite)
     grid = expand_grid(cfg.methods)
     check_reference(cfg, grid)
+    known = ("all", "even", "odd", *suite.class_splits)
+    for where, subset in [("reference", cfg.reference)] + [("task.classes", c) for c in suite.classes]:
+        if isinstance(subset, str) and subset not in known:
+            raise BenchError(f"{where}: unknown class subset '{subset}'; known: {', '.join(known)}")
     splits = [cfg.dataset.train_split] + ([cfg.dataset.test_split] if suite.queries == "test" else [])
     episodes = len(suite.classes) * len(suite.shots) * len(suite.seeds)
     processes = cfg.trainer.processes * cfg.trainer.num_nodes
@@ -302,6 +319,8 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
     seconds = {"extract": time.perf_counter() - clock}
     clock = time.perf_counter()
     rows, dropped, world_size = imprint_stage(cfg, emb, out_dir, grid, fabric)
+    if not rows:  # never a run that says complete with nothing in it
+        raise BenchError("the run produced no result rows: check the task's classes, shots and seeds")
     seconds["imprint"] = time.perf_counter() - clock
     result = RunResult(rows, out_dir, dropped=dropped, notes=emb.notes)
     if fabric.global_rank == 0:
@@ -322,9 +341,14 @@ def clear_outputs(out_dir: Path) -> None:
     results and saved heads, so no stale head or row is ever read as this run's."""
     import shutil
 
-    for name in ("results.csv", "results.parquet"):
+    if (out_dir / "run.json").exists():
+        # W&B folders stay: an offline run may not be synced yet, and deleting it would lose it
+        print(f"note: {out_dir} held an earlier run; its results, heads and report are replaced "
+              f"(its W&B folders under {out_dir / 'wandb'} are kept; sync or delete them yourself)", file=sys.stderr)
+    for name in ("results.csv", "results.parquet", "run.json"):
         (out_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / "heads", ignore_errors=True)
+    for folder in ("heads", "report"):
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
 
 
 def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, world_size: int, dropped, *,
@@ -349,6 +373,8 @@ def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, worl
             "rows": rows,
             "stage_seconds": seconds or {},  # on rank 0; the imprint stage includes waiting for the others
             "dataset": emb.dataset,
+            # the resolved suite: a report compares runs of one task only if they drew queries alike
+            "task": emb.suite.model_dump(mode="json"),
             "cache_entries": [str(e.path) for e in (emb.pool, emb.queries) if e is not None],
             "backbone_sha256": emb.backbone.fingerprint,
             # class id -> name as the pool numbers them (sparse or string labels are remapped)

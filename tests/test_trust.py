@@ -149,9 +149,41 @@ def test_hidden_and_empty_class_folders(tmp_path, monkeypatch, capsys):
 def test_duplicate_seeds_or_shots_and_a_mismatched_dataset_are_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for override, words in (("task.seeds=[0,0]", "listed more than once"), ("task.shots=[5,5]", "listed more than once"),
-                            ("dataset.name=imagefolder:/data/x", "is for dataset 'digits'")):
-        assert main(["run", override, "wandb.mode=disabled"]) == 2
+                            ("dataset.name=imagefolder:/data/x", "is for dataset 'digits'"),
+                            ("task.shots=[]", "no shot count(s) given"), ("task.seeds=[]", "no seed(s) given"),
+                            ("task.classes=[[0,0,1]]", "must list each class id once"),
+                            ("reference=foo", "reference: unknown class subset 'foo'"),
+                            ("task.classes=[bar]", "task.classes: unknown class subset 'bar'")):
+        assert main(["run", override, "wandb.mode=disabled", "--dry-run"]) == 2, override
         assert words in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing refused before any work leaves a run folder
+
+
+def test_reference_statistics_never_include_pool_queries(tmp_path, monkeypatch, capsys):
+    """Held-out queries leave the reference whatever the task scores; per-episode pool queries
+    of reference classes are refused."""
+    from bench import pipeline
+    from bench.config import load_config
+    from bench.data.episodes import holdout_indices
+    from bench.imprint import expand_grid
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["task=digits-base-novel", "reference=base", "task.queries=holdout", "task.seeds=[0]",
+                             "methods=[simpleshot]", "wandb.mode=disabled"])
+    emb = pipeline.extract_stage(cfg)
+    ref = pipeline.reference_stats(cfg, emb, expand_grid(cfg.methods))
+    labels = emb.pool.labels
+    base = torch.isin(labels, torch.arange(5))
+    base[torch.as_tensor(holdout_indices(labels.numpy(), list(range(5)), 0.25))] = False
+    assert torch.allclose(ref.mean, emb.pool.embeddings[base].float().mean(0))
+    # held-out queries are the same ones the episodes score
+    _, ep = next(iter(emb.suite.episodes(labels.numpy(), None)))
+    assert set(ep.query) == set(holdout_indices(labels.numpy(), ep.classes, 0.25).tolist())
+    code = main(["imprint", "reference=base", "task.queries=rest", "task.shots=[1]", "task.seeds=[0]",
+                 "methods=[simpleshot]", "wandb.mode=disabled"])
+    assert code == 2 and "holds classes the task scores" in capsys.readouterr().err
+    assert main(["imprint", "reference=base", "task.queries=rest", "task.shots=[1]", "task.seeds=[0]",
+                 "task.classes=[novel]", "methods=[simpleshot]", "wandb.mode=disabled"]) == 0
 
 
 def test_random_init_backbone_is_seeded_so_extract_then_imprint_works(tmp_path, monkeypatch):

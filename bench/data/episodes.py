@@ -81,6 +81,21 @@ def holdout_count(n: int, holdout: float | int) -> int:
     return max(1, int(round(n * holdout))) if isinstance(holdout, float) else int(holdout)
 
 
+def split_holdout(candidates: np.ndarray, cls: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out queries, the rest in ascending order) of one class's pool indices: a stream
+    seeded by the class alone, so every episode, and the reference statistics, agree on them."""
+    stream = np.random.Generator(np.random.PCG64(np.random.SeedSequence([HOLDOUT_STREAM, cls])))
+    order = candidates[stream.permutation(len(candidates))]
+    return order[:count], np.sort(order[count:])
+
+
+def holdout_indices(labels: np.ndarray, classes: Sequence[int], holdout: float | int) -> np.ndarray:
+    """The pool indices that ``queries: holdout`` sets apart for ``classes``."""
+    pool = _by_class(labels, classes)
+    parts = [split_holdout(pool[c], c, holdout_count(len(pool[c]), holdout))[0] for c in classes]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def _by_class(labels: np.ndarray, classes: Sequence[int]) -> dict[int, np.ndarray]:
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
@@ -150,10 +165,8 @@ def sample_episode(
     for c in classes:
         candidates = pool[c]
         if queries == "holdout":
-            kept = np.random.Generator(np.random.PCG64(np.random.SeedSequence([HOLDOUT_STREAM, c])))
-            order = candidates[kept.permutation(len(candidates))]
-            query.append(order[: held[c]])
-            candidates = np.sort(order[held[c]:])
+            held_out, candidates = split_holdout(candidates, c, held[c])
+            query.append(held_out)
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, c])))
         perm = candidates[rng.permutation(len(candidates))]
         if test_pool is not None:

@@ -50,6 +50,8 @@ def _listed(value: Any) -> Any:
 
 
 def _once(values: list, what: str) -> list:
+    if not values:
+        raise ValueError(f"no {what} given; list at least one (an empty list would run no episode)")
     seen, twice = set(), []
     for v in values:
         key = tuple(v) if isinstance(v, list) else v
@@ -97,6 +99,9 @@ class TaskSuite(BaseModel):
     @field_validator("classes")
     @classmethod
     def _unique_classes(cls, value: list) -> list:
+        for subset in value:
+            if isinstance(subset, list) and (not subset or len(set(subset)) < len(subset)):
+                raise ValueError(f"class subset {subset} must list each class id once, and at least one")
         return _once(value, "class subset(s)")
 
     @field_validator("holdout")
