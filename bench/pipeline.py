@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from bench.backbones.registry import Backbone, build_backbone
 from bench.config import RunConfig, workers_for
-from bench.data.episodes import holdout_indices, select_classes
+from bench.data.episodes import check_subset_name, holdout_indices, select_classes
 from bench.data.sources import build_source, check_dataset_name
 from bench.data.tasks import TaskSuite
 from bench.engine import RunLabels, gather_rows, imprint_episodes
@@ -271,10 +271,8 @@ def plan(cfg: RunConfig, command: str) -> str:
     dataset = dataset_of(cfg, suite)
     grid = expand_grid(cfg.methods)
     check_reference(cfg, grid)
-    known = ("all", "even", "odd", *suite.class_splits)
     for where, subset in [("reference", cfg.reference)] + [("task.classes", c) for c in suite.classes]:
-        if isinstance(subset, str) and subset not in known:
-            raise BenchError(f"{where}: unknown class subset '{subset}'; known: {', '.join(known)}")
+        check_subset_name(subset, suite.class_splits, f"{where}: ")
     splits = [cfg.dataset.train_split] + ([cfg.dataset.test_split] if suite.queries == "test" else [])
     episodes = len(suite.classes) * len(suite.shots) * len(suite.seeds)
     processes = cfg.trainer.processes * cfg.trainer.num_nodes

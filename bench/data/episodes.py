@@ -40,6 +40,13 @@ class Episode:
     seed: int
 
 
+def check_subset_name(subset: ClassSubset, named: dict[str, Sequence[int]], where: str = "") -> None:
+    """A subset given by name must be all, even, odd or one of the suite's class_splits."""
+    known = ("all", "even", "odd", *named)
+    if isinstance(subset, str) and subset not in known:
+        raise BenchError(f"{where}unknown class subset '{subset}'; known: {', '.join(known)}")
+
+
 def select_classes(
     subset: ClassSubset, available: Sequence[int], named: dict[str, Sequence[int]] | None = None
 ) -> list[int]:
@@ -53,11 +60,9 @@ def select_classes(
             chosen = [c for c in avail if c % 2 == 0]
         elif subset == "odd":
             chosen = [c for c in avail if c % 2 == 1]
-        elif subset in named:
-            chosen = sorted(int(c) for c in named[subset])
         else:
-            known = ["all", "even", "odd", *named]
-            raise BenchError(f"unknown class subset '{subset}'; known: {', '.join(known)}")
+            check_subset_name(subset, named)
+            chosen = sorted(int(c) for c in named[subset])
     else:
         chosen = sorted(int(c) for c in subset)
     missing = sorted(set(chosen) - set(avail))
