@@ -21,6 +21,10 @@ true test accuracy:
     python scripts/weight_encoder_eval.py --zoo .cache/zoo/digits --cross-zoo .cache/zoo/digits-permuted \\
         --heads runs/headzoo/runs/* --out runs/weight-encoder-eval
 
+SNE variants (``--sne``, ``--cross-arch-sne``) are named by their training options: ``sne+li10``
+has the logit-invariance regulariser at strength 10, ``sne+aug1`` sees every training network as
+a freshly permuted copy (probability 1), ``sne+li100+aug1`` both.
+
 Writes results.json, table.csv, predictions.csv and figures (predicted vs true per predictor and
 split, permutation sensitivity, head-selection regret) to --out.
 """
@@ -44,7 +48,7 @@ from bench.weightspace.netzoo import NetworkZoo
 from bench.weightspace.runtime import set_thread_share, write_json_atomic
 from bench.weightspace.scoring import kendall_tau, permutation_sensitivity, r2_score, selection_regret
 from bench.weightspace.sne import SNEConfig
-from bench.weightspace.sne_training import FitConfig, SNEPredictor
+from bench.weightspace.sne_training import FitConfig, SNEPredictor, parse_variant
 from bench.weightspace.statnn import StatNN
 
 DEFAULT_HOLDOUTS = ["conv3,conv3-bn,mlp2", "conv4,conv4-bn,mlp3"]
@@ -57,18 +61,17 @@ class Evaluation:
         self.preds: list[dict] = []
         self.timings: dict[str, float] = {}
 
-    def predictors(self, kind: str = "network", strengths: list[float] | None = None) -> list:
-        """StatNN (trees, MLP) and SNE without and with the logit-invariance regulariser at each
-        strength (heads have no hidden units to permute: SNE only)."""
+    def predictors(self, kind: str = "network", variants: list[str] | None = None) -> list:
+        """StatNN (trees, MLP) and the SNE variants (``--sne``: with and without the logit-invariance
+        regulariser and permutation augmentation). Heads have no hidden units to permute: plain SNE."""
         a = self.args
         model = SNEConfig(kind=kind, hidden=a.hidden)
-        out = [StatNN("gbt", a.seed), StatNN("mlp", a.seed)]
         epochs = a.epochs if kind == "network" else a.head_epochs
-        out.append(SNEPredictor(model, FitConfig(epochs=epochs, batch_size=a.batch_size, seed=a.seed)))
-        if kind == "network":
-            for lam in a.invariance if strengths is None else strengths:
-                out.append(SNEPredictor(model, FitConfig(epochs=epochs, batch_size=a.batch_size, seed=a.seed,
-                                                         invariance=lam)))
+        names = (a.sne if variants is None else variants) if kind == "network" else ["sne"]
+        out = [StatNN("gbt", a.seed), StatNN("mlp", a.seed)]
+        for name in names:
+            fit = FitConfig(epochs=epochs, batch_size=a.batch_size, seed=a.seed, **parse_variant(name))
+            out.append(SNEPredictor(model, fit))
         return out
 
     def fit(self, predictor, items, y, split: str):
@@ -157,8 +160,8 @@ def network_splits(ev: Evaluation, zoo: NetworkZoo, cross: NetworkZoo | None) ->
         split = f"cross-arch [{holdout}]"
         print(f"\n{split}: train on {sorted(map(str, set(families[tr_x])))} ({len(tr_x)}), "
               f"test on {sorted(held)} ({len(te_x)})", flush=True)
-        # the first regulariser strength only: each SNE fit costs minutes on 2 cores
-        for p in ev.predictors(strengths=a.invariance[:1]):
+        # fewer SNE variants than in-distribution: each SNE fit costs minutes on 2 cores
+        for p in ev.predictors(variants=a.cross_arch_sne):
             ev.fit(p, pick(tr_x), y[tr_x], split)
             ev.score(split, p, len(tr_x), pick(te_x), y[te_x], [keys[i] for i in te_x])
 
@@ -319,12 +322,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--head-epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=32)
-    ap.add_argument("--invariance", type=float, nargs="+", default=[10.0, 100.0],
-                    help="logit-invariance strengths, one SNE variant each (cross-architecture: the first)")
+    ap.add_argument("--sne", nargs="+", default=["sne", "sne+li10", "sne+aug1", "sne+li100+aug1"],
+                    help="SNE variants: sne[+liSTRENGTH][+augPROBABILITY] (logit-invariance regulariser, "
+                         "permutation augmentation)")
+    ap.add_argument("--cross-arch-sne", nargs="+", default=["sne", "sne+li10", "sne+aug1"],
+                    help="the SNE variants fitted on each cross-architecture split")
     ap.add_argument("--permutations", type=int, default=5, help="random permutations per test network")
     ap.add_argument("--wandb", default="disabled", help="W&B mode for the SNE fits: disabled | offline | auto")
     ap.add_argument("--progress", action="store_true", help="Lightning progress bars for the SNE fits")
     args = ap.parse_args(argv)
+    for name in args.sne + args.cross_arch_sne:  # a typo stops the script before minutes of fitting
+        FitConfig(**parse_variant(name))
     set_thread_share()
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

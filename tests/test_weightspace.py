@@ -149,6 +149,39 @@ def test_logit_invariance_loss_is_zero_for_an_invariant_model_and_positive_for_s
         assert float(torch.mean((predict(nets) - predict(reordered)) ** 2)) > 1e-8
 
 
+def test_augmented_batches_hold_permuted_copies_that_compute_the_same_function():
+    from bench.weightspace.sne_training import FitConfig, _lightning_classes
+
+    with pytest.raises(BenchError, match="probability"):
+        FitConfig(augment=1.5)
+    nets = [network_layers(s, random_state(s, i)) for i, s in enumerate(SPECS)]
+    data_cls, _ = _lightning_classes()
+    targets = torch.zeros(len(nets))
+    chunks = [chunk_network(n) for n in nets]
+    plain = data_cls("network", chunks, targets, nets, 3, 0, augment=0.0, element_dim=25)
+    aug = data_cls("network", chunks, targets, nets, 3, 0, augment=1.0, element_dim=25)
+    idx = list(range(len(nets)))
+    assert all(a is b for a, b in zip(plain._collate(idx)[2], nets))  # no augmentation: the networks as given
+    sets, _, raw = aug._collate(idx)
+    x = torch.randn(4, 1, 8, 8)
+    for spec, original, copy in zip(SPECS, nets, raw):
+        assert not torch.equal(copy[0].weight, original[0].weight)  # a new order of hidden units...
+        state = random_state(spec, 0)
+        net = build_network(spec).eval()
+        net.load_state_dict(layers_to_state(original, state), strict=False)
+        before = net(x)
+        net.load_state_dict(layers_to_state(copy, state), strict=False)
+        torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)  # ...of the same function
+    # the batch the encoder reads is the permuted copies' chunks, not the originals'
+    assert torch.equal(sets.values, collate_networks([chunk_network(n) for n in raw]).values)
+    assert not torch.equal(sets.values, collate_networks(chunks).values)
+    # heads have no hidden units: permuting them is refused, not silently skipped
+    from bench.weightspace.sne_training import SNEPredictor
+
+    with pytest.raises(BenchError, match="use 0 for heads"):
+        SNEPredictor(fit=FitConfig(augment=0.5)).fit([_head(0), _head(1)], [0.5, 0.6], progress=False)
+
+
 def test_statnn_features_match_a_direct_computation():
     spec = NetSpec("conv", 3, 5, 3, True)
     state = random_state(spec, 2)
@@ -338,16 +371,22 @@ def test_evaluation_script_end_to_end(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "out"
+    with pytest.raises(BenchError, match="is not sne"):  # a typo stops it before any fitting
+        script.main(["--zoo", str(tmp_path / "zoo"), "--out", str(out), "--sne", "sne+l10"])
+    assert not out.exists()
     result = script.main(["--zoo", str(tmp_path / "zoo"), "--cross-zoo", str(tmp_path / "cross"), "--heads", str(run),
                           "--out", str(out), "--holdout", "mlp2,mlp2-bn", "--epochs", "1", "--head-epochs", "1",
-                          "--hidden", "8", "--invariance", "5", "--permutations", "1", "--test-fraction", "0.5",
+                          "--hidden", "8", "--sne", "sne", "sne+li5+aug1", "--cross-arch-sne", "sne+aug0.5",
+                          "--permutations", "1", "--test-fraction", "0.5",
                           "--seed", "1"])
     rows = result["rows"]
     splits = {r["split"] for r in rows}
     assert {"in-distribution", "fixed-arch", "cross-dataset", "cross-dataset fixed-arch", "invariance",
             "invariance (fixed-arch)", "cross-arch [mlp2,mlp2-bn]", "heads", "heads selection"} <= splits
     assert {r["predictor"] for r in rows if r["split"] == "fixed-arch"} == {
-        "statnn-gbt", "statnn-mlp", "sne", "sne+li5", "flat-mlp"}
+        "statnn-gbt", "statnn-mlp", "sne", "sne+li5+aug1", "flat-mlp"}
+    assert {r["predictor"] for r in rows if r["split"] == "cross-arch [mlp2,mlp2-bn]"} == {
+        "statnn-gbt", "statnn-mlp", "sne+aug0.5"}
     inv = {r["predictor"]: r for r in rows if r["split"].startswith("invariance")}
     assert inv["statnn-gbt"]["perm_max_abs"] < 1e-9 < inv["flat-mlp"]["perm_max_abs"]
     sel = [r for r in rows if r["split"] == "heads selection"]

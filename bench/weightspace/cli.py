@@ -87,6 +87,8 @@ def _weights_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, default=2e-3)
     f.add_argument("--weight-decay", type=float, default=1e-4)
     f.add_argument("--invariance", type=float, default=0.0, help="logit-invariance strength (0: off)")
+    f.add_argument("--augment", type=float, default=0.0,
+                   help="probability that a drawn training network is a hidden-unit permuted copy (0: off)")
     f.add_argument("--hidden", type=int, default=32)
     f.add_argument("--blocks", type=int, default=1, help="set-to-set blocks per level")
     f.add_argument("--combine", default="set", help="how layers combine in depth order: set | gru")
@@ -142,7 +144,8 @@ def weights_main(argv: list[str]) -> int:
         model = SNEConfig(kind="head" if args.heads else "network", hidden=args.hidden, blocks=args.blocks,
                           combine=args.combine)
         fit = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        weight_decay=args.weight_decay, invariance=args.invariance, seed=args.seed)
+                        weight_decay=args.weight_decay, invariance=args.invariance,
+                        augment=args.augment, seed=args.seed)
         start = time.perf_counter()
         predictor = SNEPredictor(model, fit).fit(items, y, wandb=args.wandb, log_dir=args.out / "wandb",
                                                  progress=not args.no_progress)

@@ -4,7 +4,10 @@
 (LightningModule) on a ``WeightSetDataModule`` (LightningDataModule): items are networks (lists
 of ``Layer``) or heads (``HeadWeights``), chunked once up front. The loss is the mean squared
 error on standardised targets plus ``invariance`` times the logit-invariance loss on a freshly
-permuted copy of each network in the batch. ``save(dir)`` writes ``model.safetensors`` and
+permuted copy of each network in the batch. With ``augment`` > 0, each training network is, with
+that probability, replaced by a freshly permuted copy each time it is drawn: the regression loss
+then sees many orderings of the same function, which the regulariser alone (one pair per step)
+does not teach as well. ``save(dir)`` writes ``model.safetensors`` and
 ``config.json`` (architecture, training settings, target scaling, the weights' sha256);
 ``SNEPredictor.load(dir)`` refuses a folder whose weights do not match its config.
 """
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
-from bench.weightspace.architectures import Layer
+from bench.weightspace.architectures import Layer, permute_hidden_units
 from bench.weightspace.chunking import chunk_head, chunk_network, collate_heads, collate_networks
 from bench.weightspace.headzoo import HeadWeights
 from bench.weightspace.runtime import finish_wandb, quiet_lightning, wandb_logger, write_json_atomic
@@ -39,6 +42,7 @@ class FitConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     invariance: float = 0.0  # strength of the logit-invariance regulariser; 0 turns it off
+    augment: float = 0.0  # probability that a drawn training network is a hidden-unit permuted copy
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -46,6 +50,34 @@ class FitConfig:
             raise BenchError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if self.invariance < 0:
             raise BenchError(f"invariance strength must be >= 0, got {self.invariance}")
+        if not 0.0 <= self.augment <= 1.0:
+            raise BenchError(f"augment is a probability in [0, 1], got {self.augment}")
+
+
+def default_name(fit: FitConfig) -> str:
+    """``sne``, ``sne+li10`` (regulariser strength), ``sne+li10+aug0.5`` (augmentation)."""
+    name = "sne" + (f"+li{fit.invariance:g}" if fit.invariance > 0 else "")
+    return name + (f"+aug{fit.augment:g}" if fit.augment > 0 else "")
+
+
+def parse_variant(name: str) -> dict[str, float]:
+    """The inverse of :func:`default_name`: ``sne+li100+aug1`` -> {invariance: 100, augment: 1}."""
+    parts = name.split("+")
+    options: dict[str, float] = {}
+    keys = {"li": "invariance", "aug": "augment"}
+    for part in parts[1:]:
+        prefix = next((k for k in keys if part.startswith(k)), None)
+        try:
+            value = float(part[len(prefix):]) if prefix else None
+        except ValueError:
+            value = None
+        if parts[0] != "sne" or value is None or keys[prefix] in options:
+            raise BenchError(f"SNE variant {name!r} is not sne[+liSTRENGTH][+augPROBABILITY], "
+                             "e.g. sne, sne+li10, sne+aug1, sne+li100+aug1")
+        options[keys[prefix]] = value
+    if parts[0] != "sne":
+        raise BenchError(f"SNE variant {name!r} does not start with 'sne' (e.g. sne, sne+li10, sne+li100+aug1)")
+    return options
 
 
 def item_kind(items: Sequence) -> str:
@@ -73,14 +105,24 @@ def _lightning_classes():
         """Chunked items, standardised targets and (networks) their layers for permuted copies."""
 
         def __init__(self, kind: str, chunks: list, targets: torch.Tensor, raw: list | None,
-                     batch_size: int, seed: int) -> None:
+                     batch_size: int, seed: int, augment: float = 0.0, element_dim: int = 0) -> None:
             super().__init__()
             self.kind, self.chunks, self.targets, self.raw = kind, chunks, targets, raw
             self.batch_size, self.seed = batch_size, seed
+            self.augment, self.element_dim = augment, element_dim
+            self.augment_generator = torch.Generator().manual_seed(seed + 2)
 
         def _collate(self, idx: list[int]):
             raw = [self.raw[i] for i in idx] if self.raw is not None else None
-            return collate(self.kind, [self.chunks[i] for i in idx]), self.targets[idx], raw
+            chunks = [self.chunks[i] for i in idx]
+            if self.augment > 0 and raw is not None:
+                g = self.augment_generator
+                draws = torch.rand(len(idx), generator=g).tolist()
+                for k, u in enumerate(draws):
+                    if u < self.augment:  # the same function, its hidden units in a new order
+                        raw[k] = permute_hidden_units(raw[k], g)
+                        chunks[k] = chunk_network(raw[k], self.element_dim)
+            return collate(self.kind, chunks), self.targets[idx], raw
 
         def train_dataloader(self):
             return torch.utils.data.DataLoader(
@@ -125,7 +167,7 @@ class SNEPredictor:
     def __init__(self, model: SNEConfig | None = None, fit: FitConfig | None = None, name: str | None = None) -> None:
         self.model_cfg = model or SNEConfig()
         self.fit_cfg = fit or FitConfig()
-        self.name = name or (f"sne+li{self.fit_cfg.invariance:g}" if self.fit_cfg.invariance > 0 else "sne")
+        self.name = name or default_name(self.fit_cfg)
         self.model: SNE | None = None
         self.target_mean, self.target_std = 0.0, 1.0
         self.info: dict[str, Any] = {}
@@ -139,6 +181,9 @@ class SNEPredictor:
         if kind != self.model_cfg.kind:
             self.model_cfg = SNEConfig(**{**self.model_cfg.to_dict(), "kind": kind,
                                           "element_dim": HEAD_ELEMENT_DIM if kind == "head" else self.model_cfg.element_dim})
+        if kind == "head" and (self.fit_cfg.invariance > 0 or self.fit_cfg.augment > 0):
+            raise BenchError("--invariance and --augment permute a network's hidden units; a head's encoding is "
+                             "already invariant to class and proxy order by construction: use 0 for heads")
         y = torch.as_tensor(np.asarray(y, dtype=np.float32))
         if len(y) != len(items) or len(items) < 2:
             raise BenchError(f"SNE needs at least 2 items with one target each, got {len(items)} items "
@@ -146,9 +191,10 @@ class SNEPredictor:
         self.target_mean, self.target_std = float(y.mean()), float(y.std().clamp_min(1e-6))
         data_cls, module_cls = _lightning_classes()
         chunks = chunk_items(items, self.model_cfg.element_dim)
-        raw = list(items) if kind == "network" and self.fit_cfg.invariance > 0 else None
+        wants_raw = self.fit_cfg.invariance > 0 or self.fit_cfg.augment > 0
+        raw = list(items) if kind == "network" and wants_raw else None
         dm = data_cls(kind, chunks, (y - self.target_mean) / self.target_std, raw,
-                      self.fit_cfg.batch_size, self.fit_cfg.seed)
+                      self.fit_cfg.batch_size, self.fit_cfg.seed, self.fit_cfg.augment, self.model_cfg.element_dim)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.fit_cfg.seed)
             module = module_cls(self.model_cfg.to_dict(), asdict(self.fit_cfg), self.target_mean, self.target_std)
