@@ -325,7 +325,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sne", nargs="+", default=["sne", "sne+li10", "sne+aug1", "sne+li100+aug1"],
                     help="SNE variants: sne[+liSTRENGTH][+augPROBABILITY] (logit-invariance regulariser, "
                          "permutation augmentation)")
-    ap.add_argument("--cross-arch-sne", nargs="+", default=["sne", "sne+li10", "sne+aug1"],
+    ap.add_argument("--cross-arch-sne", nargs="+", default=["sne", "sne+aug1"],
                     help="the SNE variants fitted on each cross-architecture split")
     ap.add_argument("--permutations", type=int, default=5, help="random permutations per test network")
     ap.add_argument("--wandb", default="disabled", help="W&B mode for the SNE fits: disabled | offline | auto")

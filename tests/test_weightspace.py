@@ -285,6 +285,29 @@ def test_cli_fit_then_predict(tiny_zoo, tmp_path, capsys):
     np.testing.assert_allclose([float(r["predicted_acc"]) for r in rows], one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("before", [False, True])
+def test_sne_runs_deterministic_kernels_and_leaves_the_process_setting_alone(before):
+    # Multi-threaded CPU kernels made two processes fit different encoders from the same seed
+    # (shown on the 400-network zoo); fits and predictions run torch's deterministic kernels.
+    from bench.weightspace.runtime import deterministic_ops
+    from bench.weightspace.sne_training import FitConfig, SNEPredictor
+
+    seen = []
+    torch.use_deterministic_algorithms(before)
+    try:
+        with deterministic_ops():
+            seen.append(torch.are_deterministic_algorithms_enabled())
+        assert seen == [True] and torch.are_deterministic_algorithms_enabled() == before
+        nets = [network_layers(s, random_state(s, i)) for i, s in enumerate(SPECS)]
+        p = SNEPredictor(SNEConfig(hidden=8, heads=2), FitConfig(epochs=1, batch_size=2)).fit(nets, [0.1, 0.5, 0.9],
+                                                                                              progress=False)
+        assert torch.are_deterministic_algorithms_enabled() == before
+        p.predict(nets)
+        assert torch.are_deterministic_algorithms_enabled() == before
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_checkpoint_with_changed_weights_is_refused(tiny_zoo, tmp_path):
     from bench.weightspace.sne_training import FitConfig, SNEPredictor
 

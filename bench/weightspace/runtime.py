@@ -7,6 +7,7 @@ import logging
 import netrc
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,23 @@ def quiet_lightning() -> None:
     for pattern in (".*does not have many workers.*", ".*litlogger.*", ".*LeafSpec.*",
                     ".*number of training batches.*", ".*GPU available.*", ".*TPU available.*"):
         warnings.filterwarnings("ignore", message=pattern)
+
+
+@contextmanager
+def deterministic_ops():
+    """Torch's deterministic kernels inside the block, the caller's setting restored after.
+
+    With 2+ threads, CPU ``index_add_`` (the set layers' segment sums) adds in an order that
+    changes from process to process; the last-bit differences grow over hundreds of training
+    steps into different fitted encoders. Deterministic kernels make a fit a function of its
+    config, seed and thread count. Scoped, so the rest of the process keeps its own setting.
+    """
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 def set_thread_share(processes: int = 1) -> None:

@@ -28,7 +28,7 @@ from bench.errors import BenchError
 from bench.weightspace.architectures import Layer, permute_hidden_units
 from bench.weightspace.chunking import chunk_head, chunk_network, collate_heads, collate_networks
 from bench.weightspace.headzoo import HeadWeights
-from bench.weightspace.runtime import finish_wandb, quiet_lightning, wandb_logger, write_json_atomic
+from bench.weightspace.runtime import deterministic_ops, finish_wandb, quiet_lightning, wandb_logger, write_json_atomic
 from bench.weightspace.sne import SNE, SNEConfig, logit_invariance_loss
 
 CHECKPOINT_FORMAT = "bench-sne/1"
@@ -204,7 +204,8 @@ class SNEPredictor:
         trainer = L.Trainer(max_epochs=self.fit_cfg.epochs, accelerator="cpu", devices=1, logger=logger or False,
                             enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
                             gradient_clip_val=1.0, log_every_n_steps=5, num_sanity_val_steps=0)
-        trainer.fit(module, datamodule=dm)
+        with deterministic_ops():
+            trainer.fit(module, datamodule=dm)
         self.info = {"wandb": finish_wandb(logger), "items": len(items),
                      "final_loss": float(trainer.callback_metrics.get("train/mse", float("nan")))}
         self.model = module.model.eval()
@@ -218,9 +219,10 @@ class SNEPredictor:
             raise BenchError(f"this SNE was trained on {self.model_cfg.kind}s and cannot read {item_kind(items)}s")
         self.model.eval()
         out = []
-        for start in range(0, len(items), batch_size):
-            chunks = chunk_items(items[start:start + batch_size], self.model_cfg.element_dim)
-            out.append(self.model(collate(self.model_cfg.kind, chunks)))
+        with deterministic_ops():
+            for start in range(0, len(items), batch_size):
+                chunks = chunk_items(items[start:start + batch_size], self.model_cfg.element_dim)
+                out.append(self.model(collate(self.model_cfg.kind, chunks)))
         return (torch.cat(out) * self.target_std + self.target_mean).double().numpy()
 
     @torch.no_grad()
@@ -229,9 +231,10 @@ class SNEPredictor:
             raise BenchError("SNE encode before fit or load")
         self.model.eval()
         out = []
-        for start in range(0, len(items), batch_size):
-            chunks = chunk_items(items[start:start + batch_size], self.model_cfg.element_dim)
-            out.append(self.model.encode(collate(self.model_cfg.kind, chunks)))
+        with deterministic_ops():
+            for start in range(0, len(items), batch_size):
+                chunks = chunk_items(items[start:start + batch_size], self.model_cfg.element_dim)
+                out.append(self.model.encode(collate(self.model_cfg.kind, chunks)))
         return torch.cat(out)
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
