@@ -281,13 +281,16 @@ def figures(out: Path, rows: list[dict], preds: list[dict]) -> list[Path]:
 
     inv = [r for r in rows if "perm_max_abs" in r]
     if inv:
-        fig, ax = plt.subplots(figsize=(6, 2.8))
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
         names = [r["predictor"] for r in inv]
         vals = [max(r["perm_max_pct_of_range"], 1e-6) for r in inv]
         ax.barh(names, vals, color=[f"C{k}" for k in range(len(inv))])
         ax.set_xscale("log")
+        for k, r in enumerate(inv):  # a log axis cannot show 0: say it
+            ax.text(vals[k] * 1.5, k, f"{r['perm_max_pct_of_range']:.3g}%", va="center", fontsize=7)
         ax.axvline(1.0, color="k", ls="--", lw=0.8, label="1% of range")
-        ax.set_xlabel("largest change under hidden-unit permutations (% of prediction range, log)")
+        ax.set_xlim(right=max(vals) * 20)
+        ax.set_xlabel("largest change under hidden-unit permutations\n(% of prediction range, log scale; values below 1e-6 drawn at 1e-6)")
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         paths.append(out / "permutation_sensitivity.png")
