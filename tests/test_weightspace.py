@@ -154,6 +154,8 @@ def test_augmented_batches_hold_permuted_copies_that_compute_the_same_function()
 
     with pytest.raises(BenchError, match="probability"):
         FitConfig(augment=1.5)
+    with pytest.raises(BenchError, match="finite"):
+        FitConfig(invariance=float("nan"))
     nets = [network_layers(s, random_state(s, i)) for i, s in enumerate(SPECS)]
     data_cls, _ = _lightning_classes()
     targets = torch.zeros(len(nets))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,8 +49,8 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise BenchError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
-        if self.invariance < 0:
-            raise BenchError(f"invariance strength must be >= 0, got {self.invariance}")
+        if not (math.isfinite(self.invariance) and self.invariance >= 0):
+            raise BenchError(f"invariance strength must be a finite number >= 0, got {self.invariance}")
         if not 0.0 <= self.augment <= 1.0:
             raise BenchError(f"augment is a probability in [0, 1], got {self.augment}")
 
@@ -62,21 +63,22 @@ def default_name(fit: FitConfig) -> str:
 
 def parse_variant(name: str) -> dict[str, float]:
     """The inverse of :func:`default_name`: ``sne+li100+aug1`` -> {invariance: 100, augment: 1}."""
-    parts = name.split("+")
-    options: dict[str, float] = {}
+    head, *parts = name.split("+")
     keys = {"li": "invariance", "aug": "augment"}
-    for part in parts[1:]:
+    options: dict[str, float] = {}
+    for part in parts:
         prefix = next((k for k in keys if part.startswith(k)), None)
         try:
             value = float(part[len(prefix):]) if prefix else None
         except ValueError:
             value = None
-        if parts[0] != "sne" or value is None or keys[prefix] in options:
-            raise BenchError(f"SNE variant {name!r} is not sne[+liSTRENGTH][+augPROBABILITY], "
-                             "e.g. sne, sne+li10, sne+aug1, sne+li100+aug1")
+        if value is None or keys[prefix] in options:
+            head = ""  # reported below
+            break
         options[keys[prefix]] = value
-    if parts[0] != "sne":
-        raise BenchError(f"SNE variant {name!r} does not start with 'sne' (e.g. sne, sne+li10, sne+li100+aug1)")
+    if head != "sne":
+        raise BenchError(f"SNE variant {name!r} is not sne[+liSTRENGTH][+augPROBABILITY], "
+                         "e.g. sne, sne+li10, sne+aug1, sne+li100+aug1")
     return options
 
 
