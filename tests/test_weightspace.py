@@ -267,10 +267,11 @@ def test_cli_fit_then_predict(tiny_zoo, tmp_path, capsys):
 
     out = tmp_path / "sne"
     assert main(["weights", "fit", "--zoo", str(tiny_zoo), "--out", str(out), "--epochs", "2", "--batch-size", "2",
-                 "--hidden", "16", "--invariance", "0.5", "--wandb", "offline", "--no-progress"]) == 0
+                 "--hidden", "16", "--invariance", "0.5", "--augment", "0.5", "--wandb", "offline",
+                 "--no-progress"]) == 0
     assert (out / "model.safetensors").is_file()
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["fit"]["invariance"] == 0.5 and cfg["model"]["hidden"] == 16
+    assert cfg["fit"]["invariance"] == 0.5 and cfg["fit"]["augment"] == 0.5 and cfg["model"]["hidden"] == 16
     assert list((out / "wandb").rglob("*.wandb")), "an offline W&B run was written"
     preds = tmp_path / "preds.csv"
     assert main(["weights", "predict", "--checkpoint", str(out), "--zoo", str(tiny_zoo), "--csv", str(preds)]) == 0
