@@ -48,7 +48,7 @@ from bench.weightspace.netzoo import NetworkZoo
 from bench.weightspace.runtime import set_thread_share, write_json_atomic
 from bench.weightspace.scoring import kendall_tau, permutation_sensitivity, r2_score, selection_regret
 from bench.weightspace.sne import SNEConfig
-from bench.weightspace.sne_training import FitConfig, SNEPredictor, parse_variant
+from bench.weightspace.sne_training import FitConfig, SNEPredictor, default_name, parse_variant
 from bench.weightspace.statnn import StatNN
 
 DEFAULT_HOLDOUTS = ["conv3,conv3-bn,mlp2", "conv4,conv4-bn,mlp3"]
@@ -334,8 +334,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--wandb", default="disabled", help="W&B mode for the SNE fits: disabled | offline | auto")
     ap.add_argument("--progress", action="store_true", help="Lightning progress bars for the SNE fits")
     args = ap.parse_args(argv)
-    for name in args.sne + args.cross_arch_sne:  # a typo stops the script before minutes of fitting
-        FitConfig(**parse_variant(name))
+    for flag, names in (("--sne", args.sne), ("--cross-arch-sne", args.cross_arch_sne)):
+        # a typo stops the script before minutes of fitting; two names for one config (sne, sne+li0)
+        # would write two rows under one predictor name, and the table and figures would mix them
+        canonical = [default_name(FitConfig(**parse_variant(name))) for name in names]
+        if len(set(canonical)) < len(canonical):
+            raise BenchError(f"{flag} names one SNE config twice: {names} are {canonical}")
     set_thread_share()
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

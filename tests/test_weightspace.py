@@ -399,6 +399,8 @@ def test_evaluation_script_end_to_end(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(BenchError, match="is not sne"):  # a typo stops it before any fitting
         script.main(["--zoo", str(tmp_path / "zoo"), "--out", str(out), "--sne", "sne+l10"])
+    with pytest.raises(BenchError, match="twice"):  # sne+li0 is plain sne: one name per config
+        script.main(["--zoo", str(tmp_path / "zoo"), "--out", str(out), "--sne", "sne", "sne+li0"])
     assert not out.exists()
     result = script.main(["--zoo", str(tmp_path / "zoo"), "--cross-zoo", str(tmp_path / "cross"), "--heads", str(run),
                           "--out", str(out), "--holdout", "mlp2,mlp2-bn", "--epochs", "1", "--head-epochs", "1",

@@ -31,10 +31,11 @@ def quiet_lightning() -> None:
 def deterministic_ops():
     """Torch's deterministic kernels inside the block, the caller's setting restored after.
 
-    With 2+ threads, CPU ``index_add_`` (the set layers' segment sums) adds in an order that
-    changes from process to process; the last-bit differences grow over hundreds of training
-    steps into different fitted encoders. Deterministic kernels make a fit a function of its
-    config, seed and thread count. Scoped, so the rest of the process keeps its own setting.
+    With 2 threads, two processes fitting SNE from one seed on the 400-network zoo differed in
+    the last bits after a few epochs (the kernel was not pinned down: segment sums and their
+    gradients alone were stable), and hundreds of steps grew that into different encoders. With
+    deterministic kernels the fits agree bit for bit across processes, so a fit is a function of
+    its config, seed and thread count. Scoped, so the rest of the process keeps its own setting.
     """
     was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -63,22 +63,21 @@ def default_name(fit: FitConfig) -> str:
 
 def parse_variant(name: str) -> dict[str, float]:
     """The inverse of :func:`default_name`: ``sne+li100+aug1`` -> {invariance: 100, augment: 1}."""
+    error = BenchError(f"SNE variant {name!r} is not sne[+liSTRENGTH][+augPROBABILITY], "
+                       "e.g. sne, sne+li10, sne+aug1, sne+li100+aug1")
     head, *parts = name.split("+")
+    if head != "sne":
+        raise error
     keys = {"li": "invariance", "aug": "augment"}
     options: dict[str, float] = {}
     for part in parts:
         prefix = next((k for k in keys if part.startswith(k)), None)
+        if prefix is None or keys[prefix] in options:
+            raise error
         try:
-            value = float(part[len(prefix):]) if prefix else None
+            options[keys[prefix]] = float(part[len(prefix):])
         except ValueError:
-            value = None
-        if value is None or keys[prefix] in options:
-            head = ""  # reported below
-            break
-        options[keys[prefix]] = value
-    if head != "sne":
-        raise BenchError(f"SNE variant {name!r} is not sne[+liSTRENGTH][+augPROBABILITY], "
-                         "e.g. sne, sne+li10, sne+aug1, sne+li100+aug1")
+            raise error from None
     return options
 
 
