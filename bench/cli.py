@@ -7,10 +7,10 @@ e.g. ``bench run -c configs/quickstart.yaml trainer.devices=2 trainer.strategy=d
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from bench import runtime
 from bench.errors import BenchError
 
 QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -82,7 +82,7 @@ def _diagnose(cfg) -> int:
     result = diagnose(cfg, d.backbone_configs(cfg.backbone), d.methods, d.gc_samples, d.gc_probes, d.pool_split)
     if not pipeline.is_rank_zero():
         return 0
-    name = cfg.name or pipeline.slug(f"{cfg.task}-diagnose")
+    name = cfg.name or runtime.slug(f"{cfg.task}-diagnose")
     out_dir = Path(cfg.out_dir) / name
     paths = write_diagnostics(result, out_dir)
     summary = {f"{r['backbone']}/{r['classes']}/{k}": v for r in result["diagnostics"]
@@ -122,10 +122,7 @@ def _run_group(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Lightning sets OMP_NUM_THREADS for the processes it launches; remember whether the user
-    # had, so that every process keeps the user's choice (see pipeline.configure_threads).
-    if "OMP_NUM_THREADS" in os.environ:
-        os.environ.setdefault("BENCH_USER_OMP_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+    runtime.remember_user_threads()  # before any launch: Lightning sets OMP_NUM_THREADS in its processes
     if argv and argv[0] in GROUPS:
         return _run_group(argv[0], argv[1:])
     args = _parser().parse_args(argv)
@@ -144,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             print(pipeline.plan(cfg, args.command))
             return 0
         if args.command == "extract":
-            pipeline.quiet_lightning()
+            runtime.quiet_lightning()
             pipeline.launch(cfg)
             emb = pipeline.extract_stage(cfg)
             if pipeline.is_rank_zero():

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-
-def slug(text: str) -> str:
-    """A file-name-safe form of a run or method name."""
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
+from bench.runtime import slug
 
 
 def head_path(out_dir: Path, classes: str, shots: str | int, seed: int, method: str) -> Path:

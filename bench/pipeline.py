@@ -7,12 +7,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import logging
 import os
 import platform
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,28 +29,9 @@ from bench.extract.cache import CacheEntry, EmbeddingCache, cache_key
 from bench.extract.extractor import entry_fields, extract
 from bench.imprint import Grid, Reference, expand_grid
 from bench.imprint.registry import get
-from bench.naming import slug
+from bench.runtime import configure_threads, quiet_lightning, slug, write_text_atomic
 
 __all__ = ["Embeddings", "RunResult", "extract_stage", "imprint_stage", "launch", "run", "slug"]
-
-
-def quiet_lightning() -> None:
-    """Keep the terminal for our progress and tables: Lightning's banners are noise here."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for pattern in (
-        ".*does not have many workers.*",
-        ".*configure_optimizers.*",
-        ".*`training_step` returned `None`.*",
-        ".*LightningModule.configure_optimizers` returned `None`.*",
-        ".*Starting from v1.9.0, `tensorboardX` has been removed.*",
-        ".*litlogger.*",
-        # Lightning 2.6 asks torch's pytree about LeafSpec in a way torch 2.14 deprecates; it
-        # concerns Lightning's internals, not anything a user of bench can change.
-        ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
-        ".*Couldn't infer the batch indices fetched from your dataloader.*",
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
 
 
 def is_rank_zero() -> bool:
@@ -110,19 +89,6 @@ def launch(cfg: RunConfig) -> Any:
     fabric.launch()
     configure_threads(max(1, fabric.world_size // trainer.num_nodes))
     return fabric
-
-
-def configure_threads(local_processes: int) -> int:
-    """torch threads per process: the CPUs this process may use divided by the processes on
-    its node, unless the user chose (OMP_NUM_THREADS or BENCH_THREADS set before bench
-    started). Oversubscribed torch threads stall some ops by up to 100x."""
-    chosen = os.environ.get("BENCH_THREADS") or os.environ.get("BENCH_USER_OMP_NUM_THREADS")
-    if chosen:
-        torch.set_num_threads(max(1, int(chosen)))
-    else:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cpus // max(1, local_processes)))
-    return torch.get_num_threads()
 
 
 def check_writable(path: Path) -> None:
@@ -382,9 +348,7 @@ def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, worl
         })
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "run.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2, default=str))
     return path
 
 

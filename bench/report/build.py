@@ -5,9 +5,6 @@ so a reader never finds half a report."""
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -19,12 +16,9 @@ from bench.report.model import Group, Report
 from bench.report.runs import REPORT_MARKER, Merged, load_runs
 from bench.report.stats import GROUP_COLUMNS, compare_methods, ordered_shots, summarise
 from bench.report.tables import group_title, wide_table, write_group_tables, write_text
+from bench.runtime import replace_dir_atomic, slug
 
 DIAGNOSTIC_COLUMNS = ["nc1", "l2_nc1", "cdnv", "ncc_accuracy", "logme", "h_score", "gc", "gc_normalized"]
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:120] or "x"
 
 
 def build_report(inputs: Sequence[str], out_dir: Path, metric: str = "acc", prefer: str | None = None,
@@ -38,21 +32,13 @@ def build_report(inputs: Sequence[str], out_dir: Path, metric: str = "acc", pref
         raise BenchError(f"--alpha {alpha} must lie between 0 and 1, e.g. 0.05")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, merged)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as err:
-        raise BenchError(f"cannot write the report under {out_dir.parent}: {err.strerror}; "
-                         "choose another folder with -o") from err
-    try:
-        report = _write(merged, tmp, metric, posthoc, heatmap_shots, alpha)
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _relocate(report, tmp, out_dir)
+    built: dict = {}
+
+    def fill(tmp: Path) -> None:
+        built["report"], built["tmp"] = _write(merged, tmp, metric, posthoc, heatmap_shots, alpha), tmp
+
+    replace_dir_atomic(out_dir, fill, what="the report")
+    return _relocate(built["report"], built["tmp"], out_dir)
 
 
 def write_run_report(run_dir: Path, metric: str = "acc") -> Path:
@@ -70,16 +56,6 @@ def _check_out_dir(out_dir: Path, merged: Merged) -> None:
     for run in merged.runs:
         if run.path.resolve() == resolved:
             raise BenchError(f"the report folder {out_dir} is the run folder {run.path}; choose another -o")
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _relocate(report: Report, tmp: Path, out_dir: Path) -> Report:

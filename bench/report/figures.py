@@ -5,7 +5,6 @@ diagnostics against accuracy, and the critical-difference diagram."""
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from bench.report.stats import Comparison, is_fraction, ordered_shots
+from bench.runtime import atomic_path
 
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h")
@@ -33,9 +33,8 @@ def save(fig, folder: Path, stem: str) -> dict[str, Path]:
     out = {}
     for ext, kwargs in (("png", {"dpi": 150}), ("svg", {"metadata": {"Date": None}})):
         path = folder / f"{stem}.{ext}"
-        tmp = folder / f".{stem}.tmp-{os.getpid()}.{ext}"
-        fig.savefig(tmp, format=ext, bbox_inches="tight", pad_inches=0.1, **kwargs)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, bbox_inches="tight", pad_inches=0.1, **kwargs)
         out[ext] = path
     return out
 

@@ -7,6 +7,7 @@ import base64
 import html as htmlmod
 import math
 from pathlib import Path
+
 import pandas as pd
 
 from bench.report.model import Report

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
+
+from bench.runtime import atomic_path
 
 KEY_COLUMNS = ["backbone", "dataset", "task", "classes", "shots", "seed", "method"]
 
@@ -19,12 +20,10 @@ def write_table(rows: Sequence[dict[str, Any]], out_dir: Path, stem: str = "resu
         columns += [c for c in row if c not in columns]
     paths = []
     csv_path = out_dir / f"{stem}.csv"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, csv_path)
     paths.append(csv_path)
     try:
         import pyarrow as pa
@@ -33,9 +32,8 @@ def write_table(rows: Sequence[dict[str, Any]], out_dir: Path, stem: str = "resu
         return paths
     table = pa.Table.from_pylist([{c: _plain(r.get(c)) for c in columns} for r in rows])
     pq_path = out_dir / f"{stem}.parquet"
-    tmp = pq_path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, pq_path)
+    with atomic_path(pq_path) as tmp:
+        pq.write_table(table, tmp)
     paths.append(pq_path)
     return paths
 

@@ -4,12 +4,12 @@ as tidy CSV, LaTeX (booktabs) for papers, markdown and HTML."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from bench.report.stats import GROUP_COLUMNS, is_fraction, ordered_shots
+from bench.runtime import write_text_atomic
 
 
 def fmt(value: float, metric: str, digits: int = 1) -> str:
@@ -84,9 +84,7 @@ def group_title(key: tuple, metric: str, n_seeds: int | None = None) -> str:
 
 def write_text(path: Path, text: str) -> Path:
     """Write under a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return path
 
 

@@ -13,49 +13,16 @@ Each offline run is one folder, ``<dir>/wandb/offline-run-*``, uploaded later wi
 
 from __future__ import annotations
 
-import netrc
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.errors import BenchError
-
-
-def has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def resolve_mode(mode: str) -> str:
-    if mode not in ("auto", "offline", "online", "disabled"):
-        raise BenchError(f"wandb.mode '{mode}' is not one of auto, offline, online, disabled")
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled") and mode in ("auto", "online"):
-        return os.environ["WANDB_MODE"]
-    if mode == "auto":
-        return "online" if has_credentials() else "offline"
-    return mode
-
-
-def _open_run(mode: str, project: str, entity: str | None, name: str, group: str | None, job_type: str,
-              save_dir: Path, config: dict[str, Any]):
-    from lightning.pytorch.loggers import WandbLogger
-
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(project=project, entity=entity, name=name, group=group, job_type=job_type,
-                       save_dir=str(Path(save_dir).resolve()), offline=(mode == "offline"), config=config,
-                       reinit="create_new")
-
-
-def _close_run(logger, mode: str) -> str:
-    """Finish the run; return its URL (online) or the folder holding the offline runs."""
-    run = logger.experiment
-    where = run.url if mode == "online" else str(Path(run.dir).parent.parent)
-    run.finish()
-    return where
+from bench.runtime import (
+    finish_wandb,
+    resolve_wandb_mode,
+    slug,
+    wandb_logger,
+    wandb_run,
+)
 
 
 def log_tables(
@@ -69,39 +36,21 @@ def log_tables(
     entity: str | None = None,
 ) -> str | None:
     """One W&B run holding several tables and summary numbers (used by ``bench diagnose``)."""
-    mode = resolve_mode(mode)
-    if mode == "disabled":
+    logger = wandb_logger(mode, save_dir, run_name, config, project=project, entity=entity, job_type="diagnose")
+    if logger is None:
         return None
-    logger = _open_run(mode, project, entity, run_name, None, "diagnose", save_dir, config)
     logger.log_metrics(summary)
     for key, rows in tables.items():
         if rows:
             columns = list(dict.fromkeys(c for r in rows for c in r))
             logger.log_table(key, columns=columns, data=[[r.get(c) for c in columns] for r in rows])
-    return _close_run(logger, mode)
+    return finish_wandb(logger)
 
 
 def _tag(kind: str, value: Any) -> str:
     """W&B tags hold at most 64 characters; long names (a checkpoint path) keep their tail."""
     text = f"{kind}:{value}"
     return text if len(text) <= 64 else f"{kind}:…{str(value)[-(62 - len(kind)):]}"
-
-
-def _init(mode: str, project: str, entity: str | None, name: str, group: str | None, tags: list[str],
-          job_type: str, save_dir: Path, config: dict[str, Any]):
-    import wandb
-
-    save_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    # An absolute folder: W&B's service process keeps the working directory it started in, so a
-    # relative one would put the run's record somewhere else once the caller has changed folder.
-    return wandb.init(project=project, entity=entity, name=name, group=group, tags=tags, job_type=job_type,
-                      dir=str(save_dir.resolve()), mode=mode, config=config, reinit="create_new",
-                      settings=wandb.Settings(silent=True, console="off"))
-
-
-def _where(run, mode: str) -> str:
-    return run.url if mode == "online" and run.url else str(Path(run.dir).parent)
 
 
 def _plain_frame(frame):
@@ -191,8 +140,7 @@ def log_bench_run(
 
     from bench.report.stats import summarise
 
-    mode = resolve_mode(mode)
-    if mode == "disabled" or not rows:
+    if resolve_wandb_mode(mode) == "disabled" or not rows:
         return None
     frame = pd.DataFrame(list(rows))
     frame["shots"] = frame["shots"].astype(str)
@@ -200,7 +148,8 @@ def log_bench_run(
     group = "+".join(values["task"]) + "@" + "+".join(values["dataset"])
     tags = [_tag(kind, v) for kind in ("task", "dataset", "backbone") for v in values[kind]]
     out_dir = Path(out_dir)
-    run = _init(mode, project, entity, run_name, group, tags, "bench-run", out_dir, config)
+    run = wandb_run(mode, out_dir, run_name, config, project=project, entity=entity, group=group, tags=tags,
+                    job_type="bench-run")
     try:
         run.log({"results": wandb.Table(dataframe=_plain_frame(frame))})
         summary = summarise(frame, metric)
@@ -208,12 +157,12 @@ def log_bench_run(
             run.summary[f"{r.classes}/{r.method}/{metric}@{r.shots}shot"] = float(r.mean)
             run.summary[f"{r.classes}/{r.method}/{metric}@{r.shots}shot_std"] = float(r.std)
         _line_plots(run, summary, metric, prefix="plots/")
-        _attach_files(run, f"results-{_slug(run_name)}", "results",
+        _attach_files(run, f"results-{slug(run_name, 100, keep='._-')}", "results",
                       [out_dir / "results.parquet", out_dir / "run.json"])
-        where = _where(run, mode)
-    finally:
+    except BaseException:
         run.finish()
-    return where
+        raise
+    return finish_wandb(run)
 
 
 def log_report(report, mode: str = "offline", project: str = "bench", entity: str | None = None,
@@ -226,8 +175,7 @@ def log_report(report, mode: str = "offline", project: str = "bench", entity: st
 
     from bench.report.build import summary_frame
 
-    mode = resolve_mode(mode)
-    if mode == "disabled":
+    if resolve_wandb_mode(mode) == "disabled":
         return None
     merged, c = report.merged, report.comparison
     config = {"metric": report.metric, "runs": [str(r.path) for r in merged.runs],
@@ -236,7 +184,8 @@ def log_report(report, mode: str = "offline", project: str = "bench", entity: st
     values = {k: list(dict.fromkeys(str(v) for v in frame[k])) for k in ("task", "dataset", "backbone")}
     tags = ["report"] + [_tag(kind, v) for kind in ("task", "dataset", "backbone") for v in values[kind]][:20]
     save_dir = Path(save_dir) if save_dir else report.out_dir.parent
-    run = _init(mode, project, entity, f"report-{report.out_dir.name}", "report", tags, "report", save_dir, config)
+    run = wandb_run(mode, save_dir, f"report-{report.out_dir.name}", config, project=project, entity=entity,
+                    group="report", tags=tags, job_type="report")
     try:
         summary = summary_frame(report)
         run.log({"results": wandb.Table(dataframe=_plain_frame(frame)),
@@ -251,14 +200,8 @@ def log_report(report, mode: str = "offline", project: str = "bench", entity: st
         for method, rank in c.ranks.items():
             run.summary[f"average_rank/{method}"] = float(rank)
         files = [report.files["md"], report.files["html"], *report.files.values()]
-        _attach_files(run, f"report-{_slug(report.out_dir.name)}", "report", list(dict.fromkeys(files)))
-        where = _where(run, mode)
-    finally:
+        _attach_files(run, f"report-{slug(report.out_dir.name, 100, keep='._-')}", "report", list(dict.fromkeys(files)))
+    except BaseException:
         run.finish()
-    return where
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:100] or "run"
+        raise
+    return finish_wandb(run)
