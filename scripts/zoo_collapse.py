@@ -34,7 +34,7 @@ from build_tiny_backbone import TRANSFORM, train  # noqa: E402
 from bench.backbones.registry import save_checkpoint  # noqa: E402
 from bench.config import BackboneConfig, load_config  # noqa: E402
 from bench.diagnostics.diagnose import diagnose, kendall, tau_undefined  # noqa: E402
-from bench.report.results import mean_std  # noqa: E402
+from bench.statistics import mean_std  # noqa: E402
 
 MEAN, MULTI = "qi2018", "l2/kmeans:k=5/l2/l2/max"
 TASK = """name: zoo-digits

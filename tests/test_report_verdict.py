@@ -1,6 +1,5 @@
 """The multi-proxy verdict claims a win only beyond the spread over seeds, pairing episodes."""
 
-from bench.report.results import multiproxy_verdict as old_name
 from bench.report.verdict import multiproxy_verdict, paired
 
 
@@ -53,5 +52,4 @@ def test_identical_episodes_and_one_seed_claim_nothing():
 
 def test_old_name_uses_the_paired_verdict_and_no_kmeans_means_no_verdict():
     rows = rows_for({"5": [1.0, 1.0, 1.0]}, {"5": [0.999, 1.0, 1.0]})
-    assert old_name(rows, "base") == multiproxy_verdict(rows, "base")
     assert multiproxy_verdict([r for r in rows if r["method"] == "qi2018"], "base") is None

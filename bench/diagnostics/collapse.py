@@ -38,7 +38,6 @@ from torchmetrics import Metric
 
 from bench.errors import BenchError
 
-
 _STATES = ("counts", "means", "class_sq", "within")
 
 

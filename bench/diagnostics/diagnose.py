@@ -17,7 +17,7 @@ from bench.diagnostics.collapse import neural_collapse
 from bench.diagnostics.geometry import geometric_complexity
 from bench.diagnostics.transferability import h_score, linear_cka, logme, ncc_accuracy, ncti_scores
 from bench.errors import BenchError
-from bench.report.results import mean_std
+from bench.statistics import kendall_tau, mean_std, weighted_tau
 
 # Diagnostics whose lower value is expected to mean better transfer (for reading the taus).
 LOWER_IS_BETTER = {"nc1", "nc1_quotient", "cdnv", "cdnv_unbiased", "equinorm", "equiangularity",
@@ -77,11 +77,9 @@ def tau_undefined(x: Sequence[float], y: Sequence[float], names: Sequence[str] |
 
 def kendall(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """Kendall's tau and weighted tau (scipy), NaN when undefined (see :func:`tau_undefined`)."""
-    from scipy.stats import kendalltau, weightedtau
-
     if tau_undefined(x, y):
         return float("nan"), float("nan")
-    return float(kendalltau(x, y).statistic), float(weightedtau(x, y).statistic)
+    return kendall_tau(x, y), weighted_tau(x, y)
 
 
 def correlations(diag_rows: Sequence[dict], acc_rows: Sequence[dict]) -> list[dict[str, Any]]:

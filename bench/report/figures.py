@@ -13,6 +13,7 @@ import pandas as pd
 
 from bench.report.stats import Comparison, is_fraction, ordered_shots
 from bench.runtime import atomic_path
+from bench.statistics import kendall_tau
 
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h")
@@ -235,8 +236,6 @@ def critical_difference(comparison: Comparison):
 def diagnostics_scatter(diag: pd.DataFrame, accuracy: pd.DataFrame, metric: str, columns: list[str]):
     """Each diagnostic against the mean accuracy of one method at one shot count, a point per
     (backbone, class subset); Kendall's tau per class subset across backbones in each title."""
-    from scipy.stats import kendalltau
-
     method = accuracy["method"].iloc[0]
     shots = ordered_shots(accuracy["shots"])[-1]
     acc = (accuracy[(accuracy["method"] == method) & (accuracy["shots"] == shots)]
@@ -258,7 +257,7 @@ def diagnostics_scatter(diag: pd.DataFrame, accuracy: pd.DataFrame, metric: str,
             part = data[data["classes"] == subset]
             ax.scatter(part[col], part["y"] * scale, color=colors[subset], label=subset, s=28)
             if len(part) >= 3:
-                taus.append(f"{subset} {kendalltau(part[col], part['y']).statistic:+.2f}")
+                taus.append(f"{subset} {kendall_tau(part[col], part['y']):+.2f}")
             else:
                 taus.append(f"{subset} n/a")
         ax.set_title(f"{col}\nKendall τ: " + ", ".join(taus), fontsize=8)

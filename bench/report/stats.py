@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from bench.statistics import ci95_halfwidth
+
 # A table or figure is drawn for each of these; a cell of the cross-cell comparison adds shots.
 GROUP_COLUMNS = ["task", "dataset", "backbone", "classes"]
 BLOCK_COLUMNS = [*GROUP_COLUMNS, "shots"]
@@ -33,15 +35,6 @@ def shots_key(shots: str) -> tuple[int, float, str]:
 
 def ordered_shots(values) -> list[str]:
     return sorted(dict.fromkeys(str(v) for v in values), key=shots_key)
-
-
-def ci95_halfwidth(std: float, n: int) -> float:
-    """Half-width of the t-based 95% confidence interval of a mean of n seeds (NaN for one)."""
-    from scipy.stats import t
-
-    if n < 2 or not math.isfinite(std):
-        return float("nan")
-    return float(t.ppf(0.975, n - 1) * std / math.sqrt(n))
 
 
 def summarise(frame: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
