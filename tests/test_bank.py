@@ -124,6 +124,9 @@ def test_ls_sample_space_and_feature_space_solutions_agree(n_per_class):
     r = 1e-3 * torch.trace(second) / 40
     expected = torch.linalg.solve(second + r * torch.eye(40, dtype=torch.float64), gen.gen_mean(batch, mask).proxies[:, 0].T).T / 4
     assert torch.allclose(w, expected, rtol=1e-6, atol=1e-9)
+    # the CPU path (numpy, Cholesky) and the torch path (GPUs) solve the same system
+    cpu = torch.from_numpy(gen._ls_cpu(flat.numpy(), mask.sum(1).numpy(), 1e-3))
+    assert torch.allclose(cpu, gen._ls_torch(flat, mask, 1e-3), rtol=1e-9, atol=1e-12)
 
 
 def test_cosine_on_unit_inputs_reads_the_inner_products():

@@ -240,16 +240,71 @@ def gen_ls(x: torch.Tensor, mask: torch.Tensor, *, lam: float = 1e-3) -> GenResu
     With fewer support samples than dimensions it is solved in the equal (samples x samples)
     form, which costs far less.
     """
-    c, _, d = x.shape
-    flat = x[mask].double()
-    n = len(flat)
+    c = x.shape[0]
+    if x.device.type == "cpu":
+        w = torch.from_numpy(_ls_cpu(x[mask].detach().double().numpy(), mask.sum(1).numpy(), lam))
+    else:
+        w = _ls_torch(x[mask].double(), mask, lam)
+    return _one_per_class((w / c).to(x.dtype))
+
+
+def _ls_cpu(flat, counts, lam: float):
+    """The oracle on CPU through numpy and LAPACK's Cholesky solve, in float64.
+
+    Not torch's linalg: on CPUs where torch's BLAS takes a slow float64 path (MKL on AMD), its
+    Gram matrix and LU solve cost 3-4x numpy's ``a.T @ a`` (a symmetric rank-k update, half the
+    flops) and a Cholesky solve. The system is symmetric positive definite (a Gram matrix plus a
+    positive ridge), so Cholesky is exact here. BLAS runs on one thread: a second BLAS thread
+    pool competing with torch's own made the stage 3x slower on 2 cores, and one thread gives
+    the same bits whatever the process's thread count.
+    """
+    import numpy as np
+    from scipy.linalg import solve
+
+    n, d = flat.shape
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    with blas_threads(1):
+        ridge = lam * float(np.einsum("ij,ij->", flat, flat)) / n / d + 1e-12
+        if n < d:  # the (samples x samples) form, as in _ls_dual
+            kernel = flat @ flat.T
+            kernel /= n
+            kernel[np.diag_indices(n)] += ridge
+            avg = np.zeros((n, len(counts)))
+            avg[np.arange(n), np.repeat(np.arange(len(counts)), counts)] = 1.0 / np.repeat(counts, counts)
+            return solve(kernel, avg, assume_a="pos", check_finite=False).T @ flat
+        means = np.add.reduceat(flat, starts, axis=0) / counts[:, None]
+        second = flat.T @ flat
+        second /= n
+        second[np.diag_indices(d)] += ridge
+        return solve(second, means.T, assume_a="pos", check_finite=False).T
+
+
+def blas_threads(count: int):
+    """numpy's and scipy's BLAS limited to ``count`` threads inside the block (threadpoolctl)."""
+    global _BLAS
+    if _BLAS is None:
+        import scipy.linalg  # noqa: F401  (its own BLAS must be loaded to be found)
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=max(1, count), user_api="blas")
+
+
+_BLAS = None
+
+
+
+def _ls_torch(flat: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """The oracle with torch's linalg in float64 (GPUs)."""
+    n, d = flat.shape
     # mean eigenvalue of the second moment: its trace (the mean squared norm) over dim
     ridge = lam * float(sq_norms(flat).sum()) / n / d + 1e-12
     if n < d:
-        w = _ls_dual(flat, mask, ridge)
-    else:
-        w = _ls_primal(flat, gen_mean(x.double(), mask).proxies[:, 0], ridge)
-    return _one_per_class((w / c).to(x.dtype))
+        return _ls_dual(flat, mask, ridge)
+    counts = mask.sum(1)
+    slot = torch.arange(len(mask), device=flat.device).repeat_interleave(counts)
+    means = flat.new_zeros(len(mask), d).index_add_(0, slot, flat) / counts[:, None].to(flat.dtype)
+    return _ls_primal(flat, means, ridge)
 
 
 def _ls_primal(flat: torch.Tensor, means: torch.Tensor, ridge: float) -> torch.Tensor:
