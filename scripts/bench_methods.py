@@ -6,8 +6,10 @@ NearestNeighbors for mnn, and does the rest in numpy. Both see the same episodes
 support and query indices), so accuracy differences come only from the methods' own
 randomness (k-means seeding) and speed differences from batching over classes.
 
-    python scripts/bench_methods.py                      # generated Gaussian mixture
-    python scripts/bench_methods.py --cache PATH         # embeddings from a cache entry
+    python scripts/bench_methods.py                      # both built-in datasets (below)
+    python scripts/bench_methods.py --data gmm           # 512-d Gaussian mixture, 10 classes x 500
+    python scripts/bench_methods.py --data digits        # 64-d digits pixels, 10 classes x ~120
+    python scripts/bench_methods.py --cache PATH --test-cache PATH   # embeddings from cache entries
     python scripts/bench_methods.py --seeds 2 --shots 1 5 all --out quick.json
 
 The library is timed two ways: as a grid (``build_head_grid`` + ``score_heads``: every method
@@ -17,7 +19,8 @@ what batching alone gives. Both must predict the same labels. Every cell is time
 ``--repeats`` times on each side and the best time kept.
 
 Prints accuracy side by side and the speed ratios (reference time / library time), overall and
-per shot count, and writes everything to a JSON file. With a GPU it also times the library
+per shot count, and the k-means grid alone (the k-means specs as one grid against the
+reference's k-means rows), per dataset, and writes everything to a JSON file. With a GPU it also times the library
 grid there (accuracy is not re-reported; it matches CPU up to float rounding).
 """
 
@@ -117,7 +120,15 @@ def ref_predict(spec: MethodSpec, xs, ys, xq, classes, seed) -> np.ndarray:
 
 
 # ---- data -------------------------------------------------------------------------------------
-def load_embeddings(args):
+def load_embeddings(args, data: str = "gmm"):
+    if args.cache is None and data == "digits":
+        from bench.data.sources import DigitsSource  # noqa: PLC0415
+
+        pool, test = DigitsSource("train"), DigitsSource("test")
+        flat = [torch.from_numpy(s.images.reshape(len(s.images), -1)).float() / 255 for s in (pool, test)]
+        counts = np.bincount(pool.labels)
+        desc = f"digits: 10 classes, 64 dims (pixels), {counts.min()}-{counts.max()} support candidates per class"
+        return flat[0], torch.from_numpy(pool.labels), flat[1], torch.from_numpy(test.labels), desc
     if args.cache is None:
         x, y = gaussian_mixture(10, 512, 600, modes=args.modes, class_spread=args.class_spread,
                                 mode_spread=args.mode_spread, noise=args.noise, seed=args.data_seed)
@@ -226,7 +237,9 @@ def summarise(specs, shots, seeds, lib, ref, grid_acc):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", help="embedding cache entry for the support pool (default: generated data)")
+    ap.add_argument("--data", choices=("both", "gmm", "digits"), default="both",
+                    help="built-in data: the 512-d Gaussian mixture, the 64-d digits, or both (default)")
+    ap.add_argument("--cache", help="embedding cache entry for the support pool (instead of --data)")
     ap.add_argument("--test-cache", help="embedding cache entry for the queries (with --cache)")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     ap.add_argument("--shots", nargs="+", default=DEFAULT_SHOTS)
@@ -241,8 +254,28 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_methods.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    datasets = ["cache"] if args.cache else (["gmm", "digits"] if args.data == "both" else [args.data])
+    results = {}
+    for data in datasets:
+        print(f"\n=== {data} ===")
+        results[data] = compare(args, data)
+    print(f"\nsummary: reference time / library time, CPU, {args.threads} threads, best of {args.repeats} runs")
+    print(f"  {'data':<8} {'grid':>7} {'k-means grid':>13} {'one at a time':>14} {'largest accuracy gap':>21}")
+    for data, r in results.items():
+        o = r["overall"]
+        km = f"{r['kmeans']['speedup']:.1f}x" if r.get("kmeans") else "-"
+        print(f"  {data:<8} {o['speedup']:6.1f}x {km:>13} {o['speedup_one_at_a_time']:13.1f}x "
+              f"{o['max_abs_acc_diff_points']:17.2f} pt")
+    # one dataset: its result at the top level, as before; several: one entry each
+    out = results[datasets[0]] if len(datasets) == 1 else {"datasets": results}
+    Path(args.out).write_text(json.dumps(out, indent=2, default=str))
+    print(f"\nwrote {args.out}")
+    return out
 
-    pool_x, pool_y, test_x, test_y, desc = load_embeddings(args)
+
+def compare(args, data: str) -> dict:
+    """Reference against library grid (and one at a time) on one dataset; returns the record."""
+    pool_x, pool_y, test_x, test_y, desc = load_embeddings(args, data)
     grid = expand_grid(args.methods)
     specs = grid.specs
     shots = [s if s == "all" else int(s) for s in args.shots]
@@ -281,6 +314,14 @@ def main(argv=None):
         cells = [f"{100 * by[(spec.name, s)]['lib_acc']:5.1f}/{100 * by[(spec.name, s)]['ref_acc']:5.1f}" for s in shots]
         print(f"{spec.name:<{name_w}} " + " ".join(f"{c:>13}" for c in cells))
 
+    kmeans_specs = [spec for spec in specs if spec.gen.name == "kmeans"]
+    kmeans = None
+    if kmeans_specs:  # the k-means specs as a grid of their own, against the reference's k-means rows
+        _, km_times = run_library_grid(kmeans_specs, pool_x, pool_y, test_x, test_y, episodes, cpu, r)
+        km_ref = sum(row["ref_time_s"] for row in rows if row["method"] in {s.name for s in kmeans_specs})
+        kmeans = dict(methods=[s.name for s in kmeans_specs], grid_time_s=sum(km_times.values()),
+                      ref_time_s=km_ref, speedup=km_ref / sum(km_times.values()))
+
     per_shot = {}
     for s in shots:
         lt = sum(row["lib_time_s"] for row in rows if row["shots"] == s)
@@ -299,12 +340,15 @@ def main(argv=None):
               f"(grid {v['grid_time_s']:.3f}s, one at a time {v['lib_time_s']:.3f}s, reference {v['ref_time_s']:.3f}s)")
     print(f"  overall  : grid {ref_total / grid_total:6.1f}x   one at a time {ref_total / lib_total:5.1f}x   "
           f"(grid {grid_total:.3f}s, one at a time {lib_total:.3f}s, reference {ref_total:.3f}s)")
+    if kmeans:
+        print(f"  k-means  : grid {kmeans['speedup']:6.1f}x   (grid {kmeans['grid_time_s']:.3f}s, reference "
+              f"{kmeans['ref_time_s']:.3f}s; {', '.join(kmeans['methods'])})")
     print(f"largest accuracy gap: {worst['acc_diff_points']:+.2f} points ({worst['method']}, shots={worst['shots']})")
 
     result = dict(
         data=desc, threads=args.threads, repeats=r, seeds=seeds, shots=[str(s) for s in shots],
         methods=[dict(name=s.name, spec=str(s)) for s in specs], dropped=grid.dropped,
-        rows=rows, per_shot=per_shot,
+        rows=rows, per_shot=per_shot, kmeans=kmeans,
         overall=dict(grid_time_s=grid_total, lib_time_s=lib_total, ref_time_s=ref_total,
                      speedup=ref_total / grid_total, speedup_one_at_a_time=ref_total / lib_total,
                      max_abs_acc_diff_points=abs(worst["acc_diff_points"])),
@@ -318,8 +362,6 @@ def main(argv=None):
         result["gpu"] = dict(device=torch.cuda.get_device_name(), grid_time_s=gpu_total,
                              speedup_vs_reference=ref_total / gpu_total)
         print(f"  GPU ({torch.cuda.get_device_name()}): grid {gpu_total:.3f}s, {ref_total / gpu_total:.1f}x the CPU reference")
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {args.out}")
     return result
 
 

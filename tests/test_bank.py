@@ -127,6 +127,10 @@ def test_ls_sample_space_and_feature_space_solutions_agree(n_per_class):
     # the CPU path (numpy, Cholesky) and the torch path (GPUs) solve the same system
     cpu = torch.from_numpy(gen._ls_cpu(flat.numpy(), mask.sum(1).numpy(), 1e-3))
     assert torch.allclose(cpu, gen._ls_torch(flat, mask, 1e-3), rtol=1e-9, atol=1e-12)
+    uneven = mask.clone()
+    uneven[0, 1:] = False  # one class keeps a single sample: the class means take segment sums
+    cpu = torch.from_numpy(gen._ls_cpu(batch[uneven].numpy(), uneven.sum(1).numpy(), 1e-3))
+    assert torch.allclose(cpu, gen._ls_torch(batch[uneven], uneven, 1e-3), rtol=1e-9, atol=1e-12)
 
 
 def test_cosine_on_unit_inputs_reads_the_inner_products():

@@ -14,12 +14,18 @@ def test_bench_methods_small_grid(tmp_path):
     out = tmp_path / "r.json"
     mod.main(["--seeds", "2", "--shots", "1", "5", "all", "--methods", "qi2018", "knn", "hosoda2024",
               "ls-oracle", "simpleshot", "l2/kmeans:k=3/l2/l2/max", "--repeats", "1", "--out", str(out)])
-    result = json.loads(out.read_text())
-    assert {r["method"] for r in result["rows"]} == {"qi2018", "knn", "hosoda2024", "ls-oracle", "simpleshot",
-                                                     "l2/kmeans:k=3/l2/l2/max"}
-    for row in result["rows"]:
-        assert row["grid_acc"] == row["lib_acc"], row  # sharing stages changes no prediction
-        if "kmeans" not in row["method"]:  # deterministic methods agree exactly
-            assert abs(row["acc_diff_points"]) < 0.2, row
-    assert result["overall"]["speedup"] > 0 and result["overall"]["speedup_one_at_a_time"] > 0
-    assert set(result["per_shot"]) == {"1", "5", "all"}
+    results = json.loads(out.read_text())["datasets"]
+    assert set(results) == {"gmm", "digits"}  # both comparisons by default
+    for result in results.values():
+        assert {r["method"] for r in result["rows"]} == {"qi2018", "knn", "hosoda2024", "ls-oracle", "simpleshot",
+                                                         "l2/kmeans:k=3/l2/l2/max"}
+        for row in result["rows"]:
+            assert row["grid_acc"] == row["lib_acc"], row  # sharing stages changes no prediction
+            if "kmeans" not in row["method"]:  # deterministic methods agree exactly
+                assert abs(row["acc_diff_points"]) < 0.2, row
+        assert result["overall"]["speedup"] > 0 and result["overall"]["speedup_one_at_a_time"] > 0
+        assert set(result["per_shot"]) == {"1", "5", "all"}
+        # the k-means grid is timed on its own, against the reference's k-means rows only
+        assert result["kmeans"]["methods"] == ["l2/kmeans:k=3/l2/l2/max"]
+        kmeans_ref = sum(r["ref_time_s"] for r in result["rows"] if r["method"] == "l2/kmeans:k=3/l2/l2/max")
+        assert abs(result["kmeans"]["ref_time_s"] - kmeans_ref) < 1e-12

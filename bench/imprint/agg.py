@@ -19,15 +19,27 @@ from bench.imprint.spec import StageSpec
 METRICS = ("cosine", "euclidean", "manhattan", "chebyshev")
 
 
-def distances(queries: torch.Tensor, proxies: torch.Tensor, metric: str) -> torch.Tensor:
-    """(N, P) distances; smaller is nearer for every metric."""
+def query_terms(metric: str, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a distance needs from the queries alone: computed once per query set when many
+    heads score the same queries (see :func:`bench.imprint.grid.score_heads`)."""
     if metric == "cosine":
-        return 1 - F.normalize(queries, dim=-1) @ F.normalize(proxies, dim=-1).T
+        return {"unit": F.normalize(queries, dim=-1)}
+    if metric == "euclidean":
+        return {"sq": queries.pow(2).sum(1, keepdim=True)}
+    return {}
+
+
+def distances(queries: torch.Tensor, proxies: torch.Tensor, metric: str,
+              terms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """(N, P) distances; smaller is nearer for every metric. ``terms``: :func:`query_terms`."""
+    terms = terms if terms is not None else query_terms(metric, queries)
+    if metric == "cosine":
+        return 1 - terms["unit"] @ F.normalize(proxies, dim=-1).T
     if metric == "euclidean":
         # ||q||^2 + ||p||^2 - 2 q.p in one matmul, as torch.cdist does for large inputs, but
         # without its fixed overhead, which dominates for a few proxies per class.
         sq = torch.addmm(proxies.pow(2).sum(1), queries, proxies.T, alpha=-2)
-        return sq.add_(queries.pow(2).sum(1, keepdim=True)).clamp_min_(0).sqrt_()
+        return sq.add_(terms["sq"]).clamp_min_(0).sqrt_()
     if metric == "manhattan":
         return torch.cdist(queries, proxies, p=1)
     if metric == "chebyshev":
@@ -127,8 +139,9 @@ def matrix_kind(agg: StageSpec, unit_inputs: bool) -> str:
     return get("agg", agg.name).matrix(agg.kwargs("agg"), unit_inputs)
 
 
-def pair_matrix(kind: str, queries: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
-    return queries @ proxies.T if kind == "dot" else distances(queries, proxies, kind)
+def pair_matrix(kind: str, queries: torch.Tensor, proxies: torch.Tensor,
+                terms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    return queries @ proxies.T if kind == "dot" else distances(queries, proxies, kind, terms)
 
 
 def reduce(agg: StageSpec, matrix: torch.Tensor, kind: str, proxy_labels: torch.Tensor,
