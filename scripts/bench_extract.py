@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import torch
 from bench.backbones import build_backbone
 from bench.data.sources import Source
 from bench.extract import EmbeddingCache, extract
+from bench.runtime import configure_threads
 
 
 class DecodedSource(Source):
@@ -101,7 +101,8 @@ import tempfile, torch
 from bench.backbones import build_backbone
 from bench.data.sources import build_source
 from bench.extract import EmbeddingCache, extract
-torch.set_num_threads(2)
+from bench.runtime import configure_threads
+configure_threads()
 bb = build_backbone('torchvision:{arch}', weights=None, transform={{'size': {size}, 'channels': 3}})
 with tempfile.TemporaryDirectory() as tmp:
     extract(bb, build_source('synthetic:{n}', size={size}), EmbeddingCache(tmp),
@@ -227,7 +228,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="--hashing keeps the best of this many runs")
     ap.add_argument("--out", default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
+    configure_threads()  # the CPUs' share, or BENCH_THREADS / OMP_NUM_THREADS when set
     result = memory(args) if args.memory else hashing(args) if args.hashing else throughput(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bench.diagnostics.local import feature_collapse
+from bench.runtime import configure_threads
 
 
 class Setting:
@@ -95,7 +96,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("runs/feature_collapse.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    configure_threads()
     start = time.time()
     setting = Setting()
     results = []

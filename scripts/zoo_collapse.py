@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_tiny_backbone import TRANSFORM, train  # noqa: E402
@@ -34,6 +33,7 @@ from build_tiny_backbone import TRANSFORM, train  # noqa: E402
 from bench.backbones.registry import save_checkpoint  # noqa: E402
 from bench.config import BackboneConfig, load_config  # noqa: E402
 from bench.diagnostics.diagnose import diagnose, kendall, tau_undefined  # noqa: E402
+from bench.runtime import configure_threads  # noqa: E402
 from bench.statistics import mean_std  # noqa: E402
 
 MEAN, MULTI = "qi2018", "l2/kmeans:k=5/l2/l2/max"
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--gc-samples", type=int, default=256, help="images per model for geometric complexity")
     ap.add_argument("--gc-probes", type=int, default=16, help="random probes per image for geometric complexity")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    configure_threads()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "task.yaml").write_text(TASK)
 
