@@ -57,8 +57,16 @@ def train(epochs: int = 30, width: int = 16, seed: int = 0, weight_decay: float 
 
 
 def build_environment() -> dict[str, str]:
-    """What decides the asset's bits besides this script: the torch build and its CPU kernels."""
-    return {"torch_version": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    """What decides the asset's bits besides this script: the torch build and its CPU kernels, and
+    the libraries that make its training images (digits from scikit-learn, decoded and resized by
+    Pillow and torchvision). A rebuild is bit for bit only where all of them match."""
+    import PIL
+    import sklearn
+    import torchvision
+
+    return {"torch_version": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torchvision_version": torchvision.__version__, "pillow_version": PIL.__version__,
+            "numpy_version": np.__version__, "sklearn_version": sklearn.__version__}
 
 
 def build(out: Path, **kwargs) -> Path:
