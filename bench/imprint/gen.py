@@ -259,7 +259,10 @@ def _ls_cpu(flat, counts, lam: float):
     the same bits whatever the process's thread count.
     """
     import numpy as np
-    from scipy.linalg import solve
+    from scipy.linalg import cho_factor, cho_solve
+
+    def solve(a, b):  # a is symmetric positive definite: Cholesky, in place
+        return cho_solve(cho_factor(a, overwrite_a=True, check_finite=False), b, check_finite=False)
 
     n, d = flat.shape
     with blas_threads(1):
@@ -270,7 +273,7 @@ def _ls_cpu(flat, counts, lam: float):
             kernel[np.diag_indices(n)] += ridge
             avg = np.zeros((n, len(counts)))
             avg[np.arange(n), np.repeat(np.arange(len(counts)), counts)] = 1.0 / np.repeat(counts, counts)
-            return solve(kernel, avg, assume_a="pos", check_finite=False).T @ flat
+            return solve(kernel, avg).T @ flat
         if (counts == counts[0]).all():  # balanced (the usual case): a reshape, no segment sums
             means = flat.reshape(len(counts), counts[0], d).mean(1)
         else:
@@ -279,7 +282,7 @@ def _ls_cpu(flat, counts, lam: float):
         second = flat.T @ flat
         second /= n
         second[np.diag_indices(d)] += ridge
-        return solve(second, means.T, assume_a="pos", check_finite=False).T
+        return solve(second, means.T).T
 
 
 def blas_threads(count: int):
