@@ -84,7 +84,7 @@ def build_head_grid(
     episodes: Sequence[SupportSet],
     *,
     reference_weights: torch.Tensor | None = None,
-    max_batch_elements: int = 4_000_000,
+    max_batch_elements: int = 1 << 24,
     dataset: str | None = None,
     backbone: str | None = None,
 ) -> list[list[ImprintedHead]]:
@@ -189,7 +189,7 @@ def build_heads(
     episodes: Sequence[SupportSet],
     *,
     reference_weights: torch.Tensor | None = None,
-    max_batch_elements: int = 4_000_000,
+    max_batch_elements: int = 1 << 24,
     dataset: str | None = None,
     backbone: str | None = None,
 ) -> list[ImprintedHead]:
