@@ -128,34 +128,40 @@ def build_head_grid(
 
     out: list[list[ImprintedHead]] = []
     proxies_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    k_lists: dict[tuple, list[int]] = {}  # (GEN key, owner) -> effective k per class
     for spec in specs:
         row = []
+        uses_center = _needs_center(spec)
+        unit_pre, unit_post = spec.norm_pre.method("norm_pre").unit, spec.norm_post.method("norm_post").unit
+        post_opts, post_spec_text = spec.norm_post.kwargs("norm_post"), str(spec.norm_post)
+        pre_text = str(spec.norm_pre)
         for j, ep in enumerate(eps):
             key = _gen_key(spec, ep)
             owner = _gen_owner(key, j, eps)  # the episode whose GEN result this head reuses
             res = gens[key][owner]
             # Support samples that NORM_pre l2-normalised are unit rows: a second l2 is skipped.
-            unit_samples = spec.norm_pre.method("norm_pre").unit and get("gen", key[1]).sample_proxies
+            unit_samples = unit_pre and get("gen", key[1]).sample_proxies
             post = "none" if spec.norm_post.name == "l2" and unit_samples else spec.norm_post.name
-            unit = spec.norm_post.method("norm_post").unit or (post == "none" and unit_samples)
-            post_text = "none" if post == "none" else str(spec.norm_post)
+            unit = unit_post or (post == "none" and unit_samples)
+            post_text = "none" if post == "none" else post_spec_text
             pkey = (key, post_text, owner)
             if pkey not in proxies_cache:
                 start = _tick(device)
                 flat = res.proxies[res.mask]
                 slots = torch.arange(len(ep.classes), device=device)[:, None]
                 labels = slots.expand_as(res.mask)[res.mask]
-                opts = spec.norm_post.kwargs("norm_post") if post != "none" else {}
+                opts = post_opts if post != "none" else {}
                 proxies = norm_mod.apply_proxy_norm(post, flat, reference_weights, **opts)
                 bias = None if res.bias is None else res.bias[res.mask]
                 _check_finite(proxies, bias, spec)
                 proxies_cache[pkey] = (proxies, labels, bias)
                 eps[owner].seconds[("post", pkey)] = _tick(device) - start
             proxies, labels, bias = proxies_cache[pkey]
-            eff = res.effective_k.tolist()
-            pre_s = eps[ep.same_as].seconds[("pre", str(spec.norm_pre))]
+            if (key, owner) not in k_lists:
+                k_lists[(key, owner)] = res.effective_k.tolist()
+            eff = k_lists[(key, owner)]
+            pre_s = eps[ep.same_as].seconds[("pre", pre_text)]
             gen_s = eps[owner].seconds[("gen", key)] + eps[owner].seconds[("post", pkey)]
-            uses_center = _needs_center(spec)
             meta = {
                 "seed": int(ep.support.seed),
                 "effective_k": eff,
@@ -368,29 +374,37 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
     normed: dict[tuple, torch.Tensor] = {}
     matrices: dict[tuple, torch.Tensor] = {}
     terms: dict[tuple, dict[str, torch.Tensor]] = {}  # the query side of a distance, once per query set
+    plans: dict[tuple, tuple] = {}  # what a spec's stages say, read from the registries once per spec
     out = []
     for head in heads:
-        if head.dim != queries.shape[1]:
-            check_embeddings(queries, "query embeddings", head.dim)  # raises the clear error
-        inf = head.spec.norm_inf
-        center = head.center if head.center.numel() else None
-        qkey = (str(inf), _identity(center) if inf.method("norm_inf").needs_reference else None)
+        buffers = head._buffers  # read once: nn.Module attribute lookups add up over thousands of heads
+        proxies, center, bias = buffers["proxies"], buffers["center"], buffers["bias"]
+        if proxies.shape[1] != queries.shape[1]:
+            check_embeddings(queries, "query embeddings", proxies.shape[1])  # raises the clear error
+        spec = head.spec
+        plan_key = (id(spec), head.unit_inputs)  # heads hold their spec, so ids stay valid here
+        if plan_key not in plans:
+            inf = spec.norm_inf
+            plans[plan_key] = (str(inf), inf.method("norm_inf").needs_reference, inf.kwargs("norm_inf"),
+                               agg_mod.matrix_kind(spec.agg, head.unit_inputs))
+        inf_text, needs_center, inf_opts, matrix_kind = plans[plan_key]
+        center = center if center.numel() else None
+        qkey = (inf_text, _identity(center) if needs_center else None)
         if qkey not in normed:
-            normed[qkey] = norm_mod.apply_vector_norm(inf.name, queries, center, **inf.kwargs("norm_inf"))
+            normed[qkey] = norm_mod.apply_vector_norm(spec.norm_inf.name, queries, center, **inf_opts)
         q = normed[qkey]
-        matrix_kind = agg_mod.matrix_kind(head.spec.agg, head.unit_inputs)
         # Keyed by the head's own buffer, which outlives this call; a dtype-converted copy
         # could be freed and its address reused by another head's copy.
-        mkey = (matrix_kind, qkey, _identity(head.proxies))
+        mkey = (matrix_kind, qkey, _identity(proxies))
         if mkey not in matrices:
             tkey = (matrix_kind, qkey)
             if tkey not in terms:
                 terms[tkey] = agg_mod.query_terms(matrix_kind, q)
-            matrices[mkey] = agg_mod.pair_matrix(matrix_kind, q, head.proxies.to(q.dtype), terms[tkey])
+            matrices[mkey] = agg_mod.pair_matrix(matrix_kind, q, proxies.to(q.dtype), terms[tkey])
         matrix = matrices[mkey]
-        if head.bias.numel():
-            matrix = matrix + head.bias.to(matrix.dtype)
-        out.append(agg_mod.reduce(head.spec.agg, matrix, matrix_kind, head.proxy_labels, head.num_classes))
+        if bias.numel():
+            matrix = matrix + bias.to(matrix.dtype)
+        out.append(agg_mod.reduce(spec.agg, matrix, matrix_kind, buffers["proxy_labels"], len(buffers["classes"])))
     return out
 
 
