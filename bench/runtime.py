@@ -147,18 +147,25 @@ def resolve_wandb_mode(mode: str, what: str = "wandb.mode") -> str:
     return mode
 
 
+def _wandb_target(mode: str, save_dir: Path) -> tuple[str, Path]:
+    """The resolved mode and the run's folder, made and absolute: W&B's service process keeps the
+    working directory it started in. W&B's own banners stay quiet, as in every bench run."""
+    mode = resolve_wandb_mode(mode)
+    save_dir = Path(save_dir).resolve()
+    if mode != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        save_dir.mkdir(parents=True, exist_ok=True)
+    return mode, save_dir
+
+
 def wandb_logger(mode: str, save_dir: Path, name: str, config: dict[str, Any], project: str = "bench",
                  entity: str | None = None, group: str | None = None, job_type: str | None = None):
-    """A Lightning WandbLogger in the resolved mode, or None when disabled. Its folder is absolute:
-    W&B's service process keeps the working directory it started in."""
-    mode = resolve_wandb_mode(mode)
+    """A Lightning WandbLogger in the resolved mode, or None when disabled."""
+    mode, save_dir = _wandb_target(mode, save_dir)
     if mode == "disabled":
         return None
     from lightning.pytorch.loggers import WandbLogger
 
-    os.environ.setdefault("WANDB_SILENT", "true")
-    save_dir = Path(save_dir).resolve()
-    save_dir.mkdir(parents=True, exist_ok=True)
     return WandbLogger(project=project, entity=entity, name=name, group=group, job_type=job_type,
                        save_dir=str(save_dir), offline=(mode == "offline"), config=config,
                        reinit="create_new")
@@ -168,14 +175,11 @@ def wandb_run(mode: str, save_dir: Path, name: str, config: dict[str, Any], proj
               entity: str | None = None, group: str | None = None, tags: list[str] | None = None,
               job_type: str | None = None):
     """A plain ``wandb.init`` run in the resolved mode (for logging outside a Trainer), or None."""
-    mode = resolve_wandb_mode(mode)
+    mode, save_dir = _wandb_target(mode, save_dir)
     if mode == "disabled":
         return None
     import wandb
 
-    os.environ.setdefault("WANDB_SILENT", "true")
-    save_dir = Path(save_dir).resolve()
-    save_dir.mkdir(parents=True, exist_ok=True)
     return wandb.init(project=project, entity=entity, name=name, group=group, tags=tags or [],
                       job_type=job_type, dir=str(save_dir), mode=mode, config=config,
                       reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
