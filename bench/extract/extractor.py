@@ -27,6 +27,7 @@ from bench.backbones.registry import Backbone
 from bench.data.datamodules import ImageDataModule
 from bench.data.sources import Source
 from bench.errors import BenchError
+from bench.runtime import atomic_path
 from bench.extract.cache import DTYPES, CacheEntry, EmbeddingCache, cache_key, open_entry
 
 
@@ -115,13 +116,11 @@ class ShardWriter(BasePredictionWriter):
             shard["embeddings"] = torch.cat([p["embeddings"] for p in parts]).contiguous()
             shard["labels"] = torch.cat([p["labels"] for p in parts])
         name = f"rank{rank:04d}-{self.tag}-{self._count:06d}"
-        tmp = self.shard_dir / f".{name}.tmp"
         meta = {"key": self.key, "num_samples": str(self.num_samples)}
         try:
-            save_file(shard, str(tmp), metadata=meta)
-            tmp.rename(self.shard_dir / f"{name}.safetensors")
+            with atomic_path(self.shard_dir / f"{name}.safetensors") as tmp:
+                save_file(shard, str(tmp), metadata=meta)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise BenchError(
                 f"could not write shard {name} to {self.shard_dir}: {err.strerror or err}. Free space "
                 "and rerun: the shards already written are kept and only the rest is extracted"
