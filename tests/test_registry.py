@@ -179,3 +179,36 @@ def test_registering_another_function_under_a_taken_name_is_refused():
         @register_gen("mean", summary="an impostor")
         def impostor(x, mask):
             return None
+
+
+@register_gen("test_jitter", single_proxy=True, summary="a user's own seeded GEN: the mean plus seeded noise")
+def jitter(x, mask, *, rng) -> GenResult:
+    """Takes an rng and does not say `seeded`: the signature says it."""
+    from bench.imprint.gen import gen_mean
+    from bench.imprint.sampling import RowRandom
+
+    noise = RowRandom.of(rng, len(x)).randn((1, x.shape[-1]), "cpu").to(x)
+    mean = gen_mean(x, mask)
+    return GenResult(mean.proxies + noise, mean.mask, mean.effective_k)
+
+
+def test_a_gen_that_takes_an_rng_is_seeded_without_saying_so():
+    x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(4)), torch.tensor([0] * 4 + [1] * 4)
+    # one support under three seeds (as every seed of shots='all' is): each seed draws its own noise
+    row = build_head_grid(["none/test_jitter/none/none/max"], [SupportSet(x, y, seed=s) for s in range(3)])[0]
+    for seed, head in enumerate(row):
+        assert torch.equal(head.proxies, build_head("none/test_jitter/none/none/max", x, y, seed=seed).proxies)
+    assert not torch.equal(row[0].proxies, row[1].proxies)
+    assert REGISTRY["gen"]["test_jitter"].seeded and not REGISTRY["gen"]["test_trimmed_mean"].seeded
+
+
+def test_a_seeded_fact_that_contradicts_the_signature_is_refused():
+    with pytest.raises(BenchError, match="takes no rng.*seeded=True"):
+        @register_gen("test_claims_seeded", seeded=True, summary="says seeded, draws nothing")
+        def claims(x, mask):
+            return None
+    with pytest.raises(BenchError, match="takes an rng.*seeded=False"):
+        @register_gen("test_denies_seeded", seeded=False, summary="draws, says unseeded")
+        def denies(x, mask, *, rng):
+            return None
+    assert "test_claims_seeded" not in REGISTRY["gen"] and "test_denies_seeded" not in REGISTRY["gen"]

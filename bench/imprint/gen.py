@@ -130,7 +130,7 @@ def gen_all(x: torch.Tensor, mask: torch.Tensor) -> GenResult:
     return GenResult(x, mask, mask.sum(1))
 
 
-@register_gen("kmeans", seeded=True, k_option="k",
+@register_gen("kmeans", k_option="k",
               simplify=lambda o: ("mean", {}) if o["k"] == 1 else None,
               options={"k": Option(int, minimum=1), "n_init": Option(int, 1, minimum=1),
                        "iters": Option(int, 100, minimum=1)},
@@ -144,7 +144,7 @@ def gen_kmeans(x: torch.Tensor, mask: torch.Tensor, *, rng: RowRandom | int, k: 
     return _finish(x, mask, k, centres, pmask)
 
 
-@register_gen("kmedoids", seeded=True, k_option="k", sample_proxies=True,
+@register_gen("kmedoids", k_option="k", sample_proxies=True,
               options={"k": Option(int, minimum=1), "iters": Option(int, 50, minimum=1)},
               summary="alternating k-medoids (euclidean), k-means++ seeded")
 def gen_kmedoids(x: torch.Tensor, mask: torch.Tensor, *, rng: RowRandom | int, k: int,
@@ -174,7 +174,7 @@ def gen_kmedoids(x: torch.Tensor, mask: torch.Tensor, *, rng: RowRandom | int, k
     return _finish(x, mask, k, proxies, pmask)
 
 
-@register_gen("random", seeded=True, k_option="k", sample_proxies=True, options={"k": Option(int, minimum=1)},
+@register_gen("random", k_option="k", sample_proxies=True, options={"k": Option(int, minimum=1)},
               summary="k support samples per class, drawn without replacement")
 def gen_random(x: torch.Tensor, mask: torch.Tensor, *, rng: RowRandom | int, k: int) -> GenResult:
     k_run = min(k, x.shape[1])
@@ -214,7 +214,7 @@ def _none_problem(spec) -> str | None:
     return None
 
 
-@register_gen("none", seeded=True, ignores_support=True, options=_positive_k(1), problem=_none_problem,
+@register_gen("none", ignores_support=True, options=_positive_k(1), problem=_none_problem,
               summary="random proxies that ignore the support: the floor every method must beat")
 def gen_none(x: torch.Tensor, mask: torch.Tensor, *, rng: RowRandom | int, k: int = 1) -> GenResult:
     c, _, d = x.shape
@@ -397,7 +397,7 @@ def _dc_reference(ctx: GenContext | None) -> Reference:
     return ref
 
 
-@register_gen("dc", seeded=True, needs_reference=True,
+@register_gen("dc", needs_reference=True,
               options={"k": Option(int, 1, minimum=1), "nearest": Option(int, 2, minimum=1),
                        "alpha": Option(float, 0.21, minimum=0.0), "samples": Option(int, 750, minimum=0)},
               summary="Distribution Calibration: each support sample borrows the mean and covariance of "

@@ -7,9 +7,9 @@ A method is a function plus a decorator, in the manner of timm's ``register_mode
     def gen_median(x, mask, *, kind): ...
 
 The decorator declares the method's name, its typed options (which the spec parser checks) and
-the facts the grid engine uses to share work: whether the method draws random numbers, whether
-a class's proxies depend on the other classes, when it equals ``all`` (k >= the class size) and
-so on. ``bench methods``, the spec parser, the grid and the README's method table all read these
+the facts the grid engine uses to share work: whether a class's proxies depend on the other
+classes, when it equals ``all`` (k >= the class size) and so on. Whether a GEN draws random
+numbers is read from its signature (it takes an ``rng``), so it cannot be forgotten. ``bench methods``, the spec parser, the grid and the README's method table all read these
 registries, so a method registered from a user's own code is a first-class method everywhere.
 
 This module is a leaf: the built-in methods register themselves in ``norm.py``, ``gen.py`` and
@@ -119,8 +119,7 @@ class Method:
     options: dict[str, Option] = field(default_factory=dict)
     summary: str = ""
     reference: str = ""
-    # GEN facts
-    seeded: bool = False  # draws random numbers: the episode's seed is one of its inputs
+    # GEN facts (seeded, below, is read from the signature)
     coupled: bool = False  # a class's proxies depend on the episode's other classes
     linear: bool = False  # rows of a linear classifier, one per class (scored by inner product)
     sample_proxies: bool = False  # proxies are support samples, so they keep the samples' norm
@@ -142,6 +141,12 @@ class Method:
     def takes(self) -> frozenset[str]:
         """Keyword arguments beyond the options that the function accepts (rng, ctx)."""
         return _extra_keywords(self.fn)
+
+    @property
+    def seeded(self) -> bool:
+        """Draws random numbers (takes an ``rng``): the episode's seed is one of its inputs, so
+        identical episodes under different seeds do not share its result."""
+        return "rng" in self.takes
 
     def option_text(self) -> str:
         """``name[:opt=default,...]`` as the README's method table shows it."""
@@ -191,12 +196,25 @@ def register_norm(name: str, *, stages: tuple[str, ...], summary: str, reference
 
 
 def register_gen(name: str, *, summary: str, reference: str = "", options: dict[str, Option] | None = None,
-                 **facts: Any) -> Callable[[Callable], Callable]:
+                 seeded: bool | None = None, **facts: Any) -> Callable[[Callable], Callable]:
     """A generator: ``fn(x, mask, [*, rng], [ctx], **options) -> GenResult`` on a padded
     (C, S, D) batch of support with a (C, S) mask of real samples. See :class:`Method` for the
-    facts (seeded, coupled, linear, k_option, ...)."""
-    return _register(("gen",), name, options=dict(options or {}), summary=summary, reference=reference,
-                     **facts)
+    facts (coupled, linear, k_option, ...). A generator that takes ``rng`` is seeded; ``seeded``
+    may say so too, and is refused when the signature says otherwise."""
+    register = _register(("gen",), name, options=dict(options or {}), summary=summary, reference=reference,
+                         **facts)
+
+    def deco(fn: Callable) -> Callable:
+        takes_rng = "rng" in _extra_keywords(fn)
+        if seeded is not None and seeded != takes_rng:
+            raise BenchError(
+                f"GEN '{name}' declares seeded={seeded} but {fn.__qualname__} takes an rng argument, so its "
+                "proxies change with the episode's seed; drop seeded=False" if takes_rng else
+                f"GEN '{name}' declares seeded={seeded} but {fn.__qualname__} takes no rng argument; a seeded "
+                "GEN draws from `*, rng` (add it to the signature), an unseeded one drops seeded=True")
+        return register(fn)
+
+    return deco
 
 
 def register_agg(name: str, *, summary: str, matrix: Callable[[dict[str, Any], bool], str],
