@@ -103,9 +103,9 @@ def _diagnose(cfg) -> int:
 # command line to ``module:function(argv) -> exit code``.
 GROUPS = {
     "report": ("bench.report.cli", "main", "merge runs: tables, statistics, figures, HTML, W&B"),
-    "zoo": ("bench.weightspace.cli", "zoo_main", "build or inspect a zoo of trained networks or heads"),
-    "weights": ("bench.weightspace.cli", "weights_main", "fit or apply the set-based weight encoder (SNE)"),
-    "generator": ("bench.weightspace.generator_cli", "main", "fit the support-conditioned head generator (D2NWG)"),
+    "zoo": ("bench.weightspace.zoo.cli", "main", "build or inspect a zoo of trained networks or heads"),
+    "weights": ("bench.weightspace.encoder.cli", "main", "fit or apply the set-based weight encoder (SNE)"),
+    "generator": ("bench.weightspace.generator.cli", "main", "fit the support-conditioned head generator (D2NWG)"),
 }
 
 

@@ -46,9 +46,9 @@ from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from bench.imprint import PRESETS, Reference, build_head
-from bench.weightspace.d2nwg import load_generator
-from bench.weightspace.metatask import MetaTaskSet, build_meta_source, draw_task, mix_seed, normalize
-from bench.weightspace.metatask_heads import fit_logistic_heads
+from bench.weightspace.generator.d2nwg import load_generator
+from bench.weightspace.generator.metatasks import MetaTaskSet, build_meta_source, draw_task, mix_seed, normalize
+from bench.weightspace.generator.target_heads import fit_logistic_heads
 
 IMPRINTING = ("qi2018", "simpleshot", "westerhoff2025", "dc")
 
@@ -328,7 +328,7 @@ def head_rows(head):
 def memorisation(heads: TrainingHeads, gen_rows, tasks, w_tr, b_tr, max_heads=200):
     """Nearest training head (cosine of matched, flattened rows) of generated heads, of the
     meta-test tasks' own trained heads, and of training heads among themselves."""
-    from bench.weightspace.metatask_heads import canonical_rows
+    from bench.weightspace.generator.target_heads import canonical_rows
 
     g = torch.Generator().manual_seed(0)
     out = {}

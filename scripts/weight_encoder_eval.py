@@ -32,7 +32,6 @@ split, permutation sensitivity, head-selection regret) to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -41,15 +40,15 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
-from bench.weightspace.architectures import permute_hidden_units
-from bench.weightspace.flatmlp import FlatMLP
-from bench.weightspace.headzoo import HeadZoo
-from bench.weightspace.netzoo import NetworkZoo
+from bench.weightspace.encoder.flatmlp import FlatMLP
+from bench.weightspace.encoder.scoring import kendall_tau, permutation_sensitivity, r2_score, selection_regret
+from bench.weightspace.encoder.sne import SNEConfig
+from bench.weightspace.encoder.statnn import StatNN
+from bench.weightspace.encoder.training import FitConfig, SNEPredictor, default_name, parse_variant
 from bench.weightspace.runtime import set_thread_share, write_json_atomic
-from bench.weightspace.scoring import kendall_tau, permutation_sensitivity, r2_score, selection_regret
-from bench.weightspace.sne import SNEConfig
-from bench.weightspace.sne_training import FitConfig, SNEPredictor, default_name, parse_variant
-from bench.weightspace.statnn import StatNN
+from bench.weightspace.zoo.architectures import permute_hidden_units
+from bench.weightspace.zoo.heads import HeadZoo
+from bench.weightspace.zoo.networks import NetworkZoo
 
 DEFAULT_HOLDOUTS = ["conv3,conv3-bn,mlp2", "conv4,conv4-bn,mlp3"]
 

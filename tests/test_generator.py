@@ -11,15 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from bench import BenchError
-from bench.weightspace.generator import CONFIG_FILE, MODEL_FILE, HeadGenerator
-from bench.weightspace.metatask import (ClassSplit, GaussianFamily, build_meta_source, build_metatasks,
-                                        check_no_leak, draw_task, normalize, parse_classes)
+from bench.weightspace.generator.metatasks import (
+    ClassSplit,
+    GaussianFamily,
+    build_meta_source,
+    build_metatasks,
+    check_no_leak,
+    draw_task,
+    normalize,
+    parse_classes,
+)
+from bench.weightspace.generator.model import CONFIG_FILE, MODEL_FILE, HeadGenerator
 
 DIM = 12
 
 
 def tiny_config(sources=None, dim=DIM, norm="l2") -> dict:
-    from bench.weightspace.diffusion import training_schedule
+    from bench.weightspace.generator.diffusion import training_schedule
 
     sources = sources or [{"dataset": "gmm:t", "backbone": "f" * 64, "backbone_name": "gmm-family:t", "dim": dim,
                            "meta_train_classes": list(range(10)), "meta_test_classes": list(range(100, 110))}]
@@ -50,7 +58,7 @@ def support(c=4, s=3, d=DIM, seed=0):
 
 # ---- the forward process ---------------------------------------------------------------------
 def test_forward_noising_matches_closed_form():
-    from bench.weightspace.generator_train import LatentDiffusionModule
+    from bench.weightspace.generator.training import LatentDiffusionModule
 
     gen = HeadGenerator(tiny_config())
     schedule = LatentDiffusionModule(gen, 1e-3, 10, 1).schedule  # the one training uses
@@ -110,7 +118,7 @@ def test_same_seed_same_head_and_seed_matters():
 
 
 def test_support_selection_keeps_the_most_likely_sample():
-    from bench.weightspace.diffusion import head_log_likelihood
+    from bench.weightspace.generator.diffusion import head_log_likelihood
 
     x = torch.eye(3)
     y = torch.arange(3)
@@ -124,7 +132,7 @@ def test_support_selection_keeps_the_most_likely_sample():
 def test_logistic_heads_match_sklearn_and_canonical_rows_keep_predictions():
     from sklearn.linear_model import LogisticRegression
 
-    from bench.weightspace.metatask_heads import canonical_rows, fit_logistic_heads, stratified_validation_mask
+    from bench.weightspace.generator.target_heads import canonical_rows, fit_logistic_heads, stratified_validation_mask
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(3).repeat_interleave(20)
@@ -149,7 +157,7 @@ def test_logistic_heads_match_sklearn_and_canonical_rows_keep_predictions():
 
 
 def test_trained_head_needs_two_samples_per_class():
-    from bench.weightspace.metatask_heads import fit_logistic_heads
+    from bench.weightspace.generator.target_heads import fit_logistic_heads
 
     with pytest.raises(BenchError, match="at least 2 per class"):
         fit_logistic_heads(torch.randn(1, 3, 4), torch.tensor([[0, 0, 1]]), 2)
@@ -157,7 +165,7 @@ def test_trained_head_needs_two_samples_per_class():
 
 # ---- a tiny fit ------------------------------------------------------------------------------
 def test_tiny_fit_overfits_one_task(tmp_path):
-    from bench.weightspace.generator_train import FitConfig, fit_generator
+    from bench.weightspace.generator.training import FitConfig, fit_generator
 
     cfg = FitConfig(out=str(tmp_path / "gen"), sources=("gmm:a",), tasks=(1,), ways=(4, 4), per_class=(40, 40),
                     shots=(5,), dim=DIM, latent=8, vae_hidden=64, width=32, set_width=16, heads=2, set_layers=1,
@@ -166,7 +174,7 @@ def test_tiny_fit_overfits_one_task(tmp_path):
                     cache_dir=str(tmp_path / "cache"), wandb="disabled", accelerator="cpu", progress=False)
     path = fit_generator(cfg)
     gen = HeadGenerator.load(path)
-    from bench.weightspace.metatask import MetaTaskSet
+    from bench.weightspace.generator.metatasks import MetaTaskSet
 
     tasks = MetaTaskSet.load(path / "metatasks.safetensors")
     src = build_meta_source("gmm:a", dim=DIM)
@@ -262,7 +270,7 @@ def test_meta_test_classes_cannot_leak_into_meta_training():
 
 
 def _cached_source():
-    from bench.weightspace.metatask import CachedSource
+    from bench.weightspace.generator.metatasks import CachedSource
 
     x = torch.randn(40, DIM)
     return CachedSource(x, torch.arange(4).repeat_interleave(10), "toy", "b" * 64, "toy-net")

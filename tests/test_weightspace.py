@@ -10,7 +10,18 @@ import pytest
 import torch
 
 from bench import BenchError
-from bench.weightspace.architectures import (
+from bench.weightspace.encoder.chunking import (
+    chunk_head,
+    chunk_layer,
+    chunk_network,
+    collate_heads,
+    collate_networks,
+    unchunk_layer,
+)
+from bench.weightspace.encoder.scoring import kendall_tau, selection_regret
+from bench.weightspace.encoder.sne import SNE, SNEConfig, logit_invariance_loss
+from bench.weightspace.encoder.statnn import QUANTILES, network_feature_names, network_features
+from bench.weightspace.zoo.architectures import (
     Layer,
     NetSpec,
     build_network,
@@ -18,12 +29,8 @@ from bench.weightspace.architectures import (
     network_layers,
     permute_hidden_units,
 )
-from bench.weightspace.chunking import chunk_head, chunk_layer, chunk_network, collate_heads, collate_networks, unchunk_layer
-from bench.weightspace.headzoo import HeadWeights
-from bench.weightspace.netzoo import NetworkZoo, TrainRecipe, ZooMember, build_zoo, plan_zoo
-from bench.weightspace.scoring import kendall_tau, selection_regret
-from bench.weightspace.sne import SNE, SNEConfig, logit_invariance_loss
-from bench.weightspace.statnn import QUANTILES, network_feature_names, network_features
+from bench.weightspace.zoo.heads import HeadWeights
+from bench.weightspace.zoo.networks import NetworkZoo, TrainRecipe, ZooMember, build_zoo, plan_zoo
 
 
 def random_state(spec: NetSpec, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -150,7 +157,7 @@ def test_logit_invariance_loss_is_zero_for_an_invariant_model_and_positive_for_s
 
 
 def test_augmented_batches_hold_permuted_copies_that_compute_the_same_function():
-    from bench.weightspace.sne_training import FitConfig, _lightning_classes
+    from bench.weightspace.encoder.training import FitConfig, _lightning_classes
 
     with pytest.raises(BenchError, match="probability"):
         FitConfig(augment=1.5)
@@ -178,7 +185,7 @@ def test_augmented_batches_hold_permuted_copies_that_compute_the_same_function()
     assert torch.equal(sets.values, collate_networks([chunk_network(n) for n in raw]).values)
     assert not torch.equal(sets.values, collate_networks(chunks).values)
     # heads have no hidden units: permuting them is refused, not silently skipped
-    from bench.weightspace.sne_training import SNEPredictor
+    from bench.weightspace.encoder.training import SNEPredictor
 
     with pytest.raises(BenchError, match="use 0 for heads"):
         SNEPredictor(fit=FitConfig(augment=0.5)).fit([_head(0), _head(1)], [0.5, 0.6], progress=False)
@@ -280,7 +287,7 @@ def test_cli_fit_then_predict(tiny_zoo, tmp_path, capsys):
     assert all(np.isfinite(float(r["predicted_acc"])) for r in rows)
     assert "Kendall tau" in capsys.readouterr().out
     # predictions do not depend on the batch: the CSV equals a fresh load's one-by-one predictions
-    from bench.weightspace.sne_training import SNEPredictor
+    from bench.weightspace.encoder.training import SNEPredictor
 
     p = SNEPredictor.load(out)
     zoo = NetworkZoo.load(tiny_zoo)
@@ -292,8 +299,8 @@ def test_cli_fit_then_predict(tiny_zoo, tmp_path, capsys):
 def test_sne_runs_deterministic_kernels_and_leaves_the_process_setting_alone(before):
     # Multi-threaded CPU kernels made two processes fit different encoders from the same seed
     # (shown on the 400-network zoo); fits and predictions run torch's deterministic kernels.
+    from bench.weightspace.encoder.training import FitConfig, SNEPredictor
     from bench.weightspace.runtime import deterministic_ops
-    from bench.weightspace.sne_training import FitConfig, SNEPredictor
 
     seen = []
     torch.use_deterministic_algorithms(before)
@@ -312,7 +319,7 @@ def test_sne_runs_deterministic_kernels_and_leaves_the_process_setting_alone(bef
 
 
 def test_checkpoint_with_changed_weights_is_refused(tiny_zoo, tmp_path):
-    from bench.weightspace.sne_training import FitConfig, SNEPredictor
+    from bench.weightspace.encoder.training import FitConfig, SNEPredictor
 
     zoo = NetworkZoo.load(tiny_zoo)
     p = SNEPredictor(SNEConfig(hidden=8, heads=2), FitConfig(epochs=1)).fit(
@@ -338,8 +345,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def _fake_run(root, methods=("qi2018", "l2/kmeans:k=2/l2/l2/max")):
     """A run folder laid out as `bench run ... save_heads=true` writes it."""
     from bench.imprint import SupportSet, build_head_grid
-
-    from bench.weightspace.headzoo import method_slug
+    from bench.weightspace.zoo.heads import method_slug
 
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -361,8 +367,8 @@ def _fake_run(root, methods=("qi2018", "l2/kmeans:k=2/l2/l2/max")):
 
 
 def test_head_zoo_pairs_results_rows_with_head_files(tmp_path):
-    from bench.weightspace.headzoo import HeadZoo
-    from bench.weightspace.statnn import StatNN
+    from bench.weightspace.encoder.statnn import StatNN
+    from bench.weightspace.zoo.heads import HeadZoo
 
     zoo = HeadZoo.load([_fake_run(tmp_path / "run")])
     assert len(zoo) == 4 and len(zoo.episodes()) == 2

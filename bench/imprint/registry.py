@@ -163,7 +163,7 @@ class Method:
 
 REGISTRY: dict[str, dict[str, Method]] = {stage: {} for stage in STAGES}
 # Methods in optional modules, imported the first time a spec names them.
-LAZY: dict[tuple[str, str], str] = {("gen", "d2nwg"): "bench.weightspace.d2nwg"}
+LAZY: dict[tuple[str, str], str] = {("gen", "d2nwg"): "bench.weightspace.generator.d2nwg"}
 
 
 def _register(stages: tuple[str, ...], name: str, **facts: Any) -> Callable[[Callable], Callable]:

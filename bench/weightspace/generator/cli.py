@@ -16,13 +16,7 @@ import json
 from pathlib import Path
 
 from bench.errors import BenchError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises BenchError instead of exiting, so the CLI prints one line."""
-
-    def error(self, message: str):  # noqa: D401
-        raise BenchError(f"{self.prog}: {message}")
+from bench.weightspace.commands import FlagParser
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -36,11 +30,11 @@ def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from bench.weightspace.generator_train import FitConfig
+    from bench.weightspace.generator.training import FitConfig
 
     d = FitConfig()
-    ap = _Parser(prog="bench generator", description="fit or inspect the support-conditioned head generator")
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ap = FlagParser(prog="bench generator", description="fit or inspect the support-conditioned head generator")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=FlagParser)
     f = sub.add_parser("fit", help="meta-train a generator on cached / procedural embedding tasks")
     f.add_argument("--out", default=d.out, help=f"checkpoint folder (default {d.out})")
     f.add_argument("--source", action="append", dest="sources",
@@ -73,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "show":
-        from bench.weightspace.generator import CONFIG_FILE, checkpoint_dir
+        from bench.weightspace.generator.model import CONFIG_FILE, checkpoint_dir
 
         cfg = json.loads((checkpoint_dir(args.checkpoint) / CONFIG_FILE).read_text())
         for s in cfg["sources"]:
@@ -82,7 +76,7 @@ def main(argv: list[str]) -> int:
                 s[key] = f"{len(c)} classes, {c[0]}..{c[-1]}" if len(c) > 12 else c
         print(json.dumps(cfg, indent=1, sort_keys=True))
         return 0
-    from bench.weightspace.generator_train import FitConfig, fit_generator
+    from bench.weightspace.generator.training import FitConfig, fit_generator
 
     d = FitConfig()
     sources = tuple(args.sources or d.sources)

@@ -44,7 +44,7 @@ def resolve_checkpoint(ckpt: str) -> Path:
 
 def load_generator(ckpt: str | Path, device: torch.device | str = "cpu"):
     """A checkpoint loaded once per process (keyed by its files' identity and the device)."""
-    from bench.weightspace.generator import CONFIG_FILE, MODEL_FILE, HeadGenerator, checkpoint_dir
+    from bench.weightspace.generator.model import CONFIG_FILE, MODEL_FILE, HeadGenerator, checkpoint_dir
 
     folder = checkpoint_dir(resolve_checkpoint(str(ckpt))).resolve()
     stats = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (folder / CONFIG_FILE, folder / MODEL_FILE))

@@ -29,15 +29,15 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError
-from bench.weightspace.architectures import Layer, permute_hidden_units
-from bench.weightspace.chunking import ELEMENT_DIM, ELEMENT_TYPES, LAYER_TYPES, SetBatch
-from bench.weightspace.sets import (
+from bench.weightspace.encoder.chunking import ELEMENT_DIM, ELEMENT_TYPES, LAYER_TYPES, SetBatch
+from bench.weightspace.encoder.sets import (
     AttentionPool,
     EquivariantLayer,
     InducedSetAttention,
     SetAttention,
     pad_segments,
 )
+from bench.weightspace.zoo.architectures import Layer, permute_hidden_units
 
 COMBINES = ("set", "gru")
 

@@ -30,9 +30,14 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError
-from bench.weightspace.diffusion import (LatentDenoiser, RowVAE, build_scheduler, head_log_likelihood,
-                                         sample_latents)
-from bench.weightspace.metatask import mix_seed
+from bench.weightspace.generator.diffusion import (
+    LatentDenoiser,
+    RowVAE,
+    build_scheduler,
+    head_log_likelihood,
+    sample_latents,
+)
+from bench.weightspace.generator.metatasks import mix_seed
 
 FORMAT = "bench-d2nwg/1"
 MODEL_FILE, CONFIG_FILE, TASKS_FILE = "model.safetensors", "config.json", "metatasks.safetensors"

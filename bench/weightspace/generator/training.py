@@ -2,7 +2,7 @@
 
 ``fit_generator(FitConfig(...))`` does the whole job:
 
-1. meta-training tasks and their trained heads (:mod:`bench.weightspace.metatask`), cached
+1. meta-training tasks and their trained heads (:mod:`bench.weightspace.generator.metatasks`), cached
    under ``cache_dir`` by a hash of everything that changes them;
 2. the row VAE (:class:`RowVAEModule`) on the rows of the training tasks' heads;
 3. the latent denoiser (:class:`LatentDiffusionModule`) on the VAE's latents of those heads,
@@ -10,7 +10,7 @@
    per batch), several noise levels per support draw;
 4. a check on held-out meta-train tasks (new class combinations and samples, same classes):
    accuracy of generated, trained and mean-imprinted heads on the task pools;
-5. the checkpoint (:mod:`bench.weightspace.generator`), with the meta-tasks next to it.
+5. the checkpoint (:mod:`bench.weightspace.generator.model`), with the meta-tasks next to it.
 
 Both stages log to W&B (offline unless asked otherwise) and show Lightning's progress bar.
 """
@@ -34,9 +34,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bench.errors import BenchError
-from bench.weightspace.generator import FORMAT, TASKS_FILE, HeadGenerator
-from bench.weightspace.metatask import (ClassSplit, MetaSource, MetaTaskSet, build_meta_source, build_metatasks,
-                                        mix_seed, normalize)
+from bench.weightspace.generator.metatasks import (
+    ClassSplit,
+    MetaSource,
+    MetaTaskSet,
+    build_meta_source,
+    build_metatasks,
+    mix_seed,
+)
+from bench.weightspace.generator.model import FORMAT, TASKS_FILE, HeadGenerator
 
 
 @dataclass
@@ -208,7 +214,7 @@ class LatentDiffusionModule(L.LightningModule):
 
     def __init__(self, generator: HeadGenerator, lr: float, steps: int, noise_levels: int) -> None:
         super().__init__()
-        from bench.weightspace.diffusion import training_schedule
+        from bench.weightspace.generator.diffusion import training_schedule
 
         self.generator, self.lr, self.steps, self.noise_levels = generator, lr, steps, noise_levels
         sched = generator.config["schedule"]
@@ -301,7 +307,7 @@ def metatasks_for(cfg: FitConfig, entries) -> MetaTaskSet:
 
 
 def model_config(cfg: FitConfig, taskset: MetaTaskSet, dim: int) -> dict[str, Any]:
-    from bench.weightspace.diffusion import training_schedule
+    from bench.weightspace.generator.diffusion import training_schedule
 
     real = [s for s in taskset.sources if not s["dataset"].startswith("gmm:")]
     return {

@@ -1,8 +1,5 @@
-"""``bench zoo ...`` and ``bench weights ...``: build zoos, fit and apply the SNE encoder.
+"""``bench weights ...``: fit and apply the SNE encoder.
 
-    bench zoo build --out .cache/zoo/digits --count 400            # resumable, content-addressed
-    bench zoo show .cache/zoo/digits
-    bench zoo heads runs/headzoo/runs/*                            # a head zoo made by bench run
     bench weights fit --zoo .cache/zoo/digits --out runs/sne --invariance 1
     bench weights predict --checkpoint runs/sne --zoo .cache/zoo/digits-permuted --csv preds.csv
 """
@@ -10,75 +7,18 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import time
 from pathlib import Path
 
 import numpy as np
 
 from bench.errors import BenchError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises BenchError instead of exiting, so the CLI prints one line."""
-
-    def error(self, message: str):  # noqa: D401
-        raise BenchError(f"{self.prog}: {message}")
-
-
-def _zoo_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="bench zoo", description="build or inspect a zoo of trained networks or heads")
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    b = sub.add_parser("build", help="train the zoo's missing networks (Lightning), resumable")
-    b.add_argument("--out", required=True, type=Path, help="zoo folder (e.g. .cache/zoo/digits)")
-    b.add_argument("--count", type=int, default=400, help="networks in the zoo (default 400)")
-    b.add_argument("--seed", type=int, default=0, help="seed that draws architectures and recipes")
-    b.add_argument("--dataset", default="digits", help="digits | digits-permuted")
-    b.add_argument("--fixed-fraction", type=float, default=1 / 3,
-                   help="share of networks with the one fixed architecture (conv2 w=16 k=3)")
-    b.add_argument("--workers", type=int, default=2, help="training processes (default 2)")
-    s = sub.add_parser("show", help="summarise a network zoo")
-    s.add_argument("zoo", type=Path)
-    h = sub.add_parser("heads", help="summarise the heads saved by `bench run ... save_heads=true`")
-    h.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
-    h.add_argument("--csv", type=Path, help="write one row per head (episode, method, acc, path)")
-    return ap
-
-
-def zoo_main(argv: list[str]) -> int:
-    args = _zoo_parser().parse_args(argv)
-    if args.command == "build":
-        from bench.weightspace.netzoo import NetworkZoo, build_zoo, plan_zoo
-
-        members = plan_zoo(args.count, args.seed, args.dataset, args.fixed_fraction)
-        summary = build_zoo(args.out, members, workers=max(1, args.workers))
-        print(NetworkZoo.load(args.out).describe())
-        print(f"trained {summary['trained_now']} network(s) in {summary['wall_seconds']:.0f}s "
-              f"({summary['wall_seconds_per_network']:.2f}s wall per network on {summary['workers']} process(es), "
-              f"{summary['seconds_per_network_mean']:.2f}s mean per network in its process); "
-              f"index: {args.out / 'index.csv'}")
-        return 0
-    if args.command == "show":
-        from bench.weightspace.netzoo import NetworkZoo
-
-        print(NetworkZoo.load(args.zoo, include_diverged=True).describe())
-        return 0
-    from bench.weightspace.headzoo import HeadZoo
-
-    zoo = HeadZoo.load(args.runs)
-    print(zoo.describe())
-    if args.csv:
-        rows = [{"episode": "/".join(map(str, r.episode)), "method": r.method, "acc": r.acc, "path": str(r.path)}
-                for r in zoo]
-        _write_csv(args.csv, rows)
-        print(f"wrote {args.csv}")
-    return 0
+from bench.weightspace.commands import FlagParser, write_csv
 
 
 def _weights_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="bench weights", description="fit or apply the set-based weight encoder (SNE)")
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ap = FlagParser(prog="bench weights", description="fit or apply the set-based weight encoder (SNE)")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=FlagParser)
     f = sub.add_parser("fit", help="train SNE to predict test accuracy from weights (Lightning)")
     _add_source(f)
     f.add_argument("--out", required=True, type=Path, help="checkpoint folder (model.safetensors + config.json)")
@@ -112,7 +52,7 @@ def _load_items(args) -> tuple[list, np.ndarray, list[str]]:
     if (args.zoo is None) == (args.heads is None):
         raise BenchError("give exactly one of --zoo DIR or --heads RUN_DIR...")
     if args.zoo is not None:
-        from bench.weightspace.netzoo import NetworkZoo
+        from bench.weightspace.zoo.networks import NetworkZoo
 
         zoo = NetworkZoo.load(args.zoo)
         if args.families:
@@ -124,22 +64,22 @@ def _load_items(args) -> tuple[list, np.ndarray, list[str]]:
         return [r.layers() for r in zoo], zoo.targets().numpy(), [r.key for r in zoo]
     if args.families:
         raise BenchError("--families applies to network zoos, not heads")
-    from bench.weightspace.headzoo import HeadZoo
+    from bench.weightspace.zoo.heads import HeadZoo
 
     heads = HeadZoo.load(args.heads)
     ids = [f"{r.run}/{'/'.join(map(str, r.episode[3:]))}/{r.method}" for r in heads]
     return [r.weights() for r in heads], heads.targets().numpy(), ids
 
 
-def weights_main(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     args = _weights_parser().parse_args(argv)
     from bench.weightspace.runtime import set_thread_share
 
     set_thread_share()
     items, y, ids = _load_items(args)
     if args.command == "fit":
-        from bench.weightspace.sne import SNEConfig
-        from bench.weightspace.sne_training import FitConfig, SNEPredictor
+        from bench.weightspace.encoder.sne import SNEConfig
+        from bench.weightspace.encoder.training import FitConfig, SNEPredictor
 
         model = SNEConfig(kind="head" if args.heads else "network", hidden=args.hidden, blocks=args.blocks,
                           combine=args.combine)
@@ -157,31 +97,21 @@ def weights_main(argv: list[str]) -> int:
         if predictor.info.get("wandb"):
             print(f"W&B: {predictor.info['wandb']}")
         return 0
-    from bench.weightspace.sne_training import SNEPredictor
+    from bench.weightspace.encoder.training import SNEPredictor
 
     predictor = SNEPredictor.load(args.checkpoint)
     pred = predictor.predict(items)
     tau, r2 = _scores(pred, y)
     print(f"{len(items)} item(s): Kendall tau {tau:.3f}, R2 {r2:.3f}, mean |error| {np.mean(np.abs(pred - y)):.3f}")
     if args.csv:
-        _write_csv(args.csv, [{"id": i, "predicted_acc": float(p), "true_acc": float(t)}
-                              for i, p, t in zip(ids, pred, y)])
+        write_csv(args.csv, [{"id": i, "predicted_acc": float(p), "true_acc": float(t)}
+                             for i, p, t in zip(ids, pred, y)])
         print(f"wrote {args.csv}")
     return 0
 
 
 def _scores(pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    from bench.weightspace.scoring import kendall_tau, r2_score
+    from bench.weightspace.encoder.scoring import kendall_tau, r2_score
 
     return kendall_tau(pred, y), r2_score(pred, y)
 
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    from bench.weightspace.runtime import write_text_atomic
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["id"])
-    writer.writeheader()
-    writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, buf.getvalue())

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
-from bench.weightspace.architectures import Layer, permute_hidden_units
-from bench.weightspace.chunking import chunk_head, chunk_network, collate_heads, collate_networks
-from bench.weightspace.headzoo import HeadWeights
+from bench.weightspace.encoder.chunking import chunk_head, chunk_network, collate_heads, collate_networks
+from bench.weightspace.encoder.sne import SNE, SNEConfig, logit_invariance_loss
 from bench.weightspace.runtime import deterministic_ops, finish_wandb, quiet_lightning, wandb_logger, write_json_atomic
-from bench.weightspace.sne import SNE, SNEConfig, logit_invariance_loss
+from bench.weightspace.zoo.architectures import Layer, permute_hidden_units
+from bench.weightspace.zoo.heads import HeadWeights
 
 CHECKPOINT_FORMAT = "bench-sne/1"
 HEAD_ELEMENT_DIM = 16

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
-from bench.weightspace.architectures import Layer
+from bench.weightspace.zoo.architectures import Layer
 
 
 def flatten_layers(layers: Sequence[Layer]) -> torch.Tensor:

@@ -16,8 +16,6 @@ Noise schedules and samplers come from ``diffusers``; nothing here hand-writes a
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn

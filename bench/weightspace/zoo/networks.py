@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bench.errors import BenchError
-from bench.weightspace.architectures import Layer, NetSpec, build_network, network_layers
 from bench.weightspace.runtime import quiet_lightning, write_json_atomic, write_text_atomic
+from bench.weightspace.zoo.architectures import Layer, NetSpec, build_network, network_layers
 
 RECIPE_VERSION = 1  # part of every key: bump it when training changes the numbers
 FIXED_SPEC = NetSpec(kind="conv", depth=2, width=16, kernel=3, batchnorm=False)

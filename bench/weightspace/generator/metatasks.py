@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import BenchError
-from bench.weightspace.metatask_heads import WEIGHT_DECAYS, canonical_rows, fit_logistic_heads
+from bench.weightspace.generator.target_heads import WEIGHT_DECAYS, canonical_rows, fit_logistic_heads
 
 NORMS = ("l2", "none")
 GMM_TEST_OFFSET = 1_000_000  # procedural meta-test class ids start here

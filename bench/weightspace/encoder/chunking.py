@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import BenchError
-from bench.weightspace.architectures import Layer
+from bench.weightspace.zoo.architectures import Layer
 
 ELEMENT_DIM = 25  # a whole 5 x 5 kernel; linear rows are chunked into pieces of this size
 KERNEL_GRID = 5

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
-from bench.weightspace.architectures import WEIGHT_KINDS, Layer
-from bench.weightspace.chunking import head_class_positions
-from bench.weightspace.headzoo import HeadWeights
+from bench.weightspace.encoder.chunking import head_class_positions
+from bench.weightspace.zoo.architectures import WEIGHT_KINDS, Layer
+from bench.weightspace.zoo.heads import HeadWeights
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
 STAT_NAMES = ("mean", "var") + tuple(f"q{int(q * 100)}" for q in QUANTILES)
