@@ -47,6 +47,7 @@ def train_backbones(out: Path, count: int) -> list[str]:
     from build_tiny_backbone import TRANSFORM, train
 
     from bench.backbones import save_checkpoint
+    from bench.runtime import atomic_path
 
     names = ["tiny-digits"]
     for width, epochs, seed in BACKBONES[:count]:
@@ -55,10 +56,9 @@ def train_backbones(out: Path, count: int) -> list[str]:
             path.parent.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             model = train(epochs=epochs, width=width, seed=seed)
-            tmp = path.with_name(path.name + ".tmp")
-            save_checkpoint(model, tmp, arch="tiny-cnn", transform=TRANSFORM, width=model.width, in_channels=1,
-                            trained_on="digits train, classes 0-4")
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_checkpoint(model, tmp, arch="tiny-cnn", transform=TRANSFORM, width=model.width, in_channels=1,
+                                trained_on="digits train, classes 0-4")
             print(f"trained backbone {path.name} in {time.perf_counter() - start:.1f}s", flush=True)
         names.append(f"checkpoint:{path}")
     return names

@@ -32,7 +32,6 @@ and ``accuracy.png`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -46,6 +45,8 @@ from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from bench.imprint import PRESETS, Reference, build_head
+from bench.runtime import torch_threads, write_json_atomic
+from bench.weightspace.commands import write_csv
 from bench.weightspace.generator.d2nwg import load_generator
 from bench.weightspace.generator.metatasks import MetaTaskSet, build_meta_source, draw_task, mix_seed, normalize
 from bench.weightspace.generator.target_heads import fit_logistic_heads
@@ -211,7 +212,6 @@ def references_for(source, split_train, norm, per_class=100, max_classes=64):
 
 # ---- the evaluation --------------------------------------------------------------------------
 def evaluate(args):
-    torch.set_num_threads(args.threads)
     gen = load_generator(args.ckpt)
     cfg = gen.config
     norm = cfg["norm"]
@@ -455,7 +455,8 @@ def main():
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows, summary, figure_data = evaluate(args)
+    with torch_threads(args.threads):
+        rows, summary, figure_data = evaluate(args)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     for name, block in summary["sources"].items():
         print_table(f"{name}, {block['ways']}-way, clean support", block["clean"], args.shots)
@@ -470,15 +471,8 @@ def main():
           f"{1e3 * c['qi2018_seconds_per_head']:.2f} ms/head, westerhoff2025 "
           f"{1e3 * c['westerhoff2025_seconds_per_head']:.2f} ms/head: generation costs "
           f"{c['d2nwg_over_qi2018']:.0f}x mean imprinting")
-    tmp = args.out / ".results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, args.out / "results.csv")
-    tmp = args.out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, args.out / "summary.json")
+    write_csv(args.out / "results.csv", rows)
+    write_json_atomic(args.out / "summary.json", summary)
     figure(figure_data, args.out / "accuracy.png", args.shots)
     print(f"\nresults: {args.out / 'results.csv'}, {args.out / 'summary.json'}, {args.out / 'accuracy.png'} "
           f"({summary['seconds']:.0f}s)")

@@ -40,12 +40,14 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
+from bench.runtime import configure_threads, write_json_atomic
+from bench.statistics import kendall_tau
+from bench.weightspace.commands import write_csv
 from bench.weightspace.encoder.flatmlp import FlatMLP
-from bench.weightspace.encoder.scoring import kendall_tau, permutation_sensitivity, r2_score, selection_regret
+from bench.weightspace.encoder.scoring import permutation_sensitivity, r2_score, selection_regret
 from bench.weightspace.encoder.sne import SNEConfig
 from bench.weightspace.encoder.statnn import StatNN
 from bench.weightspace.encoder.training import FitConfig, SNEPredictor, default_name, parse_variant
-from bench.weightspace.runtime import set_thread_share, write_json_atomic
 from bench.weightspace.zoo.architectures import permute_hidden_units
 from bench.weightspace.zoo.heads import HeadZoo
 from bench.weightspace.zoo.networks import NetworkZoo
@@ -339,7 +341,7 @@ def main(argv=None) -> dict:
         canonical = [default_name(FitConfig(**parse_variant(name))) for name in names]
         if len(set(canonical)) < len(canonical):
             raise BenchError(f"{flag} names one SNE config twice: {names} are {canonical}")
-    set_thread_share()
+    configure_threads()
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     ev = Evaluation(args)
@@ -359,25 +361,11 @@ def main(argv=None) -> dict:
     result = {"rows": ev.rows, "seconds": total, "timings": ev.timings, "seed": args.seed,
               "args": {k: str(v) for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads()}
     write_json_atomic(args.out / "results.json", result)
-    _write_csv(args.out / "table.csv", ev.rows)
-    _write_csv(args.out / "predictions.csv", ev.preds)
+    write_csv(args.out / "table.csv", ev.rows)
+    write_csv(args.out / "predictions.csv", ev.preds)
     print(f"\nevaluation took {total:.0f}s; results: {args.out / 'results.json'}; figures: "
           + ", ".join(str(p) for p in paths))
     return result
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-    import io
-
-    from bench.weightspace.runtime import write_text_atomic
-
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
 
 
 if __name__ == "__main__":

@@ -299,7 +299,7 @@ def test_cli_refuses_bad_input_in_one_line(capsys, tmp_path):
     assert err.startswith("error:") and "unknown meta-task source 'nope'" in err and "\n" not in err
     (tmp_path / "taken").mkdir()
     assert main(["generator", "fit", "--out", str(tmp_path / "taken")]) == 2
-    assert "exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert "exists; choose another out (--out) or pass overwrite=true" in capsys.readouterr().err
     assert main(["generator", "fit", "--train-classes", "digits"]) == 2
     assert "DATASET=CLASSES" in capsys.readouterr().err
     assert main(["generator", "show", "/nonexistent/ckpt"]) == 2

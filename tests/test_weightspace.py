@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import BenchError
+from bench.statistics import kendall_tau
 from bench.weightspace.encoder.chunking import (
     chunk_head,
     chunk_layer,
@@ -18,7 +19,7 @@ from bench.weightspace.encoder.chunking import (
     collate_networks,
     unchunk_layer,
 )
-from bench.weightspace.encoder.scoring import kendall_tau, selection_regret
+from bench.weightspace.encoder.scoring import selection_regret
 from bench.weightspace.encoder.sne import SNE, SNEConfig, logit_invariance_loss
 from bench.weightspace.encoder.statnn import QUANTILES, network_feature_names, network_features
 from bench.weightspace.zoo.architectures import (
@@ -299,8 +300,8 @@ def test_cli_fit_then_predict(tiny_zoo, tmp_path, capsys):
 def test_sne_runs_deterministic_kernels_and_leaves_the_process_setting_alone(before):
     # Multi-threaded CPU kernels made two processes fit different encoders from the same seed
     # (shown on the 400-network zoo); fits and predictions run torch's deterministic kernels.
+    from bench.runtime import deterministic_ops
     from bench.weightspace.encoder.training import FitConfig, SNEPredictor
-    from bench.weightspace.runtime import deterministic_ops
 
     seen = []
     torch.use_deterministic_algorithms(before)

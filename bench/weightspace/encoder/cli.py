@@ -73,9 +73,9 @@ def _load_items(args) -> tuple[list, np.ndarray, list[str]]:
 
 def main(argv: list[str]) -> int:
     args = _weights_parser().parse_args(argv)
-    from bench.weightspace.runtime import set_thread_share
+    from bench.runtime import configure_threads
 
-    set_thread_share()
+    configure_threads()
     items, y, ids = _load_items(args)
     if args.command == "fit":
         from bench.weightspace.encoder.sne import SNEConfig
@@ -111,7 +111,8 @@ def main(argv: list[str]) -> int:
 
 
 def _scores(pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    from bench.weightspace.encoder.scoring import kendall_tau, r2_score
+    from bench.statistics import kendall_tau
+    from bench.weightspace.encoder.scoring import r2_score
 
     return kendall_tau(pred, y), r2_score(pred, y)
 

@@ -1,5 +1,5 @@
-"""How predicted accuracies are judged: Kendall's tau, R^2, permutation sensitivity, and the
-regret of label-free head selection."""
+"""How predicted accuracies are judged besides Kendall's tau (``bench.statistics.kendall_tau``):
+R^2, permutation sensitivity, and the regret of label-free head selection."""
 
 from __future__ import annotations
 
@@ -7,16 +7,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-
-
-def kendall_tau(pred, true) -> float:
-    """Kendall's tau-b (ties counted as in scipy) between predictions and true values."""
-    from torchmetrics.functional.regression import kendall_rank_corrcoef
-
-    p, t = torch.as_tensor(np.asarray(pred, dtype=np.float64)), torch.as_tensor(np.asarray(true, dtype=np.float64))
-    if len(p) < 2:
-        return float("nan")
-    return float(kendall_rank_corrcoef(p, t, variant="b"))
 
 
 def r2_score(pred, true) -> float:

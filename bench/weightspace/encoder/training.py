@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,9 +25,9 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
+from bench.runtime import atomic_path, deterministic_ops, finish_wandb, quiet_lightning, wandb_logger, write_json_atomic
 from bench.weightspace.encoder.chunking import chunk_head, chunk_network, collate_heads, collate_networks
 from bench.weightspace.encoder.sne import SNE, SNEConfig, logit_invariance_loss
-from bench.weightspace.runtime import deterministic_ops, finish_wandb, quiet_lightning, wandb_logger, write_json_atomic
 from bench.weightspace.zoo.architectures import Layer, permute_hidden_units
 from bench.weightspace.zoo.heads import HeadWeights
 
@@ -201,7 +200,7 @@ class SNEPredictor:
             module = module_cls(self.model_cfg.to_dict(), asdict(self.fit_cfg), self.target_mean, self.target_std)
         module.model.set_value_scale(collate(kind, chunks))
         config = {"model": self.model_cfg.to_dict(), "fit": asdict(self.fit_cfg), "items": len(items)}
-        logger = wandb_logger(wandb, Path(log_dir), run_name or self.name, config)
+        logger = wandb_logger(wandb, Path(log_dir), run_name or self.name, config, job_type="weights-fit")
         trainer = L.Trainer(max_epochs=self.fit_cfg.epochs, accelerator="cpu", devices=1, logger=logger or False,
                             enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
                             gradient_clip_val=1.0, log_every_n_steps=5, num_sanity_val_steps=0)
@@ -246,9 +245,8 @@ class SNEPredictor:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         weights = folder / "model.safetensors"
-        tmp = folder / "model.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
-        os.replace(tmp, weights)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
         write_json_atomic(folder / "config.json", {
             "format": CHECKPOINT_FORMAT, "name": self.name, "model": self.model_cfg.to_dict(),
             "fit": asdict(self.fit_cfg), "target_mean": self.target_mean, "target_std": self.target_std,

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--prediction", default=d.prediction, choices=("epsilon", "sample", "v_prediction"),
                    help="what the denoiser predicts (default v_prediction)")
     f.add_argument("--cache-dir", default=d.cache_dir, help="embedding and meta-task cache (default .cache)")
-    f.add_argument("--wandb", default=d.wandb, choices=("offline", "online", "disabled"))
+    f.add_argument("--wandb", default=d.wandb, choices=("auto", "offline", "online", "disabled"))
     f.add_argument("--accelerator", default=d.accelerator)
     f.add_argument("--overwrite", action="store_true")
     f.add_argument("--no-progress", action="store_true")

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -34,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import BenchError
+from bench.runtime import atomic_path, quiet_lightning
 from bench.weightspace.generator.target_heads import WEIGHT_DECAYS, canonical_rows, fit_logistic_heads
 
 NORMS = ("l2", "none")
@@ -220,8 +218,7 @@ def build_meta_source(name: str, *, dim: int = 64, cache_dir: str | Path = ".cac
         from bench.backbones import build_backbone
         from bench.data.sources import build_source
         from bench.extract import EmbeddingCache, extract
-        for logger in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(logger).setLevel(logging.WARNING)
+        quiet_lightning()
         entry = extract(build_backbone("tiny-digits"), build_source("digits", split="all"),
                         EmbeddingCache(cache_dir), trainer_kwargs={"enable_progress_bar": False})
         return CachedSource.from_entry(entry)
@@ -327,11 +324,9 @@ class MetaTaskSet:
         """One safetensors file (tensors + JSON header), written under a temporary name."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        save_file(self.tensors(), str(tmp), metadata={"sources": json.dumps(self.sources), "norm": self.norm,
-                                                      "format": "bench-metatasks/1"})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(self.tensors(), str(tmp), metadata={"sources": json.dumps(self.sources), "norm": self.norm,
+                                                          "format": "bench-metatasks/1"})
 
     @classmethod
     def load(cls, path: str | Path) -> MetaTaskSet:

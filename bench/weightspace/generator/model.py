@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from bench.errors import BenchError
+from bench.runtime import replace_dir_atomic
 from bench.weightspace.generator.diffusion import (
     LatentDenoiser,
     RowVAE,
@@ -84,33 +82,26 @@ class HeadGenerator(nn.Module):
         return int(self.config["embedding_dim"])
 
     # ---- files --------------------------------------------------------------------------
-    def save(self, path: str | Path, extra_files: dict[str, Path] | None = None, overwrite: bool = False) -> Path:
-        """Write the checkpoint folder atomically; ``extra_files`` are moved into it."""
+    def save(self, path: str | Path, extra: dict[str, Callable[[Path], None]] | None = None,
+             overwrite: bool = False) -> Path:
+        """Write the checkpoint folder atomically; ``extra`` maps more file names to functions that
+        write them (the meta-tasks, the fit's config)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         if path.exists() and not overwrite:
-            raise BenchError(f"{path} exists; choose another --out or pass --overwrite")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir()
-        try:
+            raise BenchError(f"{path} exists; choose another out (--out) or pass overwrite=true (--overwrite)")
+        config = dict(self.config)
+
+        def fill(folder: Path) -> None:
             state = {k: v.detach().cpu().contiguous() for k, v in sorted(self.state_dict().items())}
-            save_file(state, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
-            config = {**self.config, "weights_sha256": file_sha256(tmp / MODEL_FILE)}
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
-            for name, src in (extra_files or {}).items():
-                shutil.copyfile(src, tmp / name)
-            old = None
-            if path.exists():
-                old = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            save_file(state, str(folder / MODEL_FILE), metadata={"format": FORMAT})
+            config["weights_sha256"] = file_sha256(folder / MODEL_FILE)
+            (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+            for name, write in (extra or {}).items():
+                write(folder / name)
+
+        replace_dir_atomic(path, fill, "the generator checkpoint")
         self.config = config
         return path
 

@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
-import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -34,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bench.errors import BenchError
+from bench.runtime import finish_wandb, quiet_lightning, torch_threads, wandb_logger
 from bench.weightspace.generator.metatasks import (
     ClassSplit,
     MetaSource,
@@ -75,7 +73,7 @@ class FitConfig:
     seed: int = 0
     val_tasks: float = 0.05
     cache_dir: str = ".cache"
-    wandb: str = "offline"  # offline | online | disabled
+    wandb: str = "offline"  # bench.runtime's W&B modes: auto | offline | online | disabled
     accelerator: str = "auto"
     overwrite: bool = False
     progress: bool = True
@@ -243,31 +241,14 @@ class LatentDiffusionModule(L.LightningModule):
 
 
 # ---- the job -------------------------------------------------------------------------------
-def _quiet() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*litlogger.*",
-                    ".*Couldn't infer the batch indices.*", ".*that has Tensor Cores.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-
-
-def _logger(cfg: FitConfig, out: Path, name: str):
-    if cfg.wandb == "disabled":
-        return False
-    if cfg.wandb not in ("offline", "online"):
-        raise BenchError(f"--wandb {cfg.wandb} is not one of offline, online, disabled")
-    from lightning.pytorch.loggers import WandbLogger
-
-    save_dir = out.parent / "wandb"
-    save_dir.mkdir(parents=True, exist_ok=True)
-    # as every bench run: W&B's own banners and Lightning's `anonymous` deprecation notice stay quiet
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(project="bench-generator", name=f"{out.name}-{name}", save_dir=str(save_dir),
-                       offline=cfg.wandb == "offline", config=asdict(cfg))
+def fit_logger(cfg: FitConfig, out: Path):
+    """The fit's W&B logger (both stages log to one run) beside the checkpoint folder, or None."""
+    return wandb_logger(cfg.wandb, out.parent / "wandb", f"{out.name}-fit", asdict(cfg), project="bench-generator",
+                        job_type="generator-fit")
 
 
 def _trainer(cfg: FitConfig, steps: int, logger) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator=cfg.accelerator, devices=1, logger=logger,
+    return L.Trainer(max_steps=steps, accelerator=cfg.accelerator, devices=1, logger=logger or False,
                      enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=25,
                      enable_progress_bar=cfg.progress, deterministic=False)
 
@@ -352,19 +333,15 @@ def heldout_check(gen: HeadGenerator, taskset: MetaTaskSet, sources, ids: Sequen
 
 def fit_generator(cfg: FitConfig) -> Path:
     """Fit a generator and write its checkpoint to ``cfg.out``; returns the path."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, cfg.threads))
-    try:
+    with torch_threads(cfg.threads):
         return _fit(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _fit(cfg: FitConfig) -> Path:
-    _quiet()
+    quiet_lightning()
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
-        raise BenchError(f"{out} exists; choose another --out or pass --overwrite")
+        raise BenchError(f"{out} exists; choose another out (--out) or pass overwrite=true (--overwrite)")
     started = time.perf_counter()
     entries = load_sources(cfg)
     taskset = metatasks_for(cfg, entries)
@@ -385,7 +362,7 @@ def _fit(cfg: FitConfig) -> Path:
     gen.vae.row_std.copy_(rows.std(0).clamp(min=1e-6))
 
     vae_module = RowVAEModule(gen, cfg.lr, cfg.kl_weight, cfg.vae_steps)
-    logger = _logger(cfg, out, "fit")
+    logger = fit_logger(cfg, out)
     stage_start = time.perf_counter()
     _trainer(cfg, cfg.vae_steps, logger).fit(vae_module, datamodule=data)
     vae_seconds = time.perf_counter() - stage_start
@@ -419,11 +396,5 @@ def _fit(cfg: FitConfig) -> Path:
     }
     if logger:
         logger.log_metrics({f"heldout/{k}/{m}": v for k, d in checks.items() for m, v in d.items()})
-        logger.experiment.finish()
-    tmp_tasks = Path(cfg.cache_dir) / "metatasks" / f".{out.name}-{time.time_ns()}.safetensors"
-    taskset.save(tmp_tasks)
-    try:
-        gen.save(out, {TASKS_FILE: tmp_tasks}, overwrite=cfg.overwrite)
-    finally:
-        tmp_tasks.unlink(missing_ok=True)
-    return out
+        finish_wandb(logger)
+    return gen.save(out, {TASKS_FILE: taskset.save}, overwrite=cfg.overwrite)

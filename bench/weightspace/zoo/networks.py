@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bench.errors import BenchError
-from bench.weightspace.runtime import quiet_lightning, write_json_atomic, write_text_atomic
+from bench.runtime import atomic_path, configure_threads, quiet_lightning, write_json_atomic, write_text_atomic
 from bench.weightspace.zoo.architectures import Layer, NetSpec, build_network, network_layers
 
 RECIPE_VERSION = 1  # part of every key: bump it when training changes the numbers
@@ -250,13 +249,11 @@ def train_member(member: ZooMember) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def save_member(path: Path, member: ZooMember, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     header = {"spec": json.dumps(member.spec.to_dict(), sort_keys=True),
               "train": json.dumps(asdict(member.recipe), sort_keys=True),
               "metrics": json.dumps(metrics, sort_keys=True), "recipe_version": str(RECIPE_VERSION)}
-    save_file(state, str(tmp), metadata=header)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=header)
 
 
 def _train_and_save(member: ZooMember, path: Path) -> dict[str, Any]:
@@ -265,8 +262,8 @@ def _train_and_save(member: ZooMember, path: Path) -> dict[str, Any]:
     return metrics
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
+def _init_worker(workers: int) -> None:
+    configure_threads(workers)
     quiet_lightning()
 
 
@@ -313,9 +310,8 @@ def build_zoo(
     else:
         import multiprocessing as mp
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
+                                 initargs=(workers,)) as pool:
             futures = {pool.submit(_train_and_save, m, p): m for m, p in zip(todo, paths)}
             from concurrent.futures import as_completed
 
