@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.backbones.registry import save_checkpoint, tiny_asset_path
+from bench.backbones import save_checkpoint, tiny_asset_path
 from bench.backbones.tiny import TinyCNN
 from bench.data.sources import DigitsSource
 

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_tiny_backbone import TRANSFORM, train  # noqa: E402
 
-from bench.backbones.registry import save_checkpoint  # noqa: E402
+from bench.backbones import save_checkpoint  # noqa: E402
 from bench.config import BackboneConfig, load_config  # noqa: E402
 from bench.diagnostics.diagnose import diagnose, kendall, tau_undefined  # noqa: E402
 from bench.runtime import configure_threads  # noqa: E402

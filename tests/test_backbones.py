@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 from bench import BenchError
 from bench.backbones import build_backbone, save_checkpoint
-from bench.backbones.registry import tiny_asset_path, weights_fingerprint
+from bench.backbones import tiny_asset_path
+from bench.backbones.base import weights_fingerprint
 from bench.data.sources import DigitsSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +128,52 @@ def test_optional_families_build_offline_and_extract(tmp_path, package, options,
     assert torch.isfinite(entry.embeddings).all()
 
 
-def test_options_that_do_not_apply_are_refused():
+def test_options_that_do_not_apply_are_refused(tmp_path, monkeypatch, capsys):
+    from bench.cli import main
     from bench.config import BackboneConfig
 
-    with pytest.raises(BenchError, match="backbone.pool does not apply"):
-        BackboneConfig(name="tiny-digits", pool="avg").options()
+    with pytest.raises(BenchError, match="backbone.pool does not apply to tiny-digits; it applies to timm$"):
+        build_backbone("tiny-digits", **BackboneConfig(name="tiny-digits", pool="avg").options())
+    with pytest.raises(BenchError, match="tiny-digits takes no argument"):
+        build_backbone("tiny-digits:big")
+    monkeypatch.chdir(tmp_path)  # --dry-run names both, loading nothing
+    assert main(["run", "--dry-run", "backbone.name=hf:x", "backbone.pool=avg"]) == 2
+    assert "backbone.pool does not apply to hf:x; it applies to timm" in capsys.readouterr().err
+    assert main(["run", "--dry-run", "backbone.name=vit"]) == 2
+    assert "unknown backbone 'vit'; known: tiny-digits, checkpoint:<path.safetensors>" in capsys.readouterr().err
+
+
+PLUGIN = """
+import torch
+from bench.backbones import frozen_backbone, register_backbone
+
+@register_backbone("test-pixels", form="test-pixels:<size>", summary="raw pixels, flattened")
+def pixels(size: str, transform: dict | None = None):
+    side = int(size or 8)
+    spec = transform or {"size": side, "channels": 1}
+    return frozen_backbone(f"test-pixels:{side}", torch.nn.Flatten(), spec, side * side, "pixels")
+"""
+
+
+def test_a_plugin_registers_a_backbone_family_that_runs(tmp_path, monkeypatch, capsys):
+    """A family in a few lines, from a plugin file: named by errors and --dry-run, and run end to
+    end, where raw pixels give 1-NN on pixels (`knn` is l2/all/l2/l2/max: cosine nearest neighbour)."""
+    import csv
+
+    from bench.backbones import known_backbones
+    from bench.cli import main
+
+    (tmp_path / "my_backbones.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    common = ["plugins=[my_backbones.py]", "wandb.mode=disabled", "task.classes=[novel]", "task.shots=[1,5]",
+              "task.seeds=[0]", "methods=[knn,qi2018]", "reference=null"]
+    assert main(["run", "--dry-run", "backbone=test-pixels:8", *common]) == 0
+    assert "backbone  test-pixels:8" in capsys.readouterr().out
+    assert "test-pixels:<size>" in known_backbones()
+    assert main(["run", "backbone=test-pixels:8", "backbone.pool=avg", *common]) == 2
+    assert "backbone.pool does not apply to test-pixels:8" in capsys.readouterr().err
+    assert main(["run", "backbone=test-pixels:8", "name=pixels", *common]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "runs/pixels/results.csv")))
+    assert {r["backbone"] for r in rows} == {"test-pixels:8"} and len(rows) == 4
+    # 1-NN by cosine on raw 8x8 digits is well above chance (0.2) at 5 shots
+    assert all(float(r["acc"]) > 0.5 for r in rows if r["shots"] == "5")

@@ -1,9 +1,8 @@
-"""What every backbone family shares: the :class:`Backbone` record, the family registry, the
+"""What every backbone family shares: the :class:`Backbone` record, freezing a model with its
 weights fingerprint, and loading a weights file safely.
 
-Families register with :func:`register_family`; :mod:`bench.backbones.registry` builds a
-backbone by name. Built-in families live in ``builtin.py``, optional ones (timm, open_clip,
-Hugging Face) in ``families.py``.
+Families register in :mod:`bench.backbones.registry`. Built-in families live in ``builtin.py``,
+optional ones (timm, open_clip, Hugging Face) in ``families.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from bench.backbones.transforms import build_transform, describe_transform
 from bench.errors import BenchError
 
 
@@ -41,20 +41,13 @@ class Backbone:
         }
 
 
-FAMILIES: dict[str, Callable[..., Backbone]] = {}
-
-
-def register_family(name: str):
-    def deco(fn):
-        FAMILIES[name] = fn
-        return fn
-
-    return deco
-
-
-def known_backbones() -> list[str]:
-    return ["tiny-digits", "torchvision:<arch>", "checkpoint:<path.safetensors>", "timm:<name>",
-            "openclip:<arch>", "hf:<name or folder>"]
+def frozen_backbone(name: str, model: nn.Module, transform: dict[str, Any] | Callable[[Any], torch.Tensor],
+                    dim: int, layer: str) -> Backbone:
+    """``model`` frozen (eval mode, no gradients) as a :class:`Backbone`, with its weights'
+    fingerprint. ``transform``: a spec mapping (see ``transforms.py``) or a library's own
+    transform object, whose ``repr`` the cache key then uses."""
+    tfm = build_transform(transform) if isinstance(transform, dict) else transform
+    return Backbone(name, freeze(model), tfm, describe_transform(transform), dim, weights_fingerprint(model), layer)
 
 
 def weights_fingerprint(model: nn.Module) -> str:

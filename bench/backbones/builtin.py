@@ -12,9 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from bench.backbones.base import Backbone, check_channels, freeze, load_state_file, register_family, weights_fingerprint
+from bench.backbones.base import Backbone, check_channels, frozen_backbone, load_state_file
+from bench.backbones.registry import register_backbone
 from bench.backbones.tiny import TinyCNN
-from bench.backbones.transforms import build_transform, describe_transform, transform_channels
+from bench.backbones.transforms import transform_channels
 from bench.errors import BenchError
 
 IMAGENET = {"size": 256, "crop": 224, "channels": 3,
@@ -28,18 +29,19 @@ def tiny_asset_path() -> Path:
     return Path(str(resources.files("bench") / "assets" / TINY_ASSET))
 
 
-@register_family("tiny-digits")
-def _tiny_digits(arg: str = "", **options: Any) -> Backbone:
-    bb = _checkpoint(str(tiny_asset_path()), **options)
+@register_backbone("tiny-digits", summary="the embedded CNN for 8x8 grey digits, pretrained on classes 0-4")
+def _tiny_digits(arg: str, transform: dict | None = None) -> Backbone:
+    if arg:
+        raise BenchError(f"tiny-digits takes no argument, got 'tiny-digits:{arg}'")
+    bb = _checkpoint(str(tiny_asset_path()), transform)
     bb.name = "tiny-digits"
     return bb
 
 
-@register_family("checkpoint")
-def _checkpoint(path: str, transform: dict | None = None, **options: Any) -> Backbone:
+@register_backbone("checkpoint", form="checkpoint:<path.safetensors>",
+                   summary="a checkpoint written by bench.backbones.save_checkpoint")
+def _checkpoint(path: str, transform: dict | None = None) -> Backbone:
     """A local safetensors checkpoint of our own: header metadata names the architecture."""
-    if options:
-        raise BenchError(f"unknown option(s) {sorted(options)} for a checkpoint backbone")
     p = Path(path)
     if not p.is_file():
         raise BenchError(f"backbone checkpoint {p} does not exist")
@@ -66,17 +68,8 @@ def _checkpoint(path: str, transform: dict | None = None, **options: Any) -> Bac
             f"{p} does not fit architecture {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     tspec = transform or json.loads(meta.get("transform", "null")) or IMAGENET
-    tfm = build_transform(tspec)
     check_channels(model, transform_channels(tspec), f"checkpoint {p.name}")
-    return Backbone(
-        name=f"checkpoint:{p.name}",
-        model=freeze(model),
-        transform=tfm,
-        transform_desc=describe_transform(tspec),
-        dim=dim,
-        fingerprint=weights_fingerprint(model),
-        layer=meta.get("layer", "pooled"),
-    )
+    return frozen_backbone(f"checkpoint:{p.name}", model, tspec, dim, meta.get("layer", "pooled"))
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, arch: str, transform: dict, **meta: Any) -> None:
@@ -122,7 +115,7 @@ def _torchvision_trunk(arch: str, weights: Any) -> tuple[nn.Module, int]:
     return model, last.in_features
 
 
-@register_family("torchvision")
+@register_backbone("torchvision", form="torchvision:<arch>", summary="a torchvision classifier without its last layer")
 def _torchvision(arch: str, weights: str | None = "DEFAULT", transform: dict | None = None) -> Backbone:
     """torchvision models. ``weights``: 'DEFAULT' or an enum name (downloaded, or read from
     the torch hub cache), a local .safetensors / .pth state dict, or None (random init)."""
@@ -151,19 +144,6 @@ def _torchvision(arch: str, weights: str | None = "DEFAULT", transform: dict | N
         if missing:
             raise BenchError(f"{path} lacks weights for torchvision:{arch}: {missing[:5]}")
     if transform is not None:
-        tfm, desc = build_transform(transform), describe_transform(transform)
         check_channels(model, transform_channels(transform), f"torchvision:{arch}")
-    elif tv_weights is not None:
-        tfm = tv_weights.transforms()
-        desc = describe_transform(tfm)
-    else:
-        tfm, desc = build_transform(IMAGENET), describe_transform(IMAGENET)
-    return Backbone(
-        name=f"torchvision:{arch}",
-        model=freeze(model),
-        transform=tfm,
-        transform_desc=desc,
-        dim=dim,
-        fingerprint=weights_fingerprint(model),
-        layer="penultimate",
-    )
+    tfm = transform if transform is not None else tv_weights.transforms() if tv_weights is not None else IMAGENET
+    return frozen_backbone(f"torchvision:{arch}", model, tfm, dim, "penultimate")

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.backbones.base import Backbone, freeze, load_state_file, register_family, weights_fingerprint
-from bench.backbones.transforms import build_transform, describe_transform
+from bench.backbones.base import Backbone, frozen_backbone, load_state_file
+from bench.backbones.registry import register_backbone
 from bench.errors import BenchError
 
 EXTRAS = {"timm": ("timm", "timm"), "openclip": ("open_clip", "openclip"), "hf": ("transformers", "hf")}
@@ -44,7 +44,7 @@ def _is_local(weights: Any) -> bool:
     return weights is not None and Path(str(weights)).suffix in (".safetensors", ".pth", ".pt", ".bin")
 
 
-@register_family("timm")
+@register_backbone("timm", form="timm:<name>", summary="any timm.create_model name, classifier removed")
 def _timm(name: str, weights: Any = "DEFAULT", pool: str | None = None, transform: dict | None = None) -> Backbone:
     """Any ``timm.create_model`` name; the classifier is removed and ``pool`` names the pooling
     (timm's ``global_pool``: avg, max, token for a ViT's CLS token, ...)."""
@@ -62,18 +62,14 @@ def _timm(name: str, weights: Any = "DEFAULT", pool: str | None = None, transfor
         raise
     if _is_local(weights):
         _load_local(model, Path(str(weights)), f"timm:{name}")
-    if transform is not None:
-        tfm, desc = build_transform(transform), describe_transform(transform)
-    else:
-        cfg = timm.data.resolve_data_config({}, model=model)
-        tfm = timm.data.create_transform(**cfg)
-        desc = describe_transform(tfm)
+    if transform is None:
+        transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     pool_name = getattr(model, "global_pool", pool)
-    return Backbone(f"timm:{name}", freeze(model), tfm, desc, int(model.num_features),
-                    weights_fingerprint(model), f"pool={getattr(pool_name, 'pool_type', pool_name)}")
+    return frozen_backbone(f"timm:{name}", model, transform, int(model.num_features),
+                           f"pool={getattr(pool_name, 'pool_type', pool_name)}")
 
 
-@register_family("openclip")
+@register_backbone("openclip", form="openclip:<arch>", summary="an open_clip image tower")
 def _openclip(arch: str, weights: Any = None, transform: dict | None = None) -> Backbone:
     """An open_clip image tower. ``weights``: a pretrained tag (downloaded), a local file, or null."""
     open_clip = _need("openclip")
@@ -86,15 +82,11 @@ def _openclip(arch: str, weights: Any = None, transform: dict | None = None) -> 
         _load_local(model, Path(str(weights)), f"openclip:{arch}")
     visual = model.visual
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
-    if transform is not None:
-        tfm, desc = build_transform(transform), describe_transform(transform)
-    else:
+    if transform is None:
         mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-        tfm = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
-        desc = describe_transform(tfm)
-    return Backbone(f"openclip:{arch}", freeze(visual), tfm, desc, int(visual.output_dim),
-                    weights_fingerprint(visual), "image-embedding")
+        transform = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
+    return frozen_backbone(f"openclip:{arch}", visual, transform, int(visual.output_dim), "image-embedding")
 
 
 class _HFEmbedder(nn.Module):
@@ -113,12 +105,14 @@ class _HFEmbedder(nn.Module):
         return hidden[:, 0] if self.pooling == "cls" else hidden.mean(1)
 
 
-@register_family("hf")
-def _hf(name: str, weights: Any = "DEFAULT", pooling: str = "cls", config: dict | None = None,
+@register_backbone("hf", form="hf:<name or folder>", summary="a Hugging Face transformers vision model")
+def _hf(name: str, weights: Any = "DEFAULT", pooling: str | None = None, config: dict | None = None,
         transform: dict | None = None) -> Backbone:
     """A Hugging Face transformers vision model: a hub name or local folder (``weights``
-    DEFAULT loads its pretrained weights; null with ``config`` builds a random one offline)."""
+    DEFAULT loads its pretrained weights; null with ``config`` builds a random one offline).
+    ``pooling``: cls (the default) or mean."""
     transformers = _need("hf")
+    pooling = pooling or "cls"
     try:
         if config is not None:
             cfg = transformers.AutoConfig.for_model(**config)
@@ -148,6 +142,4 @@ def _hf(name: str, weights: Any = "DEFAULT", pooling: str = "cls", config: dict 
             except (OSError, ValueError, TypeError):
                 pass
     dim = getattr(mcfg, "hidden_size", None) or getattr(mcfg, "hidden_sizes", [None])[-1]
-    embedder = _HFEmbedder(model, pooling)
-    return Backbone(f"hf:{name}", freeze(embedder), build_transform(tspec), describe_transform(tspec), int(dim),
-                    weights_fingerprint(embedder), f"pooling={pooling}")
+    return frozen_backbone(f"hf:{name}", _HFEmbedder(model, pooling), tspec, int(dim), f"pooling={pooling}")

@@ -9,7 +9,8 @@ A method is a function plus a decorator, in the manner of timm's ``register_mode
 The decorator declares the method's name, its typed options (which the spec parser checks) and
 the facts the grid engine uses to share work: whether a class's proxies depend on the other
 classes, when it equals ``all`` (k >= the class size) and so on. Whether a GEN draws random
-numbers is read from its signature (it takes an ``rng``), so it cannot be forgotten. ``bench methods``, the spec parser, the grid and the README's method table all read these
+numbers is read from its signature (it takes an ``rng``), so it cannot be forgotten.
+``bench methods``, the spec parser, the grid and the README's method table all read these
 registries, so a method registered from a user's own code is a first-class method everywhere.
 
 This module is a leaf: the built-in methods register themselves in ``norm.py``, ``gen.py`` and
