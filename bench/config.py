@@ -12,7 +12,6 @@ Shorthands: a section given as a plain string is its ``name``: ``dataset: imagef
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -64,23 +63,9 @@ class BackboneConfig(Section):
         return _named(value)
 
     def options(self) -> dict[str, Any]:
-        family = self.name.split(":", 1)[0]
-        allowed = {"torchvision": {"weights"}, "timm": {"weights", "pool"}, "openclip": {"weights"},
-                   "hf": {"weights", "pooling", "config"}}.get(family, set())
-        opts: dict[str, Any] = {}
-        for key in ("weights", "pool", "pooling", "config"):
-            value = getattr(self, key)
-            if key in allowed and (value is not None or key == "weights"):
-                opts[key] = value
-            elif value is not None:
-                raise BenchError(f"backbone.{key} does not apply to {self.name}; it applies to "
-                                 + ", ".join(f for f, keys in {"torchvision": {"weights"}, "timm": {"weights", "pool"},
-                                                               "openclip": {"weights"},
-                                                               "hf": {"weights", "pooling", "config"}}.items()
-                                             if key in keys))
-        if self.transform is not None:
-            opts["transform"] = self.transform
-        return opts
+        """The family options as given (None where not set). Which apply to which family is the
+        backbone registry's rule (bench.backbones.check_backbone), read from each family."""
+        return self.model_dump(exclude={"name"})
 
 
 class DatasetConfig(Section):
@@ -207,7 +192,8 @@ class RunConfig(Section):
     out_dir: Annotated[str, _desc("a folder")] = "runs"
     seed: Annotated[NonNegativeInt, _desc("an int >= 0 (seeds random backbone weights)")] = 0
     save_heads: Annotated[StrictBool, _desc("true or false")] = False
-    plugins: Annotated[list[str], _desc("a list of modules or .py files that register methods")] = []
+    plugins: Annotated[list[str], _desc("a list of modules or .py files that register methods, backbone "
+                                        "families or dataset sources")] = []
     extract: ExtractConfig = ExtractConfig()
     trainer: TrainerConfig = TrainerConfig()
     imprint: ImprintConfig = ImprintConfig()
@@ -239,19 +225,6 @@ def parse_method_list(text: str) -> list[str]:
     return [item.strip() for item in items]
 
 
-def workers_for(num_workers: Any, accelerator: str, devices: Any) -> int:
-    """DataLoader workers per process. ``auto``: none on the CPU, where workers would compete
-    with the model for the same cores; on accelerators, the CPUs per device minus one, at most 8."""
-    if num_workers != "auto":
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise BenchError(f"extract.num_workers must be 'auto' or an int >= 0, got {num_workers!r}")
-        return num_workers
-    if accelerator == "cpu":
-        return 0
-    count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
-    return max(0, min(8, (os.cpu_count() or 2) // max(count, 1) - 1))
-
-
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     cur = data
@@ -274,8 +247,10 @@ def _parse_value(key: str, raw: str) -> Any:
         return raw  # not YAML: take the text as it is, and let the key's type judge it
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then ``key.sub=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                model: type[BaseModel] = RunConfig) -> Any:
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides, checked as ``model``: a run
+    config, or another config written in the same style (the weight-space fits')."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -295,9 +270,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise BenchError(f"override '{item}' must look like key=value, e.g. trainer.devices=2")
         _set_path(data, key, _parse_value(key, raw))
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
-        raise BenchError(format_validation_error(err, RunConfig, "config")) from None
+        raise BenchError(format_validation_error(err, model, "config")) from None
 
 
 def _yaml(value: Any) -> str:

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from bench.backbones.registry import Backbone, build_backbone
-from bench.config import RunConfig, workers_for
+from bench.backbones.registry import Backbone, build_backbone, check_backbone
+from bench.config import RunConfig
 from bench.data.episodes import check_subset_name, holdout_indices, select_classes
 from bench.data.sources import build_source, check_dataset_name
 from bench.data.tasks import TaskSuite
@@ -61,13 +61,17 @@ class RunResult:
 
 
 def load_plugins(plugins: list[str]) -> None:
-    """Import the modules (names or .py files) that register a user's own methods."""
+    """Import the modules (names or .py files) that register a user's own methods or backbone
+    families; each once per process, however many stages ask."""
     for item in plugins:
         try:
             if item.endswith(".py"):
                 path = Path(item)
                 if not path.is_file():
                     raise BenchError(f"plugin file {path} does not exist")
+                loaded = sys.modules.get(f"bench_plugin_{path.stem}")
+                if loaded is not None and Path(loaded.__file__).resolve() == path.resolve():
+                    continue
                 spec = importlib.util.spec_from_file_location(f"bench_plugin_{path.stem}", path)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[spec.name] = module
@@ -119,6 +123,7 @@ def dataset_of(cfg: RunConfig, suite: TaskSuite) -> str:
 
 def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite | None = None) -> Embeddings:
     """Embeddings of the task's dataset: the pool (train split) and, if needed, the test split."""
+    load_plugins(cfg.plugins)  # `bench extract` and `bench diagnose` come here first
     suite = suite or cfg.task.resolve()
     dataset = dataset_of(cfg, suite)
     torch.manual_seed(cfg.seed)  # random-init backbones (weights: null) are seeded by the config
@@ -141,7 +146,7 @@ def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite
                 backbone, source, cache,
                 trainer_kwargs={**cfg.trainer.kwargs(), "enable_progress_bar": is_rank_zero()},
                 batch_size=cfg.extract.batch_size,
-                num_workers=workers_for(cfg.extract.num_workers, cfg.trainer.accelerator, cfg.trainer.devices),
+                num_workers=cfg.extract.num_workers,
                 dtype=cfg.extract.dtype, skip_corrupt=cfg.extract.skip_corrupt,
                 rebuild=cfg.extract.rebuild, shard_size=cfg.extract.shard_size,
             )
@@ -233,6 +238,8 @@ def plan(cfg: RunConfig, command: str) -> str:
     """What a command would do, checked as far as is possible without loading a model or a
     dataset (``--dry-run``): the config, plugins, task suite, dataset name and method grid."""
     load_plugins(cfg.plugins)
+    for backbone in cfg.diagnose.backbone_configs(cfg.backbone) if command == "diagnose" else [cfg.backbone]:
+        check_backbone(backbone.name, backbone.options())
     suite = cfg.task.resolve()
     dataset = dataset_of(cfg, suite)
     grid = expand_grid(cfg.methods)

@@ -102,7 +102,7 @@ def test_methods_command_lists_presets_and_expands_grids(capsys):
 
 
 def test_dataloader_workers_default_to_the_hardware():
-    from bench.config import workers_for
+    from bench.extract.extractor import workers_for
 
     assert workers_for("auto", "cpu", 2) == 0
     assert 0 <= workers_for("auto", "gpu", 1) <= 8

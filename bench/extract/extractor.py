@@ -27,7 +27,7 @@ from bench.backbones.registry import Backbone
 from bench.data.datamodules import ImageDataModule
 from bench.data.sources import Source
 from bench.errors import BenchError
-from bench.runtime import atomic_path
+from bench.runtime import atomic_path, available_cpus
 from bench.extract.cache import DTYPES, CacheEntry, EmbeddingCache, cache_key, open_entry
 
 
@@ -320,6 +320,19 @@ def _tidy(cache: EmbeddingCache, key: str) -> None:
         pass
 
 
+def workers_for(num_workers: int | str, accelerator: str, devices: Any) -> int:
+    """DataLoader workers per process. ``auto``: none on the CPU, where workers would compete
+    with the model for the same cores; on accelerators, the CPUs per device minus one, at most 8."""
+    if num_workers != "auto":
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise BenchError(f"extract.num_workers must be 'auto' or an int >= 0, got {num_workers!r}")
+        return num_workers
+    if accelerator == "cpu":
+        return 0
+    count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
+    return max(0, min(8, available_cpus() // max(count, 1) - 1))
+
+
 def extract(
     backbone: Backbone,
     source: Source,
@@ -327,7 +340,7 @@ def extract(
     *,
     trainer_kwargs: dict[str, Any] | None = None,
     batch_size: int = 256,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     dtype: str = "float32",
     skip_corrupt: bool = False,
     rebuild: bool = False,
@@ -347,6 +360,7 @@ def extract(
     key = cache_key(fields)
     kwargs = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
               "enable_model_summary": False, **(trainer_kwargs or {})}
+    num_workers = workers_for(num_workers, kwargs["accelerator"], kwargs["devices"])
     dm = ImageDataModule(source, backbone.transform, batch_size, num_workers, skip_corrupt,
                          pin_memory=kwargs.get("accelerator") != "cpu" and torch.cuda.is_available())
     dm.allow_zero_length_dataloader_with_multiple_devices = True  # a resumed run may leave a rank nothing
