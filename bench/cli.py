@@ -13,7 +13,7 @@ from pathlib import Path
 from bench import runtime
 from bench.errors import BenchError
 
-QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+QUICKSTART_CONFIG = "configs/quickstart.yaml"  # ./configs/quickstart.yaml if there is one, else the shipped one
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.config import load_config
 
         config = args.config
-        if args.command == "quickstart" and config is None and QUICKSTART_CONFIG.is_file():
+        if args.command == "quickstart" and config is None:
             config = QUICKSTART_CONFIG
         cfg = load_config(config, args.overrides)
         if args.dry_run:

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, NonNegativeInt, PositiveInt, StrictBool, ValidationError
 from pydantic import model_validator
 
+from bench import packaged
 from bench.data.tasks import TaskSuite
 from bench.errors import BenchError
 from bench.imprint.presets import PRESETS, split_top
@@ -150,8 +151,8 @@ class DiagnoseConfig(Section):
 
 
 class TaskConfig(Section):
-    """A task suite (``suite``: a name under tasks/ or a YAML path) with optional field overrides;
-    without a suite, the fields define the whole suite inline."""
+    """A task suite (``suite``: a shipped suite name, one in ./tasks, or a YAML path) with optional
+    field overrides; without a suite, the fields define the whole suite inline."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -250,12 +251,14 @@ def _parse_value(key: str, raw: str) -> Any:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 model: type[BaseModel] = RunConfig) -> Any:
     """Defaults, then the YAML file, then ``key.sub=value`` overrides, checked as ``model``: a run
-    config, or another config written in the same style (the weight-space fits')."""
+    config, or another config written in the same style (the weight-space fits'). A path under
+    ``configs/`` that the working directory lacks is the packaged copy (bench.packaged)."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise BenchError(f"config file {p} does not exist")
+        p = packaged.locate(path, "configs")
+        if p is None or not p.is_file():
+            raise BenchError(f"config file {path} does not exist (shipped configs: "
+                             f"{', '.join('configs/' + c for c in packaged.listing('configs'))})")
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from bench import packaged
 from bench.backbones.registry import Backbone, build_backbone, check_backbone
 from bench.config import RunConfig
 from bench.data.episodes import check_subset_name, holdout_indices, select_classes
@@ -66,7 +67,7 @@ def load_plugins(plugins: list[str]) -> None:
     for item in plugins:
         try:
             if item.endswith(".py"):
-                path = Path(item)
+                path = packaged.locate(item, "configs") or Path(item)  # configs/examples/... ships too
                 if not path.is_file():
                     raise BenchError(f"plugin file {path} does not exist")
                 loaded = sys.modules.get(f"bench_plugin_{path.stem}")

@@ -26,11 +26,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 from pydantic import field_validator
 
+from bench import packaged
 from bench.data.episodes import Episode, sample_episode, select_classes
 from bench.errors import BenchError
 from bench.validation import format_validation_error
 
-TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+TASKS_DIR = packaged.folder("tasks")  # the shipped suites (the repository's tasks/, packaged)
+SUITE_SUFFIXES = (".yaml", ".yml", ".json")  # JSON is YAML, so a .json suite file reads the same way
 
 
 def _class_list(value: Any, where: str) -> list[int]:
@@ -125,28 +127,25 @@ class TaskSuite(BaseModel):
 
     @classmethod
     def load(cls, name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> TaskSuite:
-        """A YAML path, or a suite name looked up in ./tasks and the repository's tasks/, with
-        ``overrides`` replacing its fields."""
+        """A suite file, or a suite name, with ``overrides`` replacing its fields.
+
+        A path (ending in .yaml, .yml or .json) is read as given; one under ``tasks/`` that the
+        working directory lacks is the packaged copy. A name is ``./tasks/<name>.yaml`` when that
+        exists (a user's own suites, or their edit of a shipped one), else the shipped suite.
+        """
         path = Path(name_or_path)
-        # JSON is YAML, so a .json suite file reads the same way
-        candidates = [path] if path.suffix in (".yaml", ".yml", ".json") else list(dict.fromkeys([
-            Path("tasks") / f"{name_or_path}.yaml",
-            TASKS_DIR / f"{name_or_path}.yaml",
-        ]))
-        for cand in candidates:
-            if cand.is_file():
-                try:
-                    data = yaml.safe_load(cand.read_text()) or {}
-                except yaml.YAMLError as err:
-                    raise BenchError(f"{cand} is not valid YAML: {str(err).splitlines()[0]}") from err
-                if not isinstance(data, dict):
-                    raise BenchError(f"{cand}: a task suite must be a YAML mapping")
-                return cls.build({**data, **(overrides or {})}, source=f"task suite {cand}")
-        known = sorted(p.stem for p in TASKS_DIR.glob("*.yaml")) if TASKS_DIR.is_dir() else []
-        raise BenchError(
-            f"task suite '{name_or_path}' not found (looked at {', '.join(map(str, candidates))}); "
-            f"known suites: {', '.join(known) or 'none'}"
-        )
+        wanted = path if path.suffix in SUITE_SUFFIXES else Path("tasks") / f"{name_or_path}.yaml"
+        found = packaged.locate(wanted, "tasks")
+        if found is None or not found.is_file():
+            raise BenchError(f"task suite '{name_or_path}' not found (no file {wanted} here, nor shipped); "
+                             f"known suites: {', '.join(known_suites()) or 'none'}")
+        try:
+            data = yaml.safe_load(found.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise BenchError(f"{found} is not valid YAML: {str(err).splitlines()[0]}") from err
+        if not isinstance(data, dict):
+            raise BenchError(f"{found}: a task suite must be a YAML mapping")
+        return cls.build({**data, **(overrides or {})}, source=f"task suite {found}")
 
     def subsets(self, available: Sequence[int]) -> list[tuple[str, list[int]]]:
         """(display name, classes) for every class subset of the suite."""
@@ -167,3 +166,10 @@ class TaskSuite(BaseModel):
                 for seed in self.seeds:
                     yield label, sample_episode(labels, classes, shots, self.queries, seed,
                                                 test_labels=test_labels, holdout=self.holdout, names=names)
+
+
+def known_suites() -> list[str]:
+    """Suite names: the shipped ones and those in ./tasks."""
+    here = Path("tasks")
+    names = {p.stem for p in here.glob("*.yaml")} if here.is_dir() else set()
+    return sorted(names | {p.stem for p in TASKS_DIR.glob("*.yaml")})
