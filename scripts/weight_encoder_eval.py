@@ -39,15 +39,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.config import WandbConfig
 from bench.errors import BenchError
 from bench.runtime import configure_threads, write_json_atomic
 from bench.statistics import kendall_tau
-from bench.weightspace.commands import write_csv
+from bench.weightspace.commands import check_config, write_csv
+from bench.weightspace.encoder.config import EncoderFitConfig
 from bench.weightspace.encoder.flatmlp import FlatMLP
 from bench.weightspace.encoder.scoring import permutation_sensitivity, r2_score, selection_regret
 from bench.weightspace.encoder.sne import SNEConfig
 from bench.weightspace.encoder.statnn import StatNN
-from bench.weightspace.encoder.training import FitConfig, SNEPredictor, default_name, parse_variant
+from bench.weightspace.encoder.training import SNEPredictor, default_name, parse_variant
 from bench.weightspace.zoo.architectures import permute_hidden_units
 from bench.weightspace.zoo.heads import HeadZoo
 from bench.weightspace.zoo.networks import NetworkZoo
@@ -66,19 +68,21 @@ class Evaluation:
         """StatNN (trees, MLP) and the SNE variants (``--sne``: with and without the logit-invariance
         regulariser and permutation augmentation). Heads have no hidden units to permute: plain SNE."""
         a = self.args
-        model = SNEConfig(kind=kind, hidden=a.hidden)
+        # two set-to-set blocks per level: the encoder of the published tables
+        model = SNEConfig(kind=kind, hidden=a.hidden, blocks=2)
         epochs = a.epochs if kind == "network" else a.head_epochs
         names = (a.sne if variants is None else variants) if kind == "network" else ["sne"]
         out = [StatNN("gbt", a.seed), StatNN("mlp", a.seed)]
         for name in names:
-            fit = FitConfig(epochs=epochs, batch_size=a.batch_size, seed=a.seed, **parse_variant(name))
-            out.append(SNEPredictor(model, fit))
+            fit = check_config(EncoderFitConfig, {"model": model, "epochs": epochs, "batch_size": a.batch_size,
+                                                  "seed": a.seed, **parse_variant(name)})
+            out.append(SNEPredictor(fit))
         return out
 
     def fit(self, predictor, items, y, split: str):
         start = time.perf_counter()
         if isinstance(predictor, SNEPredictor):
-            predictor.fit(items, y, wandb=self.args.wandb, log_dir=self.args.out / "wandb",
+            predictor.fit(items, y, wandb=WandbConfig(mode=self.args.wandb), log_dir=self.args.out / "wandb",
                           progress=self.args.progress, run_name=f"{predictor.name}-{split}")
         else:
             predictor.fit(items, y)
@@ -338,7 +342,7 @@ def main(argv=None) -> dict:
     for flag, names in (("--sne", args.sne), ("--cross-arch-sne", args.cross_arch_sne)):
         # a typo stops the script before minutes of fitting; two names for one config (sne, sne+li0)
         # would write two rows under one predictor name, and the table and figures would mix them
-        canonical = [default_name(FitConfig(**parse_variant(name))) for name in names]
+        canonical = [default_name(check_config(EncoderFitConfig, parse_variant(name))) for name in names]
         if len(set(canonical)) < len(canonical):
             raise BenchError(f"{flag} names one SNE config twice: {names} are {canonical}")
     configure_threads()

@@ -31,7 +31,8 @@ def tiny_config(sources=None, dim=DIM, norm="l2") -> dict:
 
     sources = sources or [{"dataset": "gmm:t", "backbone": "f" * 64, "backbone_name": "gmm-family:t", "dim": dim,
                            "meta_train_classes": list(range(10)), "meta_test_classes": list(range(100, 110))}]
-    return {"format": "bench-d2nwg/1", "embedding_dim": dim, "norm": norm, "backbone_fingerprint": sources[0]["backbone"],
+    return {"format": "bench-d2nwg/1", "embedding_dim": dim, "norm": norm,
+            "backbone_fingerprint": sources[0]["backbone"],
             "sources": sources,
             "model": {"latent": 4, "vae_hidden": 16, "vae_depth": 1, "width": 16, "set_width": 8, "heads": 2,
                       "set_layers": 1, "class_layers": 1},
@@ -165,13 +166,14 @@ def test_trained_head_needs_two_samples_per_class():
 
 # ---- a tiny fit ------------------------------------------------------------------------------
 def test_tiny_fit_overfits_one_task(tmp_path):
-    from bench.weightspace.generator.training import FitConfig, fit_generator
+    from bench.weightspace.generator.config import GeneratorFitConfig
+    from bench.weightspace.generator.training import fit_generator
 
-    cfg = FitConfig(out=str(tmp_path / "gen"), sources=("gmm:a",), tasks=(1,), ways=(4, 4), per_class=(40, 40),
-                    shots=(5,), dim=DIM, latent=8, vae_hidden=64, width=32, set_width=16, heads=2, set_layers=1,
-                    class_layers=1, vae_steps=300, diffusion_steps=400, batch_size=1, noise_levels=64, lr=1e-2,
-                    prediction="v_prediction",
-                    cache_dir=str(tmp_path / "cache"), wandb="disabled", accelerator="cpu", progress=False)
+    cfg = GeneratorFitConfig(out=str(tmp_path / "gen"), sources=["gmm:a"], tasks=[1], ways=(4, 4), per_class=(40, 40),
+                             shots=[5], dim=DIM, latent=8, vae_hidden=64, width=32, set_width=16, heads=2,
+                             set_layers=1, class_layers=1, vae_steps=300, diffusion_steps=400, batch_size=1,
+                             noise_levels=64, lr=1e-2, prediction="v_prediction", cache_dir=str(tmp_path / "cache"),
+                             wandb={"mode": "disabled"}, accelerator="cpu", progress=False)
     path = fit_generator(cfg)
     gen = HeadGenerator.load(path)
     from bench.weightspace.generator.metatasks import MetaTaskSet
@@ -191,6 +193,44 @@ def test_tiny_fit_overfits_one_task(tmp_path):
     saved = json.loads((path / CONFIG_FILE).read_text())
     assert saved["embedding_dim"] == DIM and saved["sources"][0]["dataset"] == "gmm:a"
     assert saved["sources"][0]["meta_train_classes"][:3] == [0, 1, 2]
+
+
+def test_fit_config_is_a_run_style_config_and_a_fit_replays_from_it(tmp_path, monkeypatch, capsys):
+    """`bench generator fit` reads keys like `bench run`, saves its resolved config with the
+    checkpoint, and `-c <checkpoint>/config.yaml` fits the same generator again. Its W&B mode is
+    bench.runtime's: `auto` (which the generator refused before) is offline without credentials."""
+    from safetensors.torch import load_file
+
+    from bench.cli import main
+    from bench.config import load_config
+    from bench.weightspace.generator.config import GeneratorFitConfig
+
+    cfg = load_config(None, ["sources=gmm:a"], model=GeneratorFitConfig)
+    assert cfg.sources == ["gmm:a"] and cfg.tasks == [400] and cfg.wandb.project == "bench-generator"
+    with pytest.raises(BenchError, match=r"^config: 2 source\(s\) but 1 task count"):
+        load_config(None, ["sources=[gmm:a, digits]", "tasks=[5]"], model=GeneratorFitConfig)
+    with pytest.raises(BenchError, match=r"^config: 'wandb.mode' = 'sometimes' is not valid: expected auto"):
+        load_config(None, ["wandb.mode=sometimes"], model=GeneratorFitConfig)
+    with pytest.raises(BenchError, match=r"^config: ways is \[MIN, MAX\]"):
+        load_config(None, ["ways=[5, 3]"], model=GeneratorFitConfig)
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no credentials
+    first, again = tmp_path / "gens" / "first", tmp_path / "gens" / "again"
+    tiny = ["--source", "gmm:a", "--tasks", "2", "--ways", "3", "3", "--per-class", "10", "10", "--shots", "2",
+            "--latent", "4", "--width", "16", "--vae-steps", "3", "--diffusion-steps", "3", "--batch-size", "2",
+            "--threads", "1", "--accelerator", "cpu", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+            f"dim={DIM}", "vae_hidden=16", "set_width=8", "heads=2", "set_layers=1", "class_layers=1"]
+    assert main(["generator", "fit", *tiny, "--wandb", "auto", "--out", str(first)]) == 0
+    assert list((tmp_path / "gens" / "wandb").rglob("offline-run-*")), "auto without credentials runs offline"
+    saved = load_config(first / "config.yaml", model=GeneratorFitConfig)
+    assert saved.vae_steps == 3 and saved.ways == (3, 3) and saved.wandb.mode == "auto"
+    assert main(["generator", "fit", "-c", str(first / "config.yaml"), "wandb.mode=disabled"]) == 2
+    assert "exists; choose another out" in capsys.readouterr().err
+    assert main(["generator", "fit", "-c", str(first / "config.yaml"), f"out={again}", "wandb.mode=disabled"]) == 0
+    a, b = load_file(first / MODEL_FILE), load_file(again / MODEL_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---- checkpoint checks -----------------------------------------------------------------------

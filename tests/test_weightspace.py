@@ -158,18 +158,19 @@ def test_logit_invariance_loss_is_zero_for_an_invariant_model_and_positive_for_s
 
 
 def test_augmented_batches_hold_permuted_copies_that_compute_the_same_function():
-    from bench.weightspace.encoder.training import FitConfig, _lightning_classes
+    from bench.config import load_config
+    from bench.weightspace.encoder.config import EncoderFitConfig
+    from bench.weightspace.encoder.training import SNEPredictor, WeightSetDataModule
 
-    with pytest.raises(BenchError, match="probability"):
-        FitConfig(augment=1.5)
+    with pytest.raises(BenchError, match=r"^config: 'augment' = 1.5 is not valid: expected a probability"):
+        load_config(None, ["augment=1.5"], model=EncoderFitConfig)
     with pytest.raises(BenchError, match="finite"):
-        FitConfig(invariance=float("nan"))
+        load_config(None, ["invariance=.nan"], model=EncoderFitConfig)
     nets = [network_layers(s, random_state(s, i)) for i, s in enumerate(SPECS)]
-    data_cls, _ = _lightning_classes()
     targets = torch.zeros(len(nets))
     chunks = [chunk_network(n) for n in nets]
-    plain = data_cls("network", chunks, targets, nets, 3, 0, augment=0.0, element_dim=25)
-    aug = data_cls("network", chunks, targets, nets, 3, 0, augment=1.0, element_dim=25)
+    plain = WeightSetDataModule("network", chunks, targets, nets, 3, 0, augment=0.0, element_dim=25)
+    aug = WeightSetDataModule("network", chunks, targets, nets, 3, 0, augment=1.0, element_dim=25)
     idx = list(range(len(nets)))
     assert all(a is b for a, b in zip(plain._collate(idx)[2], nets))  # no augmentation: the networks as given
     sets, _, raw = aug._collate(idx)
@@ -186,10 +187,8 @@ def test_augmented_batches_hold_permuted_copies_that_compute_the_same_function()
     assert torch.equal(sets.values, collate_networks([chunk_network(n) for n in raw]).values)
     assert not torch.equal(sets.values, collate_networks(chunks).values)
     # heads have no hidden units: permuting them is refused, not silently skipped
-    from bench.weightspace.encoder.training import SNEPredictor
-
     with pytest.raises(BenchError, match="use 0 for heads"):
-        SNEPredictor(fit=FitConfig(augment=0.5)).fit([_head(0), _head(1)], [0.5, 0.6], progress=False)
+        SNEPredictor(EncoderFitConfig(augment=0.5)).fit([_head(0), _head(1)], [0.5, 0.6], progress=False)
 
 
 def test_statnn_features_match_a_direct_computation():
@@ -277,7 +276,7 @@ def test_cli_fit_then_predict(tiny_zoo, tmp_path, capsys):
     assert main(["weights", "fit", "--zoo", str(tiny_zoo), "--out", str(out), "--epochs", "2", "--batch-size", "2",
                  "--hidden", "16", "--invariance", "0.5", "--augment", "0.5", "--wandb", "offline",
                  "--no-progress"]) == 0
-    assert (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["fit"]["invariance"] == 0.5 and cfg["fit"]["augment"] == 0.5 and cfg["model"]["hidden"] == 16
     assert list((out / "wandb").rglob("*.wandb")), "an offline W&B run was written"
@@ -296,12 +295,44 @@ def test_cli_fit_then_predict(tiny_zoo, tmp_path, capsys):
     np.testing.assert_allclose([float(r["predicted_acc"]) for r in rows], one, rtol=1e-5, atol=1e-6)
 
 
+def test_fit_replays_from_its_saved_config(tiny_zoo, tmp_path, capsys):
+    """`bench weights fit -c <checkpoint>/config.yaml` fits the same encoder again; bad values in
+    a fit config stop it with the run config's one line."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from bench.cli import main
+
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert main(["weights", "fit", f"zoo={tiny_zoo}", f"out={first}", "epochs=2", "batch_size=2", "model.hidden=8",
+                 "model.heads=2", "invariance=0.5", "augment=0.5", "seed=3", "wandb.mode=disabled",
+                 "progress=false"]) == 0
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    assert saved["zoo"] == str(tiny_zoo) and saved["epochs"] == 2 and saved["model"]["kind"] == "network"
+    assert main(["weights", "fit", "-c", str(first / "config.yaml"), f"out={again}"]) == 0
+    a, b = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["weights", "fit", "-c", str(first / "config.yaml"), f"out={tmp_path / 'other'}", "seed=4"]) == 0
+    c = load_file(tmp_path / "other" / "model.safetensors")  # the config decides: another seed, another encoder
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    capsys.readouterr()
+    assert main(["weights", "fit", "-c", str(first / "config.yaml"), "epochs=0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: config: 'epochs' = 0 is not valid: expected a positive int"
+    assert main(["weights", "fit", "-c", str(first / "config.yaml"), "model.hiden=8"]) == 2
+    assert "unknown key 'model.hiden'" in capsys.readouterr().err
+    assert main(["weights", "fit", "-c", str(first / "config.yaml"), "heads=[runs/x]"]) == 2
+    assert capsys.readouterr().err.strip() == "error: config: give zoo or heads, not both"
+    assert main(["weights", "fit", "--zoo", str(tiny_zoo), "--combine", "lstm", "--out", str(again)]) == 2
+    assert "'model.combine' = 'lstm' is not valid: expected how layers combine" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("before", [False, True])
 def test_sne_runs_deterministic_kernels_and_leaves_the_process_setting_alone(before):
     # Multi-threaded CPU kernels made two processes fit different encoders from the same seed
     # (shown on the 400-network zoo); fits and predictions run torch's deterministic kernels.
     from bench.runtime import deterministic_ops
-    from bench.weightspace.encoder.training import FitConfig, SNEPredictor
+    from bench.weightspace.encoder.config import EncoderFitConfig
+    from bench.weightspace.encoder.training import SNEPredictor
 
     seen = []
     torch.use_deterministic_algorithms(before)
@@ -310,8 +341,8 @@ def test_sne_runs_deterministic_kernels_and_leaves_the_process_setting_alone(bef
             seen.append(torch.are_deterministic_algorithms_enabled())
         assert seen == [True] and torch.are_deterministic_algorithms_enabled() == before
         nets = [network_layers(s, random_state(s, i)) for i, s in enumerate(SPECS)]
-        p = SNEPredictor(SNEConfig(hidden=8, heads=2), FitConfig(epochs=1, batch_size=2)).fit(nets, [0.1, 0.5, 0.9],
-                                                                                              progress=False)
+        config = EncoderFitConfig(model=SNEConfig(hidden=8, heads=2), epochs=1, batch_size=2)
+        p = SNEPredictor(config).fit(nets, [0.1, 0.5, 0.9], progress=False)
         assert torch.are_deterministic_algorithms_enabled() == before
         p.predict(nets)
         assert torch.are_deterministic_algorithms_enabled() == before
@@ -320,10 +351,11 @@ def test_sne_runs_deterministic_kernels_and_leaves_the_process_setting_alone(bef
 
 
 def test_checkpoint_with_changed_weights_is_refused(tiny_zoo, tmp_path):
-    from bench.weightspace.encoder.training import FitConfig, SNEPredictor
+    from bench.weightspace.encoder.config import EncoderFitConfig
+    from bench.weightspace.encoder.training import SNEPredictor
 
     zoo = NetworkZoo.load(tiny_zoo)
-    p = SNEPredictor(SNEConfig(hidden=8, heads=2), FitConfig(epochs=1)).fit(
+    p = SNEPredictor(EncoderFitConfig(model=SNEConfig(hidden=8, heads=2), epochs=1)).fit(
         [r.layers() for r in zoo], zoo.targets().numpy(), progress=False)
     p.save(tmp_path / "ck")
     blob = bytearray((tmp_path / "ck" / "model.safetensors").read_bytes())
@@ -393,7 +425,8 @@ def test_evaluation_script_end_to_end(tmp_path):
     fast = lambda s, **kw: TrainRecipe(epochs=1, batch_size=128, seed=s, **kw)  # noqa: E731
     members = [ZooMember(fixed, fast(s, lr=lr)) for s, lr in ((10, 0.1), (11, 0.01), (12, 0.001), (13, 0.05))]
     members += [ZooMember(NetSpec("mlp", 1, 8), fast(20)), ZooMember(NetSpec("mlp", 2, 8), fast(21)),
-                ZooMember(NetSpec("mlp", 1, 16), fast(22, lr=0.001)), ZooMember(NetSpec("mlp", 2, 16, 3, True), fast(23))]
+                ZooMember(NetSpec("mlp", 1, 16), fast(22, lr=0.001)),
+                ZooMember(NetSpec("mlp", 2, 16, 3, True), fast(23))]
     cross = [ZooMember(fixed, fast(30, dataset="digits-permuted")),
              ZooMember(NetSpec("mlp", 1, 8), fast(31, dataset="digits-permuted"))]
     build_zoo(tmp_path / "zoo", members, log=lambda s: None)

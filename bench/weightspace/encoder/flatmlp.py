@@ -51,7 +51,8 @@ class FlatMLP:
         if not items:
             raise BenchError("the flattened-weights MLP needs at least one network to fit")
         self.layout = layout(items[0])
-        self.model = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=self.hidden, alpha=1e-2, max_iter=3000,
+        self.model = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=self.hidden, alpha=1e-2,
+                                                                  max_iter=3000,
                                                                   random_state=self.seed))
         self.model.fit(self._matrix(items), np.asarray(y, dtype=np.float64))
         return self

@@ -22,12 +22,13 @@ and for a copy with its hidden units permuted should be equal.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Literal, Sequence
 
 import torch
+from pydantic import PositiveInt, StrictBool, model_validator
 from torch import nn
 
+from bench.config import Section, _desc
 from bench.errors import BenchError
 from bench.weightspace.encoder.chunking import ELEMENT_DIM, ELEMENT_TYPES, LAYER_TYPES, SetBatch
 from bench.weightspace.encoder.sets import (
@@ -42,28 +43,26 @@ from bench.weightspace.zoo.architectures import Layer, permute_hidden_units
 COMBINES = ("set", "gru")
 
 
-@dataclass
-class SNEConfig:
-    kind: str = "network"  # network | head
-    element_dim: int = ELEMENT_DIM
-    hidden: int = 32
-    heads: int = 4
-    inducing: int = 8
-    blocks: int = 2  # set-to-set blocks per level
-    attention: bool = False  # large sets: DeepSets layers only (False) or each followed by an ISAB
-    freqs: int = 4  # sine/cosine pairs per encoded position
-    combine: str = "set"
+class SNEConfig(Section):
+    """The encoder's architecture. ``kind`` and ``element_dim`` follow what it reads (a fit sets
+    them from its source)."""
 
-    def __post_init__(self) -> None:
-        if self.kind not in ("network", "head"):
-            raise BenchError(f"SNE kind '{self.kind}' is not one of network, head")
-        if self.combine not in COMBINES:
-            raise BenchError(f"SNE combine '{self.combine}' is not one of {COMBINES}")
+    kind: Annotated[Literal["network", "head"], _desc("network or head (set from the source)")] = "network"
+    element_dim: Annotated[PositiveInt, _desc("a positive int (values per chunk)")] = ELEMENT_DIM
+    hidden: Annotated[PositiveInt, _desc("a positive int divisible by model.heads")] = 32
+    heads: Annotated[PositiveInt, _desc("a positive int (attention heads)")] = 4
+    inducing: Annotated[PositiveInt, _desc("a positive int (inducing points of an ISAB)")] = 8
+    blocks: Annotated[PositiveInt, _desc("a positive int (set-to-set blocks per level)")] = 1
+    # large sets: DeepSets layers only (false) or each followed by an ISAB
+    attention: Annotated[StrictBool, _desc("true or false")] = False
+    freqs: Annotated[PositiveInt, _desc("a positive int (sine/cosine pairs per encoded position)")] = 4
+    combine: Annotated[Literal[COMBINES], _desc("how layers combine in depth order: set or gru")] = "set"
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> SNEConfig:
         if self.hidden % self.heads:
-            raise BenchError(f"SNE hidden={self.hidden} must be divisible by heads={self.heads}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+            raise ValueError(f"SNE hidden={self.hidden} must be divisible by heads={self.heads}")
+        return self
 
 
 def fourier(t: torch.Tensor, freqs: int) -> torch.Tensor:

@@ -95,7 +95,8 @@ def fit_logistic_heads(
     bounds the L-BFGS iterations of each of the two fits (candidates, then the refit).
     """
     if x.ndim != 3 or y.shape != x.shape[:2]:
-        raise BenchError(f"fit_logistic_heads needs x (T, n, D) and y (T, n); got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise BenchError(f"fit_logistic_heads needs x (T, n, D) and y (T, n); got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     present = F.one_hot(y.clamp(min=0), num_classes).mul((y >= 0)[..., None]).sum(1)
     if (present < 2).any():
         t, c = (present < 2).nonzero()[0].tolist()

@@ -1,6 +1,6 @@
 """Fitting the head generator with Lightning: meta-task data, the VAE stage, the diffusion stage.
 
-``fit_generator(FitConfig(...))`` does the whole job:
+``fit_generator(GeneratorFitConfig(...))`` does the whole job (``bench generator fit``):
 
 1. meta-training tasks and their trained heads (:mod:`bench.weightspace.generator.metatasks`), cached
    under ``cache_dir`` by a hash of everything that changes them;
@@ -10,7 +10,8 @@
    per batch), several noise levels per support draw;
 4. a check on held-out meta-train tasks (new class combinations and samples, same classes):
    accuracy of generated, trained and mean-imprinted heads on the task pools;
-5. the checkpoint (:mod:`bench.weightspace.generator.model`), with the meta-tasks next to it.
+5. the checkpoint (:mod:`bench.weightspace.generator.model`), with the meta-tasks and the resolved
+   config (``config.yaml``, which ``bench generator fit -c`` replays) next to it.
 
 Both stages log to W&B (offline unless asked otherwise) and show Lightning's progress bar.
 """
@@ -21,7 +22,6 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -32,6 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bench.errors import BenchError
 from bench.runtime import finish_wandb, quiet_lightning, torch_threads, wandb_logger
+from bench.weightspace.commands import CONFIG_YAML, fit_config_yaml
+from bench.weightspace.generator.config import GeneratorFitConfig
 from bench.weightspace.generator.metatasks import (
     ClassSplit,
     MetaSource,
@@ -41,45 +43,6 @@ from bench.weightspace.generator.metatasks import (
     mix_seed,
 )
 from bench.weightspace.generator.model import FORMAT, TASKS_FILE, HeadGenerator
-
-
-@dataclass
-class FitConfig:
-    out: str = "runs/generator/d2nwg"
-    sources: tuple[str, ...] = ("digits", "gmm:a")
-    tasks: tuple[int, ...] = (400, 3000)  # meta-training tasks per source
-    train_classes: dict[str, str] = field(default_factory=dict)  # dataset -> "0-4" (default: ClassSplit.default)
-    test_classes: dict[str, str] = field(default_factory=dict)
-    ways: tuple[int, int] = (2, 10)
-    per_class: tuple[int, int] = (40, 100)
-    shots: tuple[int, ...] = (1, 2, 5, 10, 20)
-    norm: str = "l2"
-    dim: int = 64  # for procedural sources when no cached source fixes it
-    latent: int = 32
-    vae_hidden: int = 256
-    vae_depth: int = 2
-    width: int = 128
-    set_width: int = 64
-    heads: int = 4
-    set_layers: int = 2
-    class_layers: int = 3
-    vae_steps: int = 2000
-    diffusion_steps: int = 4000
-    batch_size: int = 32  # tasks per diffusion step
-    noise_levels: int = 4  # timesteps drawn per support draw
-    prediction: str = "v_prediction"  # what the denoiser predicts: epsilon | sample | v_prediction
-    lr: float = 1e-3
-    kl_weight: float = 1e-3
-    seed: int = 0
-    val_tasks: float = 0.05
-    cache_dir: str = ".cache"
-    wandb: str = "offline"  # bench.runtime's W&B modes: auto | offline | online | disabled
-    accelerator: str = "auto"
-    overwrite: bool = False
-    progress: bool = True
-    # Torch threads. The matrices are small, so one thread is about as fast as two and does not
-    # stall when other processes share the cores (oversubscribed threads spin for up to 100x).
-    threads: int = 1
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -241,22 +204,19 @@ class LatentDiffusionModule(L.LightningModule):
 
 
 # ---- the job -------------------------------------------------------------------------------
-def fit_logger(cfg: FitConfig, out: Path):
+def fit_logger(cfg: GeneratorFitConfig, out: Path):
     """The fit's W&B logger (both stages log to one run) beside the checkpoint folder, or None."""
-    return wandb_logger(cfg.wandb, out.parent / "wandb", f"{out.name}-fit", asdict(cfg), project="bench-generator",
-                        job_type="generator-fit")
+    return wandb_logger(cfg.wandb.mode, out.parent / "wandb", f"{out.name}-fit", cfg.to_dict(),
+                        project=cfg.wandb.project, entity=cfg.wandb.entity, job_type="generator-fit")
 
 
-def _trainer(cfg: FitConfig, steps: int, logger) -> L.Trainer:
+def _trainer(cfg: GeneratorFitConfig, steps: int, logger) -> L.Trainer:
     return L.Trainer(max_steps=steps, accelerator=cfg.accelerator, devices=1, logger=logger or False,
                      enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=25,
                      enable_progress_bar=cfg.progress, deterministic=False)
 
 
-def load_sources(cfg: FitConfig) -> list[tuple[MetaSource, ClassSplit, int]]:
-    if len(cfg.tasks) != len(cfg.sources):
-        raise BenchError(f"{len(cfg.sources)} source(s) but {len(cfg.tasks)} task count(s); give one --tasks "
-                         "value per --source")
+def load_sources(cfg: GeneratorFitConfig) -> list[tuple[MetaSource, ClassSplit, int]]:
     built = [build_meta_source(s, dim=cfg.dim, cache_dir=Path(cfg.cache_dir) / "embeddings") for s in cfg.sources]
     dims = {s.dim for s in built if s.classes is not None}
     if len(dims) == 1 and cfg.dim not in dims:  # procedural families follow the cached backbone's width
@@ -271,7 +231,7 @@ def load_sources(cfg: FitConfig) -> list[tuple[MetaSource, ClassSplit, int]]:
             for b, n in zip(built, cfg.tasks)]
 
 
-def metatasks_for(cfg: FitConfig, entries) -> MetaTaskSet:
+def metatasks_for(cfg: GeneratorFitConfig, entries) -> MetaTaskSet:
     """Build (or reuse from ``cache_dir``) the meta-training tasks and their trained heads."""
     key_fields = {"sources": [{**s.info(), "train": list(sp.train), "test": list(sp.test), "tasks": n}
                               for s, sp, n in entries],
@@ -287,7 +247,7 @@ def metatasks_for(cfg: FitConfig, entries) -> MetaTaskSet:
     return taskset
 
 
-def model_config(cfg: FitConfig, taskset: MetaTaskSet, dim: int) -> dict[str, Any]:
+def model_config(cfg: GeneratorFitConfig, taskset: MetaTaskSet, dim: int) -> dict[str, Any]:
     from bench.weightspace.generator.diffusion import training_schedule
 
     real = [s for s in taskset.sources if not s["dataset"].startswith("gmm:")]
@@ -331,13 +291,13 @@ def heldout_check(gen: HeadGenerator, taskset: MetaTaskSet, sources, ids: Sequen
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-def fit_generator(cfg: FitConfig) -> Path:
+def fit_generator(cfg: GeneratorFitConfig) -> Path:
     """Fit a generator and write its checkpoint to ``cfg.out``; returns the path."""
     with torch_threads(cfg.threads):
         return _fit(cfg)
 
 
-def _fit(cfg: FitConfig) -> Path:
+def _fit(cfg: GeneratorFitConfig) -> Path:
     quiet_lightning()
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
@@ -386,7 +346,7 @@ def _fit(cfg: FitConfig) -> Path:
         for k in (1, 5):
             checks[f"{k}shot"] = heldout_check(gen, taskset, sources, val_ids[:64], k, cfg.seed)
     gen.config["training"] = {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "config": cfg.to_dict(),
         "tasks": len(taskset), "train_tasks": len(train_ids), "val_tasks": len(val_ids),
         "rows": int(keep.sum()), "data_seconds": round(data_seconds, 1), "vae_seconds": round(vae_seconds, 1),
         "diffusion_seconds": round(diffusion_seconds, 1), "fit_seconds": round(fit_seconds, 1),
@@ -397,4 +357,6 @@ def _fit(cfg: FitConfig) -> Path:
     if logger:
         logger.log_metrics({f"heldout/{k}/{m}": v for k, d in checks.items() for m, v in d.items()})
         finish_wandb(logger)
-    return gen.save(out, {TASKS_FILE: taskset.save}, overwrite=cfg.overwrite)
+    config_yaml = fit_config_yaml(cfg)
+    return gen.save(out, {TASKS_FILE: taskset.save, CONFIG_YAML: lambda path: path.write_text(config_yaml)},
+                    overwrite=cfg.overwrite)

@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import lightning as L
 import numpy as np
 import torch
 from safetensors import safe_open
@@ -172,43 +173,40 @@ def plan_zoo(count: int, seed: int = 0, dataset: str = "digits", fixed_fraction:
 
 # -- training (Lightning) ---------------------------------------------------------------------
 
-def _lightning_classes():
-    import lightning as L
+class ZooNetModule(L.LightningModule):
+    """One zoo network trained with its recipe's optimiser (SGD with momentum 0.9, or Adam) on
+    cross-entropy."""
 
-    class ZooNetModule(L.LightningModule):
-        """One zoo network and its recipe's optimiser."""
+    def __init__(self, spec: NetSpec, recipe: TrainRecipe) -> None:
+        super().__init__()
+        self.net = build_network(spec)
+        self.recipe = recipe
 
-        def __init__(self, spec: NetSpec, recipe: TrainRecipe) -> None:
-            super().__init__()
-            self.net = build_network(spec)
-            self.recipe = recipe
+    def forward(self, x):
+        return self.net(x)
 
-        def forward(self, x):
-            return self.net(x)
+    def training_step(self, batch, _):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
 
-        def training_step(self, batch, _):
-            x, y = batch
-            return torch.nn.functional.cross_entropy(self.net(x), y)
+    def configure_optimizers(self):
+        r = self.recipe
+        if r.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=r.lr, momentum=0.9, weight_decay=r.weight_decay)
+        return torch.optim.Adam(self.parameters(), lr=r.lr, weight_decay=r.weight_decay)
 
-        def configure_optimizers(self):
-            r = self.recipe
-            if r.optimizer == "sgd":
-                return torch.optim.SGD(self.parameters(), lr=r.lr, momentum=0.9, weight_decay=r.weight_decay)
-            return torch.optim.Adam(self.parameters(), lr=r.lr, weight_decay=r.weight_decay)
 
-    class ZooDataModule(L.LightningDataModule):
-        """The (noisy) training split, shuffled by the recipe's seed."""
+class ZooDataModule(L.LightningDataModule):
+    """A zoo network's (noisy) training split, shuffled by the recipe's seed."""
 
-        def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
-            super().__init__()
-            self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
 
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True,
-                generator=torch.Generator().manual_seed(self.seed))
-
-    return ZooNetModule, ZooDataModule
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed))
 
 
 @torch.no_grad()
@@ -218,21 +216,18 @@ def _accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train_member(member: ZooMember) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train one member; returns its state dict and metrics (accuracies, gap, seconds)."""
-    import lightning as L
-
     quiet_lightning()
     start = time.perf_counter()
     r = member.recipe
     x_tr, y_tr, x_te, y_te = zoo_data(r.dataset)
     y_noisy = noisy_labels(y_tr, r.label_noise, r.seed)
-    module_cls, data_cls = _lightning_classes()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(r.seed)
-        module = module_cls(member.spec, r)
+        module = ZooNetModule(member.spec, r)
     trainer = L.Trainer(max_epochs=r.epochs, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=data_cls(x_tr, y_noisy, r.batch_size, r.seed))
+    trainer.fit(module, datamodule=ZooDataModule(x_tr, y_noisy, r.batch_size, r.seed))
     net = module.net.eval()
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()
              if not k.endswith("num_batches_tracked")}
