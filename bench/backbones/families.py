@@ -1,6 +1,6 @@
 """Optional backbone families: timm, open_clip image towers and Hugging Face transformers.
 
-Each is an extra (``pip install ".[timm,openclip,hf]"``); asking for a family whose package is
+Each is an extra (``pip install "imprint-bench[timm,openclip,hf]"``); asking for a family whose package is
 missing names the extra. Weights come from the hub when there is a network (``weights:
 DEFAULT`` or a pretrained tag), from a local file or folder, or are random (``weights: null``).
 """
@@ -27,7 +27,8 @@ def _need(family: str):
         return importlib.import_module(module)
     except ImportError as err:
         raise BenchError(
-            f"backbone family '{family}' needs the {module} package: pip install \".[{extra}]\""
+            f"backbone family '{family}' needs the {module} package: pip install \"imprint-bench[{extra}]\" "
+            f"(in a checkout: pip install \".[{extra}]\")"
         ) from err
 
 

@@ -214,7 +214,7 @@ def _none_problem(spec) -> str | None:
     return None
 
 
-@register_gen("none", ignores_support=True, options=_positive_k(1), problem=_none_problem,
+@register_gen("none", options=_positive_k(1), problem=_none_problem,
               summary="random proxies that ignore the support: the floor every method must beat")
 def gen_none(x: torch.Tensor, mask: torch.Tensor, *, rng: RowRandom | int, k: int = 1) -> GenResult:
     c, _, d = x.shape

@@ -125,7 +125,6 @@ class Method:
     linear: bool = False  # rows of a linear classifier, one per class (scored by inner product)
     sample_proxies: bool = False  # proxies are support samples, so they keep the samples' norm
     single_proxy: bool = False  # exactly one proxy per class whatever the options
-    ignores_support: bool = False  # proxies do not depend on the support values
     k_option: str | None = None  # with this many proxies >= a class's size, the result is `all`
     one_sample_identity: bool = False  # the proxy of a one-sample class is that sample (`all`)
     simplify: Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | None] | None = None
