@@ -6,8 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from bench import BenchError
-from bench.backbones import build_backbone, save_checkpoint
-from bench.backbones import tiny_asset_path
+from bench.backbones import build_backbone, save_checkpoint, tiny_asset_path
 from bench.backbones.base import weights_fingerprint
 from bench.data.sources import DigitsSource
 
@@ -25,7 +24,7 @@ def test_tiny_digits_is_frozen_and_embeds():
 
 def _digits_predictions(backbone_name: str) -> torch.Tensor:
     """Mean-imprinting (qi2018) predictions on the digits test split, support = the train split."""
-    from bench.imprint import ImprintedHead, build_head
+    from bench.imprint import build_head
 
     bb = build_backbone(backbone_name)
     out = []

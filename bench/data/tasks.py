@@ -23,8 +23,7 @@ from typing import Annotated, Any, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
-from pydantic import field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
 
 from bench import packaged
 from bench.data.episodes import Episode, sample_episode, select_classes
