@@ -21,6 +21,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, NonNegativeInt, Pos
 from pydantic import model_validator
 
 from bench import packaged
+from bench.data.sources import known_sources
 from bench.data.tasks import TaskSuite
 from bench.errors import BenchError
 from bench.imprint.presets import PRESETS, split_top
@@ -70,8 +71,8 @@ class BackboneConfig(Section):
 
 
 class DatasetConfig(Section):
-    name: Annotated[str | None, _desc("digits, imagefolder:<root>, hf:<name or path>, tv:<Name> or "
-                                      "synthetic:<n> (default: the task suite's dataset)")] = None
+    name: Annotated[str | None, _desc(", ".join(known_sources()[:-1]) + f" or {known_sources()[-1]} (default: the "
+                                      "task suite's dataset)")] = None
     train_split: Annotated[str, _desc("a split name")] = "train"
     test_split: Annotated[str, _desc("a split name")] = "test"
     options: Annotated[dict[str, Any], _desc("a mapping of the source's options, e.g. {image_key: img}")] = {}
@@ -257,8 +258,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = packaged.locate(path, "configs")
         if p is None or not p.is_file():
-            raise BenchError(f"config file {path} does not exist (shipped configs: "
-                             f"{', '.join('configs/' + c for c in packaged.listing('configs'))})")
+            where = ""
+            if Path(path).parts[:1] == ("configs",):
+                shipped = ", ".join("configs/" + c for c in packaged.listing("configs"))
+                where = f" here nor among the shipped configs ({shipped})"
+            raise BenchError(f"config file {path} does not exist{where}")
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
