@@ -67,7 +67,8 @@ def train_backbones(out: Path, count: int) -> list[str]:
 def main(argv=None) -> list[Path]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/headzoo"))
-    ap.add_argument("--backbones", type=int, default=3, help=f"trained backbones besides tiny-digits (max {len(BACKBONES)})")
+    ap.add_argument("--backbones", type=int, default=3,
+                    help=f"trained backbones besides tiny-digits (max {len(BACKBONES)})")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5, 10, 20])
     ap.add_argument("--cache-dir", default=".cache/bench")

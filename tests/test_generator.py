@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -195,7 +196,29 @@ def test_tiny_fit_overfits_one_task(tmp_path):
     assert saved["sources"][0]["meta_train_classes"][:3] == [0, 1, 2]
 
 
-def test_fit_config_is_a_run_style_config_and_a_fit_replays_from_it(tmp_path, monkeypatch, capsys):
+TINY_FIT = ["--source", "gmm:a", "--tasks", "2", "--ways", "3", "3", "--per-class", "10", "10", "--shots", "2",
+            "--latent", "4", "--width", "16", "--vae-steps", "3", "--diffusion-steps", "3", "--batch-size", "2",
+            "--threads", "1", "--accelerator", "cpu", "--no-progress", f"dim={DIM}", "vae_hidden=16", "set_width=8",
+            "heads=2", "set_layers=1", "class_layers=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tmp_path_factory):
+    """A checkpoint of `bench generator fit` in seconds (3 steps per stage), fitted with W&B mode
+    `auto` and no credentials."""
+    from bench.cli import main
+
+    root = tmp_path_factory.mktemp("gens")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("WANDB_API_KEY", raising=False)
+        mp.delenv("WANDB_MODE", raising=False)
+        mp.setenv("HOME", str(root))  # no ~/.netrc: no credentials
+        assert main(["generator", "fit", *TINY_FIT, "--cache-dir", str(root / "cache"), "--wandb", "auto",
+                     "--out", str(root / "first")]) == 0
+    return root / "first"
+
+
+def test_fit_config_is_a_run_style_config_and_a_fit_replays_from_it(tiny_generator, tmp_path, capsys):
     """`bench generator fit` reads keys like `bench run`, saves its resolved config with the
     checkpoint, and `-c <checkpoint>/config.yaml` fits the same generator again. Its W&B mode is
     bench.runtime's: `auto` (which the generator refused before) is offline without credentials."""
@@ -214,23 +237,38 @@ def test_fit_config_is_a_run_style_config_and_a_fit_replays_from_it(tmp_path, mo
     with pytest.raises(BenchError, match=r"^config: ways is \[MIN, MAX\]"):
         load_config(None, ["ways=[5, 3]"], model=GeneratorFitConfig)
 
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no credentials
-    first, again = tmp_path / "gens" / "first", tmp_path / "gens" / "again"
-    tiny = ["--source", "gmm:a", "--tasks", "2", "--ways", "3", "3", "--per-class", "10", "10", "--shots", "2",
-            "--latent", "4", "--width", "16", "--vae-steps", "3", "--diffusion-steps", "3", "--batch-size", "2",
-            "--threads", "1", "--accelerator", "cpu", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
-            f"dim={DIM}", "vae_hidden=16", "set_width=8", "heads=2", "set_layers=1", "class_layers=1"]
-    assert main(["generator", "fit", *tiny, "--wandb", "auto", "--out", str(first)]) == 0
-    assert list((tmp_path / "gens" / "wandb").rglob("offline-run-*")), "auto without credentials runs offline"
+    first = tiny_generator
+    assert list((first.parent / "wandb").rglob("offline-run-*")), "auto without credentials runs offline"
     saved = load_config(first / "config.yaml", model=GeneratorFitConfig)
     assert saved.vae_steps == 3 and saved.ways == (3, 3) and saved.wandb.mode == "auto"
     assert main(["generator", "fit", "-c", str(first / "config.yaml"), "wandb.mode=disabled"]) == 2
     assert "exists; choose another out" in capsys.readouterr().err
+    again = tmp_path / "again"
     assert main(["generator", "fit", "-c", str(first / "config.yaml"), f"out={again}", "wandb.mode=disabled"]) == 0
     a, b = load_file(first / MODEL_FILE), load_file(again / MODEL_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluation_end_to_end(tiny_generator, tmp_path, monkeypatch):
+    """The generator evaluation (scripts/generator_eval.py) on the tiny checkpoint: every method
+    on meta-test tasks, flipped labels, a family it never saw, memorisation and cost."""
+    import csv
+
+    from bench.weightspace.generator.evaluation import main
+
+    monkeypatch.setenv("BENCH_GENERATOR_DIR", str(tmp_path / "elsewhere"))
+    out = tmp_path / "eval"
+    summary = main(["--ckpt", str(tiny_generator), "--tasks", "2", "--shots", "5", "--ways", "3", "--queries", "3",
+                    "--per-class", "10", "--steps", "2", "--samples", "2", "--repeats", "1",
+                    "--cache-dir", str(tiny_generator.parent / "cache"), "--out", str(out)])
+    assert os.environ["BENCH_GENERATOR_DIR"] == str(tmp_path / "elsewhere")  # the caller's value is back
+    clean = summary["sources"]["gmm:a"]["clean"]
+    assert {"d2nwg", "d2nwg-mean", "qi2018", "simpleshot", "westerhoff2025", "dc", "retrieval", "trained"} <= set(clean)
+    assert 0 <= clean["d2nwg"][5]["mean"] <= 1 and "flipped" in summary["sources"]["gmm:a"]
+    assert "gmm:b (never seen)" in summary["sources"] and summary["cost"]["d2nwg_seconds_per_head"] > 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["condition"] for r in rows} == {"clean", "flip0.2", "cross-family"}
+    assert (out / "accuracy.png").stat().st_size > 10_000
 
 
 # ---- checkpoint checks -----------------------------------------------------------------------

@@ -416,10 +416,10 @@ def test_head_zoo_pairs_results_rows_with_head_files(tmp_path):
         HeadZoo.load([tmp_path / "run"])
 
 
-def test_evaluation_script_end_to_end(tmp_path):
-    """Every split of scripts/weight_encoder_eval.py on a tiny zoo, one epoch per SNE fit."""
-    import importlib.util
-    from pathlib import Path
+def test_evaluation_end_to_end(tmp_path):
+    """Every split of the encoder evaluation (scripts/weight_encoder_eval.py) on a tiny zoo, one
+    epoch per SNE fit."""
+    from bench.weightspace.encoder.evaluation import main
 
     fixed = NetSpec("conv", 2, 16, 3)  # the zoo's fixed architecture
     fast = lambda s, **kw: TrainRecipe(epochs=1, batch_size=128, seed=s, **kw)  # noqa: E731
@@ -432,17 +432,15 @@ def test_evaluation_script_end_to_end(tmp_path):
     build_zoo(tmp_path / "zoo", members, log=lambda s: None)
     build_zoo(tmp_path / "cross", cross, log=lambda s: None)
     run = _fake_run(tmp_path / "run", methods=("qi2018", "knn", "l2/kmeans:k=2/l2/l2/max"))
-    path = Path(__file__).resolve().parents[1] / "scripts" / "weight_encoder_eval.py"
-    spec = importlib.util.spec_from_file_location("weight_encoder_eval", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     out = tmp_path / "out"
     with pytest.raises(BenchError, match="is not sne"):  # a typo stops it before any fitting
-        script.main(["--zoo", str(tmp_path / "zoo"), "--out", str(out), "--sne", "sne+l10"])
+        main(["--zoo", str(tmp_path / "zoo"), "--out", str(out), "--sne", "sne+l10"])
     with pytest.raises(BenchError, match="twice"):  # sne+li0 is plain sne: one name per config
-        script.main(["--zoo", str(tmp_path / "zoo"), "--out", str(out), "--sne", "sne", "sne+li0"])
+        main(["--zoo", str(tmp_path / "zoo"), "--out", str(out), "--sne", "sne", "sne+li0"])
+    with pytest.raises(BenchError, match="--wandb: 'mode' = 'sometimes' is not valid"):
+        main(["--zoo", str(tmp_path / "zoo"), "--out", str(out), "--wandb", "sometimes"])
     assert not out.exists()
-    result = script.main(["--zoo", str(tmp_path / "zoo"), "--cross-zoo", str(tmp_path / "cross"), "--heads", str(run),
+    result = main(["--zoo", str(tmp_path / "zoo"), "--cross-zoo", str(tmp_path / "cross"), "--heads", str(run),
                           "--out", str(out), "--holdout", "mlp2,mlp2-bn", "--epochs", "1", "--head-epochs", "1",
                           "--hidden", "8", "--sne", "sne", "sne+li5+aug1", "--cross-arch-sne", "sne+aug0.5",
                           "--permutations", "1", "--test-fraction", "0.5",

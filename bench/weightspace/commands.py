@@ -44,12 +44,13 @@ def load_fit_config(model: type[BaseModel], args: argparse.Namespace, flags: dic
     return load_config(args.config, given + list(args.overrides), model=model)
 
 
-def check_config(model: type[BaseModel], values: dict[str, Any]) -> Any:
-    """``model`` from values built in code, with a config file's one-line error."""
+def check_config(model: type[BaseModel], values: dict[str, Any], what: str = "config") -> Any:
+    """``model`` from values built in code, with a config file's one-line error (``what`` names
+    where the values came from)."""
     try:
         return model.model_validate(values)
     except ValidationError as err:
-        raise BenchError(format_validation_error(err, model, "config")) from None
+        raise BenchError(format_validation_error(err, model, what)) from None
 
 
 def fit_config_yaml(config: BaseModel) -> str:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Predict accuracy from weights: SNE against StatNN and a flattened-weights MLP, side by side.
 
 Reads a network zoo on digits, a second zoo on another dataset (digits with a fixed pixel
@@ -26,13 +25,13 @@ has the logit-invariance regulariser at strength 10, ``sne+aug1`` sees every tra
 a freshly permuted copy (probability 1), ``sne+li100+aug1`` both.
 
 Writes results.json, table.csv, predictions.csv and figures (predicted vs true per predictor and
-split, permutation sensitivity, head-selection regret) to --out.
+split, permutation sensitivity, head-selection regret) to --out. ``scripts/weight_encoder_eval.py``
+runs :func:`main`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from bench.config import WandbConfig
 from bench.errors import BenchError
 from bench.runtime import configure_threads, write_json_atomic
 from bench.statistics import kendall_tau
-from bench.weightspace.commands import check_config, write_csv
+from bench.weightspace.commands import FlagParser, check_config, write_csv
 from bench.weightspace.encoder.config import EncoderFitConfig
 from bench.weightspace.encoder.flatmlp import FlatMLP
 from bench.weightspace.encoder.scoring import permutation_sensitivity, r2_score, selection_regret
@@ -58,8 +57,12 @@ DEFAULT_HOLDOUTS = ["conv3,conv3-bn,mlp2", "conv4,conv4-bn,mlp3"]
 
 
 class Evaluation:
+    """The rows of the table (one per split and predictor), the predictions behind them and the
+    time each fit and check took."""
+
     def __init__(self, args) -> None:
         self.args = args
+        self.wandb = check_config(WandbConfig, {"mode": args.wandb}, "--wandb")  # a bad mode stops it before any fit
         self.rows: list[dict] = []
         self.preds: list[dict] = []
         self.timings: dict[str, float] = {}
@@ -82,7 +85,7 @@ class Evaluation:
     def fit(self, predictor, items, y, split: str):
         start = time.perf_counter()
         if isinstance(predictor, SNEPredictor):
-            predictor.fit(items, y, wandb=WandbConfig(mode=self.args.wandb), log_dir=self.args.out / "wandb",
+            predictor.fit(items, y, wandb=self.wandb, log_dir=self.args.out / "wandb",
                           progress=self.args.progress, run_name=f"{predictor.name}-{split}")
         else:
             predictor.fit(items, y)
@@ -295,7 +298,8 @@ def figures(out: Path, rows: list[dict], preds: list[dict]) -> list[Path]:
             ax.text(vals[k] * 1.5, k, f"{r['perm_max_pct_of_range']:.3g}%", va="center", fontsize=7)
         ax.axvline(1.0, color="k", ls="--", lw=0.8, label="1% of range")
         ax.set_xlim(right=max(vals) * 20)
-        ax.set_xlabel("largest change under hidden-unit permutations\n(% of prediction range, log scale; values below 1e-6 drawn at 1e-6)")
+        ax.set_xlabel("largest change under hidden-unit permutations\n"
+                      "(% of prediction range, log scale; values below 1e-6 drawn at 1e-6)")
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         paths.append(out / "permutation_sensitivity.png")
@@ -315,8 +319,9 @@ def figures(out: Path, rows: list[dict], preds: list[dict]) -> list[Path]:
     return paths
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    ap = FlagParser(prog="weight_encoder_eval.py", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=Path(".cache/zoo/digits"), help="network zoo; 'none': heads only")
     ap.add_argument("--cross-zoo", type=Path, default=Path(".cache/zoo/digits-permuted"),
                     help="a zoo trained on a second dataset; 'none' skips the cross-dataset split")
@@ -336,19 +341,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--cross-arch-sne", nargs="+", default=["sne", "sne+aug1"],
                     help="the SNE variants fitted on each cross-architecture split")
     ap.add_argument("--permutations", type=int, default=5, help="random permutations per test network")
-    ap.add_argument("--wandb", default="disabled", help="W&B mode for the SNE fits: disabled | offline | auto")
+    ap.add_argument("--wandb", default="disabled", help="W&B mode for the SNE fits: auto | offline | online | disabled")
     ap.add_argument("--progress", action="store_true", help="Lightning progress bars for the SNE fits")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run every split the arguments ask for; print the table, write the files; returns the results."""
+    args = parser().parse_args(argv)
     for flag, names in (("--sne", args.sne), ("--cross-arch-sne", args.cross_arch_sne)):
         # a typo stops the script before minutes of fitting; two names for one config (sne, sne+li0)
         # would write two rows under one predictor name, and the table and figures would mix them
         canonical = [default_name(check_config(EncoderFitConfig, parse_variant(name))) for name in names]
         if len(set(canonical)) < len(canonical):
             raise BenchError(f"{flag} names one SNE config twice: {names} are {canonical}")
+    ev = Evaluation(args)
     configure_threads()
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    ev = Evaluation(args)
     if str(args.zoo) != "none":
         zoo = NetworkZoo.load(args.zoo)
         cross = None if str(args.cross_zoo) == "none" else NetworkZoo.load(args.cross_zoo)
@@ -370,11 +380,3 @@ def main(argv=None) -> dict:
     print(f"\nevaluation took {total:.0f}s; results: {args.out / 'results.json'}; figures: "
           + ", ".join(str(p) for p in paths))
     return result
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The head generator (D2NWG) side by side with imprinting, retrieval and the trained head.
 
     python scripts/generator_eval.py --ckpt runs/generator/d2nwg                 # 100 tasks per shot count
@@ -26,7 +25,7 @@ generator never saw, ``--cross``, for which the GEN's backbone check is bypassed
 and cost (seconds per head, generation against imprinting, best of ``--repeats``).
 
 Writes ``results.csv`` (one row per task, method, shot count and condition), ``summary.json``
-and ``accuracy.png`` under ``--out``.
+and ``accuracy.png`` under ``--out``. ``scripts/generator_eval.py`` runs :func:`main`.
 """
 
 from __future__ import annotations
@@ -36,7 +35,9 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -44,18 +45,19 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
+from bench.errors import BenchError
 from bench.imprint import PRESETS, Reference, build_head
 from bench.runtime import torch_threads, write_json_atomic
-from bench.weightspace.commands import write_csv
+from bench.weightspace.commands import FlagParser, write_csv
 from bench.weightspace.generator.d2nwg import load_generator
 from bench.weightspace.generator.metatasks import MetaTaskSet, build_meta_source, draw_task, mix_seed, normalize
-from bench.weightspace.generator.target_heads import fit_logistic_heads
+from bench.weightspace.generator.target_heads import canonical_rows, fit_logistic_heads
 
 IMPRINTING = ("qi2018", "simpleshot", "westerhoff2025", "dc")
 
 
-def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = FlagParser(prog="generator_eval.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True, type=Path, help="a checkpoint folder of `bench generator fit`")
     ap.add_argument("--tasks", type=int, default=100, help="meta-test tasks per source and shot count")
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5, 20])
@@ -73,7 +75,7 @@ def parse_args():
                          "and does not stall when the cores are shared (default 1)")
     ap.add_argument("--cache-dir", default=".cache")
     ap.add_argument("--out", type=Path, default=Path("runs/generator_eval"))
-    return ap.parse_args()
+    return ap
 
 
 # ---- tasks -----------------------------------------------------------------------------------
@@ -211,12 +213,28 @@ def references_for(source, split_train, norm, per_class=100, max_classes=64):
 
 
 # ---- the evaluation --------------------------------------------------------------------------
+@contextmanager
+def generator_dir(folder: Path) -> Iterator[None]:
+    """A spec names its checkpoint as a folder under $BENCH_GENERATOR_DIR (``/`` separates a
+    spec's stages): point it at the checkpoint's parent inside the block, the caller's value after."""
+    before = os.environ.get("BENCH_GENERATOR_DIR")
+    os.environ["BENCH_GENERATOR_DIR"] = str(folder.parent)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("BENCH_GENERATOR_DIR", None)
+        else:
+            os.environ["BENCH_GENERATOR_DIR"] = before
+
+
 def evaluate(args):
+    """Every source's clean, flipped and memorisation blocks, the never-seen families and the cost:
+    (rows, summary, figure data)."""
     gen = load_generator(args.ckpt)
     cfg = gen.config
     norm = cfg["norm"]
     folder = args.ckpt.resolve()
-    os.environ["BENCH_GENERATOR_DIR"] = str(folder.parent)
     gen_spec = f"{norm}/d2nwg:ckpt={folder.name},steps={args.steps},samples={args.samples}/none/{norm}/max"
     gen_mean_spec = gen_spec.replace(f"samples={args.samples}", f"samples={args.samples},select=mean")
     cache = Path(args.cache_dir) / "embeddings"
@@ -224,12 +242,12 @@ def evaluate(args):
                                        dim=cfg["embedding_dim"], cache_dir=cache) for s in cfg["sources"]]
     for s, info in zip(train_sources, cfg["sources"]):
         if s.backbone != info["backbone"]:
-            raise SystemExit(f"source {info['dataset']} now has backbone {s.backbone[:12]}, the checkpoint "
+            raise BenchError(f"source {info['dataset']} now has backbone {s.backbone[:12]}, the checkpoint "
                              f"{info['backbone'][:12]}: refit the generator")
     metatasks = MetaTaskSet.load(folder / "metatasks.safetensors")
     heads = TrainingHeads(metatasks, train_sources)
 
-    rows, timing = [], {}
+    rows = []
     summary: dict = {"checkpoint": str(folder), "config": {k: v for k, v in vars(args).items()
                                                              if k not in ("ckpt", "out")}, "sources": {}}
 
@@ -328,8 +346,6 @@ def head_rows(head):
 def memorisation(heads: TrainingHeads, gen_rows, tasks, w_tr, b_tr, max_heads=200):
     """Nearest training head (cosine of matched, flattened rows) of generated heads, of the
     meta-test tasks' own trained heads, and of training heads among themselves."""
-    from bench.weightspace.generator.target_heads import canonical_rows
-
     g = torch.Generator().manual_seed(0)
     out = {}
     by_k = {}
@@ -389,7 +405,8 @@ def table(acc, shots_list):
     for k in shots_list:
         best = max(imprint, key=lambda m: out[m][k]["mean"])
         g, tr, bi = out["d2nwg"][k]["mean"], out["trained"][k]["mean"], out[best][k]["mean"]
-        out["_gap_closed"][k] = {"best_imprinting": best, "gap_closed": (g - bi) / (tr - bi) if tr != bi else float("nan"),
+        out["_gap_closed"][k] = {"best_imprinting": best,
+                                 "gap_closed": (g - bi) / (tr - bi) if tr != bi else float("nan"),
                                  "gen_minus_best": g - bi, "spread_over_tasks": out[best][k]["std"]}
         if "retrieval" in out:
             out["_margin_over_retrieval"][k] = g - out["retrieval"][k]["mean"]
@@ -451,11 +468,12 @@ def figure(figure_data, path, shots_list):
     plt.close(fig)
 
 
-def main():
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    """Evaluate the checkpoint the arguments name; print the tables, write the files; returns the summary."""
+    args = parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with torch_threads(args.threads):
+    with torch_threads(args.threads), generator_dir(args.ckpt.resolve()):
         rows, summary, figure_data = evaluate(args)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     for name, block in summary["sources"].items():
@@ -476,7 +494,4 @@ def main():
     figure(figure_data, args.out / "accuracy.png", args.shots)
     print(f"\nresults: {args.out / 'results.csv'}, {args.out / 'summary.json'}, {args.out / 'accuracy.png'} "
           f"({summary['seconds']:.0f}s)")
-
-
-if __name__ == "__main__":
-    main()
+    return summary
