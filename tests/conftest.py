@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 @pytest.fixture
@@ -17,3 +20,39 @@ def blobs():
     x = centres.repeat_interleave(10, 0) + 0.3 * torch.randn(30, 3, generator=g)
     y = torch.arange(3).repeat_interleave(10)
     return x, y
+
+
+@pytest.fixture(scope="session")
+def forks(tmp_path_factory):
+    """Separate processes forked from a server that imported bench once (tests/forkserver.py)."""
+    from tests.forkserver import ForkServer
+
+    server = ForkServer(tmp_path_factory.mktemp("forks"))
+    yield server
+    server.close()
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="session")
+def quickstart_cache(tmp_path_factory):
+    """The quickstart's cache: tiny-digits embeddings of the digits train and test splits, extracted
+    once per session (in this process, as `bench extract` with configs/quickstart.yaml does).
+
+    Shared, so read only: a test that may write into a cache takes a copy (`copy_cache`); the
+    session fails at the end if anything in it changed."""
+    from bench import pipeline
+    from bench.config import load_config
+    from bench.runtime import quiet_lightning, torch_threads
+
+    root = tmp_path_factory.mktemp("quickstart-cache")
+    cfg = load_config(QUICKSTART, [f"cache_dir={root}", "wandb.mode=disabled"])
+    quiet_lightning()
+    with torch_threads(torch.get_num_threads()):
+        pipeline.extract_stage(cfg)
+    before = _tree(root)
+    assert len([p for p in root.iterdir() if not p.name.startswith(".")]) == 2  # train and test
+    yield root
+    assert _tree(root) == before, "a test wrote into the shared quickstart cache; copy it with copy_cache"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,3 +21,13 @@ def write_image_folder(root: Path, classes=("cat", "dog", "emu"), per_class: int
             img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / name / f"{i:03d}.png")
     return root
+
+
+def copy_cache(cache: Path, to: Path) -> Path:
+    """A writable copy of a cache's complete entries (a few hundred KB for digits): for a test that
+    may write into a cache shared read-only (conftest's quickstart_cache)."""
+    to.mkdir(parents=True, exist_ok=True)
+    for entry in cache.iterdir():
+        if not entry.name.startswith("."):
+            shutil.copytree(entry, to / entry.name)
+    return to
