@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,12 +13,12 @@ import torch
 from bench import BenchError
 from bench.statistics import kendall_tau
 from bench.weightspace.encoder.chunking import (
+    ChunkedLayer,
     chunk_head,
     chunk_layer,
     chunk_network,
     collate_heads,
     collate_networks,
-    unchunk_layer,
 )
 from bench.weightspace.encoder.scoring import selection_regret
 from bench.weightspace.encoder.sne import SNE, SNEConfig, logit_invariance_loss
@@ -26,7 +27,6 @@ from bench.weightspace.zoo.architectures import (
     Layer,
     NetSpec,
     build_network,
-    layers_to_state,
     network_layers,
     permute_hidden_units,
 )
@@ -44,6 +44,38 @@ def random_state(spec: NetSpec, seed: int = 0) -> dict[str, torch.Tensor]:
             continue
         state[k] = torch.rand_like(v) + 0.5 if k.endswith("running_var") else torch.randn_like(v) * 0.3
     return state
+
+
+def unchunk_layer(chunked: ChunkedLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's (weight, bias) read back from its elements: chunking loses nothing if this
+    inverts ``chunk_layer``."""
+    e = chunked.values.shape[1]
+    if chunked.kind == "conv":
+        out, inp, kh, kw = chunked.shape
+        grid = round(math.sqrt(e))
+        ph, pw = (grid - kh) // 2, (grid - kw) // 2
+        kernels = chunked.values[: out * inp].reshape(out, inp, grid, grid)[:, :, ph:ph + kh, pw:pw + kw]
+        return kernels.contiguous(), chunked.values[out * inp:, 0].clone()
+    if chunked.kind == "linear":
+        out, inp = chunked.shape
+        full = chunked.values.reshape(out, -1)[:, : inp + 1]
+        return full[:, :inp].contiguous(), full[:, inp].clone()
+    _, k = chunked.shape
+    return chunked.values[:, :k].contiguous(), None
+
+
+def layers_to_state(layers: list[Layer], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` with the layers' tensors written back (the inverse of network_layers),
+    to run a permuted network as a module."""
+    out = dict(state)
+    for layer in layers:
+        if layer.kind == "bn":
+            for j, k in enumerate(("weight", "bias", "running_mean", "running_var")):
+                out[layer.names[k]] = layer.weight[:, j].clone()
+        else:
+            out[layer.names["weight"]] = layer.weight.clone()
+            out[layer.names["bias"]] = layer.bias.clone()
+    return out
 
 
 SPECS = [NetSpec("conv", 3, 8, 3, True), NetSpec("conv", 2, 6, 5, False), NetSpec("mlp", 2, 7, 3, True)]
@@ -252,7 +284,8 @@ def tiny_zoo(tmp_path_factory):
 def test_zoo_is_content_addressed_and_resumable(tiny_zoo, capsys):
     zoo = NetworkZoo.load(tiny_zoo)
     assert sorted(r.key for r in zoo) == sorted(m.key for m in FAST)
-    assert all(0.0 <= r.test_acc <= 1.0 and r.metrics["gap"] == pytest.approx(r.metrics["train_acc"] - r.test_acc)
+    assert all(0.0 <= r.metrics["test_acc"] <= 1.0
+               and r.metrics["gap"] == pytest.approx(r.metrics["train_acc"] - r.metrics["test_acc"])
                for r in zoo)
     again = build_zoo(tiny_zoo, FAST, workers=1, log=lambda s: None)
     assert again["trained_now"] == 0
@@ -378,18 +411,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def _fake_run(root, methods=("qi2018", "l2/kmeans:k=2/l2/l2/max")):
     """A run folder laid out as `bench run ... save_heads=true` writes it."""
     from bench.imprint import SupportSet, build_head_grid
-    from bench.weightspace.zoo.heads import method_slug
+    from bench.naming import head_path
 
     g = torch.Generator().manual_seed(0)
     rows = []
     for seed in (0, 1):
         x = torch.randn(12, 6, generator=g)
         y = torch.tensor([3, 5, 8]).repeat(4)  # label values that are not class columns
-        folder = root / "heads" / f"novel-4shot-seed{seed}"
-        folder.mkdir(parents=True)
         heads = build_head_grid(list(methods), [SupportSet(x, y, seed=seed)])
         for j, m in enumerate(methods):
-            heads[j][0].save(folder / f"{method_slug(m)}.safetensors")
+            path = head_path(root, "novel", 4, seed, m)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            heads[j][0].save(path)
             rows.append({"backbone": "tiny-digits", "dataset": "digits", "task": "t", "classes": "novel",
                          "shots": "4", "seed": seed, "method": m, "acc": 0.5 + 0.1 * j + 0.01 * seed})
     with (root / "results.csv").open("w", newline="") as fh:

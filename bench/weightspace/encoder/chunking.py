@@ -34,7 +34,6 @@ from bench.errors import BenchError
 from bench.weightspace.zoo.architectures import Layer
 
 ELEMENT_DIM = 25  # a whole 5 x 5 kernel; linear rows are chunked into pieces of this size
-KERNEL_GRID = 5
 ELEMENT_TYPES = {"conv": 0, "conv-bias": 1, "linear": 2, "bn": 3, "proxy": 4}
 LAYER_TYPES = {"conv": 0, "linear": 1, "bn": 2}
 
@@ -91,23 +90,6 @@ def chunk_layer(layer: Layer, element_dim: int = ELEMENT_DIM) -> ChunkedLayer:
         return ChunkedLayer("bn", values, torch.arange(c), torch.zeros(c, dtype=torch.long),
                             torch.full((c,), ELEMENT_TYPES["bn"]), tuple(w.shape), c, 1)
     raise BenchError(f"layer kind '{layer.kind}' cannot be chunked; known: conv, linear, bn")
-
-
-def unchunk_layer(chunked: ChunkedLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's (weight, bias) from its elements: the exact inverse of ``chunk_layer``."""
-    e = chunked.values.shape[1]
-    if chunked.kind == "conv":
-        out, inp, kh, kw = chunked.shape
-        grid = int(round(math.sqrt(e)))
-        ph, pw = (grid - kh) // 2, (grid - kw) // 2
-        kernels = chunked.values[: out * inp].reshape(out, inp, grid, grid)[:, :, ph:ph + kh, pw:pw + kw]
-        return kernels.contiguous(), chunked.values[out * inp:, 0].clone()
-    if chunked.kind == "linear":
-        out, inp = chunked.shape
-        full = chunked.values.reshape(out, -1)[:, : inp + 1]
-        return full[:, :inp].contiguous(), full[:, inp].clone()
-    c, k = chunked.shape
-    return chunked.values[:, :k].contiguous(), None
 
 
 @dataclass
@@ -204,10 +186,6 @@ class SetBatch:
     group_types: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     group_positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2))
     scalars: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # heads: (N, 1) log norms
-
-    @property
-    def num_items(self) -> int:
-        return self.sizes[-1]
 
     def to(self, device) -> SetBatch:
         move = lambda t: t.to(device)  # noqa: E731

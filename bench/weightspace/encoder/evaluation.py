@@ -40,7 +40,7 @@ import torch
 
 from bench.config import WandbConfig
 from bench.errors import BenchError
-from bench.runtime import configure_threads, write_json_atomic
+from bench.runtime import atomic_path, configure_threads, write_json_atomic
 from bench.statistics import kendall_tau
 from bench.weightspace.commands import FlagParser, check_config, write_csv
 from bench.weightspace.encoder.config import EncoderFitConfig
@@ -284,7 +284,8 @@ def figures(out: Path, rows: list[dict], preds: list[dict]) -> list[Path]:
     fig.suptitle("Predicted against true accuracy (grey: y = x)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # keep the title off the column names
     paths.append(out / "predicted_vs_true.png")
-    fig.savefig(paths[-1], dpi=110)
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
     inv = [r for r in rows if "perm_max_abs" in r]
@@ -303,7 +304,8 @@ def figures(out: Path, rows: list[dict], preds: list[dict]) -> list[Path]:
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         paths.append(out / "permutation_sensitivity.png")
-        fig.savefig(paths[-1], dpi=110)
+        with atomic_path(paths[-1]) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
 
     sel = [r for r in rows if "regret_vs_oracle" in r]
@@ -314,7 +316,8 @@ def figures(out: Path, rows: list[dict], preds: list[dict]) -> list[Path]:
         ax.set_xlabel("head selection: mean regret vs oracle (accuracy points)")
         fig.tight_layout()
         paths.append(out / "head_selection_regret.png")
-        fig.savefig(paths[-1], dpi=110)
+        with atomic_path(paths[-1]) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
     return paths
 

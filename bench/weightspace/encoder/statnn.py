@@ -81,11 +81,6 @@ def network_features(layers: Sequence[Layer]) -> torch.Tensor:
     return torch.cat(feats)
 
 
-def head_feature_names() -> list[str]:
-    return ([f"proxy.{s}" for s in STAT_NAMES] + [f"norm.{s}" for s in STAT_NAMES]
-            + [f"class_cos.{s}" for s in STAT_NAMES] + ["num_classes", "proxies_per_class", "dim"])
-
-
 def head_features(head: HeadWeights) -> torch.Tensor:
     p = head.proxies.double()
     cls = head_class_positions(head.proxy_labels, head.classes)

@@ -213,18 +213,6 @@ class SNEPredictor:
                 out.append(self.model(collate(self.model_cfg.kind, chunks)))
         return (torch.cat(out) * self.target_std + self.target_mean).double().numpy()
 
-    @torch.no_grad()
-    def encode(self, items: Sequence, batch_size: int = 64) -> torch.Tensor:
-        if self.model is None:
-            raise BenchError("SNE encode before fit or load")
-        self.model.eval()
-        out = []
-        with deterministic_ops():
-            for start in range(0, len(items), batch_size):
-                chunks = chunk_items(items[start:start + batch_size], self.model_cfg.element_dim)
-                out.append(self.model.encode(collate(self.model_cfg.kind, chunks)))
-        return torch.cat(out)
-
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
         from safetensors.torch import save_file
 

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from bench.errors import BenchError
 from bench.imprint import PRESETS, Reference, build_head
-from bench.runtime import torch_threads, write_json_atomic
+from bench.runtime import atomic_path, torch_threads, write_json_atomic
 from bench.weightspace.commands import FlagParser, write_csv
 from bench.weightspace.generator.d2nwg import load_generator
 from bench.weightspace.generator.metatasks import MetaTaskSet, build_meta_source, draw_task, mix_seed, normalize
@@ -464,7 +464,8 @@ def figure(figure_data, path, shots_list):
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 

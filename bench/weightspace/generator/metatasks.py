@@ -295,7 +295,7 @@ class MetaTaskSet:
     classes: torch.Tensor  # (T, Cmax) long, -1 where a task has fewer classes
     seeds: torch.Tensor  # (T,) long
     per_class: torch.Tensor  # (T,) long
-    rows: torch.Tensor  # (T, Cmax, D + 1) canonical head rows (metatask_heads.canonical_rows)
+    rows: torch.Tensor  # (T, Cmax, D + 1) canonical head rows (target_heads.canonical_rows)
     scale: torch.Tensor  # (T,) the scale divided out of each head
     weight_decay: torch.Tensor  # (T,)
     train_accuracy: torch.Tensor  # (T,)

@@ -40,7 +40,6 @@ from bench.weightspace.generator.metatasks import mix_seed
 FORMAT = "bench-d2nwg/1"
 MODEL_FILE, CONFIG_FILE, TASKS_FILE = "model.safetensors", "config.json", "metatasks.safetensors"
 SELECT = ("support", "mean")
-SAMPLERS = ("ddim", "ddpm")
 
 
 def checkpoint_dir(path: str | Path) -> Path:

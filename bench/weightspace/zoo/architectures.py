@@ -12,7 +12,6 @@ channels: permuting a hidden layer's output units and the next layer's input uni
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -22,7 +21,6 @@ from bench.errors import BenchError
 
 KINDS = ("conv", "mlp")
 WEIGHT_KINDS = ("conv", "linear")
-LAYER_KINDS = ("conv", "linear", "bn")
 
 
 @dataclass(frozen=True)
@@ -137,19 +135,6 @@ def network_layers(spec: NetSpec, state: dict[str, torch.Tensor]) -> list[Layer]
     return layers
 
 
-def layers_to_state(layers: list[Layer], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of ``state`` with the layers' tensors written back (the inverse of network_layers)."""
-    out = dict(state)
-    for layer in layers:
-        if layer.kind == "bn":
-            for j, k in enumerate(("weight", "bias", "running_mean", "running_var")):
-                out[layer.names[k]] = layer.weight[:, j].clone()
-        else:
-            out[layer.names["weight"]] = layer.weight.clone()
-            out[layer.names["bias"]] = layer.bias.clone()
-    return out
-
-
 def permute_hidden_units(layers: list[Layer], generator: torch.Generator) -> list[Layer]:
     """The same network with every hidden layer's units in a random order.
 
@@ -174,7 +159,3 @@ def permute_hidden_units(layers: list[Layer], generator: torch.Generator) -> lis
                 out[i].weight = out[i].weight[perm]
         out[b].weight = out[b].weight[:, perm]
     return out
-
-
-def spec_json(spec: NetSpec) -> str:
-    return json.dumps(spec.to_dict(), sort_keys=True)

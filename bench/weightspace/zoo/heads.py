@@ -13,7 +13,6 @@ chooses between.
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -21,13 +20,9 @@ from typing import Iterable
 import torch
 
 from bench.errors import BenchError
+from bench.naming import head_path
 
 EPISODE_FIELDS = ("backbone", "dataset", "task", "classes", "shots", "seed")
-
-
-def method_slug(method: str) -> str:
-    """The file name ``bench run`` gives a method's head."""
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", method).strip("_")
 
 
 @dataclass
@@ -87,9 +82,6 @@ class HeadZoo:
                              "(or scripts/build_head_zoo.py) and pass its run folders")
         return cls(records)
 
-    def subset(self, keep: Iterable[bool]) -> HeadZoo:
-        return HeadZoo([r for r, k in zip(self.records, keep) if k])
-
     def targets(self) -> torch.Tensor:
         return torch.tensor([r.acc for r in self.records])
 
@@ -122,8 +114,7 @@ def _read_run(run: Path) -> list[HeadRecord]:
         raise BenchError(f"{table} lacks column(s) {sorted(needed - set(rows[0]))}")
     out = []
     for row in rows:
-        folder = run / "heads" / f"{row['classes']}-{row['shots']}shot-seed{row['seed']}"
-        path = folder / f"{method_slug(row['method'])}.safetensors"
+        path = head_path(run, row["classes"], row["shots"], int(row["seed"]), row["method"])
         if not path.is_file():
             raise BenchError(f"head file {path} for method '{row['method']}' is missing; rerun {run} "
                              "with save_heads=true")

@@ -85,10 +85,6 @@ class ZooRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def test_acc(self) -> float:
-        return float(self.metrics["test_acc"])
-
-    @property
     def fixed_arch(self) -> bool:
         return self.spec == FIXED_SPEC
 
