@@ -18,6 +18,9 @@ The memo lives at ``$BENCH_DIGEST_MEMO``, or ``$XDG_CACHE_HOME/bench/file-digest
 (``~/.cache/bench/...``). It is kept out of the embedding cache folder so that a read-only
 cache still gets memo hits. Set ``BENCH_DIGEST_MEMO=off`` to hash without a memo. The file
 can be deleted at any time.
+
+Per-sample digests (64 bits each) tell which samples two splits share, by content: see
+:func:`bytes_digests` and :func:`hex_to_sample_digests`, and ``bench.data.splits``.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import xxhash
 from tqdm import tqdm
 
 from bench.errors import BenchError
+from bench.runtime import atomic_path
 
 ALGO = "xxh3_128"
 SETTLE_NS = 2_000_000_000  # more than any common filesystem's timestamp granularity (FAT: 2 s)
@@ -197,6 +202,33 @@ def files_digest(files: Sequence[str | Path], root: str | Path, *, memo: Path | 
     page cache one thread is about 1.5 times faster, but either is over ten times faster than
     decoding the images, which extraction does next.
     """
+    stats = stats if stats is not None else HashStats()
+    digests = file_digests(files, root, memo=memo, threads=threads, stats=stats)
+    start = time.perf_counter()
+    combined = combine_file_digests(files, root, digests)
+    stats.seconds += time.perf_counter() - start
+    return combined
+
+
+def combine_file_digests(files: Sequence[str | Path], root: str | Path, digests: Sequence[str]) -> str:
+    """The digest of :func:`files_digest` from the files' own digests (:func:`file_digests`)."""
+    root = os.path.abspath(root)
+    h = xxhash.xxh3_128()
+    prefix = root.rstrip(os.sep) + os.sep
+    for f, d in zip(files, digests):
+        p = os.path.abspath(f)
+        rel = p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root)
+        h.update(Path(rel).as_posix().encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+        h.update(d.encode())
+        h.update(b"\n")
+    return f"{ALGO}:{h.hexdigest()}"
+
+
+def file_digests(files: Sequence[str | Path], root: str | Path, *, memo: Path | None | str = "default",
+                 threads: int | None = None, stats: HashStats | None = None) -> list[str]:
+    """Each file's content digest (hex), from the memo where the file is unchanged; the
+    arguments are :func:`files_digest`'s."""
     start = time.perf_counter()
     stats = stats if stats is not None else HashStats()
     root = os.path.abspath(root)
@@ -249,13 +281,59 @@ def files_digest(files: Sequence[str | Path], root: str | Path, *, memo: Path | 
     finally:
         if store:
             store.close()
-    h = xxhash.xxh3_128()
-    prefix = root.rstrip(os.sep) + os.sep
-    for p, d in zip(paths, digests):
-        rel = p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root)
-        h.update(Path(rel).as_posix().encode("utf-8", "surrogateescape"))
-        h.update(b"\0")
-        h.update(d.encode())  # type: ignore[union-attr]
-        h.update(b"\n")
     stats.seconds = time.perf_counter() - start
+    return digests  # type: ignore[return-value]
+
+
+# -- per-sample digests: which samples two splits share ------------------------------------
+#
+# A pool split that holds query images scores those queries as seen. Sources name their samples
+# by content with one 64-bit digest each (uint64 arrays intersect in one numpy call); at 2**64
+# values a chance collision between a million pool and a million query samples has odds of
+# about 1 in 20 million.
+
+
+def hex_to_sample_digests(digests: Sequence[str]) -> np.ndarray:
+    """64-bit sample digests from :func:`file_digests`' hex digests (their first 16 digits)."""
+    return np.fromiter((int(d[:16], 16) for d in digests), dtype=np.uint64, count=len(digests))
+
+
+def bytes_digests(items: Iterable[bytes], count: int = -1) -> np.ndarray:
+    """One 64-bit digest per bytes object (an encoded image, or an image array's raw bytes)."""
+    return np.fromiter((xxhash.xxh3_64_intdigest(b) for b in items), dtype=np.uint64, count=count)
+
+
+def array_digest(array: np.ndarray) -> str:
+    """A digest of an array's values (e.g. a split's sample digests), for cache keys."""
+    return f"{ALGO}:{xxhash.xxh3_128_hexdigest(np.ascontiguousarray(array).tobytes())}"
+
+
+def labels_digest(labels: np.ndarray, class_names: Sequence[str]) -> str:
+    """A digest of a split's class ids and names, for cache keys: a rule that reads labels
+    differently (or a dataset whose labels were corrected) must not be served old labels."""
+    h = xxhash.xxh3_128(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    for name in class_names:
+        h.update(name.encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
     return f"{ALGO}:{h.hexdigest()}"
+
+
+def memoised_sample_digests(token: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``compute()``, kept beside the file digest memo under ``token`` (a dataset's content
+    fingerprint), so a rerun does not read every image again just to compare splits. As with
+    the file memo, any failure to read or write it only costs speed."""
+    location = memo_location()
+    if location is None or not token:
+        return compute()
+    path = location.parent / "sample-digests" / f"{xxhash.xxh3_128_hexdigest(token.encode())}.npy"
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        pass
+    digests = compute()
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, digests, allow_pickle=False)
+    except OSError as err:
+        _note_once(path.parent, f"cannot be written ({err.strerror or err})")
+    return digests
