@@ -17,7 +17,6 @@ writes the checkpoint with the resolved config as ``config.yaml`` beside it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +27,7 @@ import torch
 
 from bench.config import WandbConfig
 from bench.errors import BenchError
+from bench.extract.cache import file_sha256
 from bench.runtime import atomic_path, deterministic_ops, finish_wandb, quiet_lightning, wandb_logger, write_json_atomic
 from bench.weightspace.commands import check_config, save_fit_config
 from bench.weightspace.encoder.chunking import chunk_head, chunk_network, collate_heads, collate_networks
@@ -179,8 +179,8 @@ class SNEPredictor:
         chunks = chunk_items(items, self.model_cfg.element_dim)
         wants_raw = self.fit_cfg.invariance > 0 or self.fit_cfg.augment > 0
         raw = list(items) if kind == "network" and wants_raw else None
-        dm = WeightSetDataModule(kind, chunks, (y - self.target_mean) / self.target_std, raw,
-                      self.fit_cfg.batch_size, self.fit_cfg.seed, self.fit_cfg.augment, self.model_cfg.element_dim)
+        dm = WeightSetDataModule(kind, chunks, (y - self.target_mean) / self.target_std, raw, self.fit_cfg.batch_size,
+                                 self.fit_cfg.seed, self.fit_cfg.augment, self.model_cfg.element_dim)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.fit_cfg.seed)
             module = SNERegressor(self.model_cfg.to_dict(), self.fit_cfg.to_dict(), self.target_mean, self.target_std)
@@ -226,7 +226,7 @@ class SNEPredictor:
         write_json_atomic(folder / "config.json", {
             "format": CHECKPOINT_FORMAT, "name": self.name, "model": self.model_cfg.to_dict(),
             "fit": self.fit_cfg.to_dict(), "target_mean": self.target_mean, "target_std": self.target_std,
-            "weights_sha256": _sha256(weights), "info": self.info, **(extra or {}),
+            "weights_sha256": file_sha256(weights), "info": self.info, **(extra or {}),
         })
         return folder
 
@@ -242,7 +242,7 @@ class SNEPredictor:
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("format") != CHECKPOINT_FORMAT:
             raise BenchError(f"{cfg_path} has format {cfg.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-        if _sha256(weights) != cfg["weights_sha256"]:
+        if file_sha256(weights) != cfg["weights_sha256"]:
             raise BenchError(f"{weights} does not match {cfg_path} (sha256 differs); the checkpoint was "
                              "overwritten or cut short; refit it")
         fit = check_config(EncoderFitConfig, {k: v for k, v in cfg["fit"].items() if k != "model"})
@@ -252,7 +252,6 @@ class SNEPredictor:
         out.model.load_state_dict(load_file(str(weights)))
         out.model.eval()
         return out
-
 
 
 def load_items(zoo: str | Path | None, heads: Sequence[str | Path] = (), families: Sequence[str] = ()
@@ -295,11 +294,3 @@ def fit_encoder(config: EncoderFitConfig) -> tuple[SNEPredictor, list, np.ndarra
     predictor.save(out, {"trained_on": {**source, "families": list(config.families), "items": len(items)}})
     save_fit_config(config, out)
     return predictor, items, y
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -18,7 +18,6 @@ likelihood (``select="support"``, as D2NWG selects) or average the samples (``"m
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError
+from bench.extract.cache import file_sha256
 from bench.runtime import replace_dir_atomic
 from bench.weightspace.generator.diffusion import (
     LatentDenoiser,
@@ -54,14 +54,6 @@ def checkpoint_dir(path: str | Path) -> Path:
             raise BenchError(f"generator checkpoint {p} has no {name}; it is not a complete checkpoint "
                              "(refit with `bench generator fit`)")
     return p
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class HeadGenerator(nn.Module):
