@@ -22,7 +22,7 @@ from bench import packaged
 from bench.backbones.registry import Backbone, build_backbone, check_backbone
 from bench.config import RunConfig
 from bench.data.episodes import check_subset_name, holdout_indices, select_classes
-from bench.data.sources import build_source, check_dataset_name
+from bench.data.sources import build_source, check_source
 from bench.data.tasks import TaskSuite
 from bench.engine import RunLabels, gather_rows, imprint_episodes
 from bench.errors import BenchError
@@ -111,8 +111,8 @@ def dataset_of(cfg: RunConfig, suite: TaskSuite) -> str:
     """The run's dataset: the suite's. A different ``dataset.name`` is refused, because the
     suite's class splits and ids were written for its own dataset."""
     if cfg.dataset.name:
-        check_dataset_name(cfg.dataset.name)
-    check_dataset_name(suite.dataset)
+        check_source(cfg.dataset.name, cfg.dataset.options)
+    check_source(suite.dataset, cfg.dataset.options)
     if cfg.dataset.name and cfg.dataset.name != suite.dataset:
         raise BenchError(
             f"task suite '{suite.name}' is for dataset '{suite.dataset}', but dataset.name is '{cfg.dataset.name}'; "

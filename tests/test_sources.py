@@ -125,3 +125,70 @@ def test_hf_dataset_and_image_folder_give_the_same_episodes(tmp_path):
     assert len(a) == 12
     for (na, ea), (nb, eb) in zip(a, b):
         assert na == nb and np.array_equal(ea.support, eb.support) and np.array_equal(ea.query, eb.query)
+
+
+PLUGIN = '''
+import numpy as np
+from PIL import Image
+
+from bench.data.sources import Source, register_source
+
+
+@register_source("stripes", form="stripes:<n>", summary="grey stripes, one width per class")
+class Stripes(Source):
+    def __init__(self, n: str, split: str = "train", size: int = 8) -> None:
+        self.size = int(size)
+        super().__init__(f"stripes:{n}", split, np.arange(int(n)) % 3, ["thin", "mid", "wide"])
+
+    def load(self, index: int) -> Image.Image:
+        width = 1 + int(self.labels[index])
+        row = (np.arange(self.size) // width % 2) * (180 + index % 7)
+        return Image.fromarray(np.tile(row, (self.size, 1)).astype(np.uint8), mode="L")
+'''
+
+
+def test_builtin_sources_come_from_the_registry():
+    from bench.config import DatasetConfig
+    from bench.data.sources import SOURCES, known_sources
+
+    assert {"digits", "imagefolder", "hf", "tv", "synthetic"} <= set(SOURCES)
+    assert known_sources()[:5] == ["digits", "imagefolder:<root>", "hf:<name or path>", "tv:<Name>", "synthetic:<n>"]
+    description = DatasetConfig.model_fields["name"].description
+    assert all(form in description for form in known_sources())
+    assert set(SOURCES["hf"].options) == {"image_key", "label_key", "revision", "streaming"}
+    with pytest.raises(BenchError, match="they accept: image_key, label_key, revision, streaming"):
+        build_source("hf:/nowhere", colour="red")
+
+
+def test_a_source_is_one_class_and_one_decorator_loaded_as_a_plugin(tmp_path, monkeypatch, capsys):
+    """A user's source registered from a plugin file is known to --dry-run and runs end to end."""
+    import csv
+    import json
+
+    from bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stripes_plugin.py").write_text(PLUGIN)
+    (tmp_path / "t.yaml").write_text(json.dumps({"name": "t", "dataset": "stripes:30", "classes": ["all"],
+                                                 "shots": [1, 3], "queries": "holdout", "seeds": [0]}))
+    common = ["task=t.yaml", "backbone.transform={size: 8, channels: 1}", "wandb.mode=disabled",
+              "methods=[qi2018,knn]", "name=r", "cache_dir=cache"]
+    assert main(["run", *common, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dataset 'stripes:30'" in err and "imagefolder:<root>" in err
+    assert main(["run", *common, "plugins=[stripes_plugin.py]", "--dry-run"]) == 0
+    assert "dataset   stripes:30" in capsys.readouterr().out
+    assert main(["run", *common, "plugins=[stripes_plugin.py]", "dataset.options={width: 3}", "--dry-run"]) == 2
+    assert "they accept: size" in capsys.readouterr().err
+    assert main(["run", *common, "plugins=[stripes_plugin.py]", "dataset.options={size: 12}"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "r" / "results.csv")))
+    assert len(rows) == 2 * 2 and {r["dataset"] for r in rows} == {"stripes:30"}
+    record = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+    assert record["classes"] == {"0": "thin", "1": "mid", "2": "wide"}
+
+    from bench.data.sources import Source, register_source
+
+    with pytest.raises(BenchError, match="'stripes' is already registered"):
+        register_source("stripes")(type("Other", (Source,), {"__init__": lambda self, n, split="train": None}))
+    with pytest.raises(BenchError, match="split"):
+        register_source("nosplit")(type("NoSplit", (Source,), {"__init__": lambda self, n: None}))

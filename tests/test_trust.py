@@ -127,8 +127,8 @@ def test_sparse_huge_and_string_labels_are_remapped_not_expanded(tmp_path, monke
     datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in images[:2]], "label": [0, -1]},
                                features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(
                                    names=["a", "b"])})).save_to_disk(str(tmp_path / "neg"))
-    with pytest.raises(BenchError, match="unlabelled"):
-        build_source(f"hf:{tmp_path / 'neg'}")
+    neg = build_source(f"hf:{tmp_path / 'neg'}")  # -1 is no label: left out, never a class
+    assert neg.labels.tolist() == [0, -1] and neg.class_names == ["a", "b"] and neg.unlabelled == 1
 
 
 def test_hidden_and_empty_class_folders(tmp_path, monkeypatch, capsys):
