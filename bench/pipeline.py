@@ -22,7 +22,8 @@ from bench import packaged
 from bench.backbones.registry import Backbone, build_backbone, check_backbone
 from bench.config import RunConfig
 from bench.data.episodes import check_subset_name, holdout_indices, select_classes
-from bench.data.sources import build_source, check_source
+from bench.data.sources import Source, build_source, check_source
+from bench.data.splits import check_query_split, check_split_names
 from bench.data.tasks import TaskSuite
 from bench.engine import RunLabels, gather_rows, imprint_episodes
 from bench.errors import BenchError
@@ -48,6 +49,7 @@ class Embeddings:
     dataset: str = ""
     notes: list[str] = field(default_factory=list)
     dropped_query_classes: list[str] = field(default_factory=list)
+    unlabelled: dict[str, int] = field(default_factory=dict)  # split -> samples without a label
 
 
 @dataclass
@@ -113,6 +115,8 @@ def dataset_of(cfg: RunConfig, suite: TaskSuite) -> str:
     if cfg.dataset.name:
         check_source(cfg.dataset.name, cfg.dataset.options)
     check_source(suite.dataset, cfg.dataset.options)
+    if suite.queries == "test":
+        check_split_names(suite.dataset, cfg.dataset.train_split, cfg.dataset.test_split)
     if cfg.dataset.name and cfg.dataset.name != suite.dataset:
         raise BenchError(
             f"task suite '{suite.name}' is for dataset '{suite.dataset}', but dataset.name is '{cfg.dataset.name}'; "
@@ -134,6 +138,10 @@ def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite
     # Every split is opened before any is embedded, so a missing split stops the run at once.
     sources = [build_source(dataset, split=split, **cfg.dataset.options) for split in splits]
     entries, notes = [], [note for source in sources for note in source.notes]
+    if len(sources) > 1:  # before any image is embedded: a pool holding the queries is refused
+        notes += check_query_split(*sources)
+    if sources[0].renumbered:
+        notes.append(class_id_note(sources[0]))
     for split, source in zip(splits, sources):
         if require_cached:
             entry = cache.lookup(cache_key(entry_fields(backbone, source, cfg.extract.dtype)))
@@ -152,7 +160,8 @@ def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite
                 rebuild=cfg.extract.rebuild, shard_size=cfg.extract.shard_size,
             )
         entries.append(entry)
-    emb = Embeddings(backbone, suite, entries[0], entries[1] if len(entries) > 1 else None, dataset, notes)
+    emb = Embeddings(backbone, suite, entries[0], entries[1] if len(entries) > 1 else None, dataset, notes,
+                     unlabelled={source.split: source.unlabelled for source in sources})
     if emb.queries is not None:
         emb.queries, emb.dropped_query_classes = align_query_labels(emb.pool, emb.queries)
         if emb.dropped_query_classes:
@@ -161,20 +170,38 @@ def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite
     return emb
 
 
+def class_id_note(source: Source, shown: int = 12) -> str:
+    """The class ids of a source that numbers its label values (strings, sparse or huge ints):
+    a task's class ids (class_splits, explicit lists, even/odd) refer to these."""
+    names = source.class_names
+    pairs = ", ".join(f"{i} = {name}" for i, name in enumerate(names[:shown]))
+    more = f", ... ({len(names)} classes; run.json lists all under classes)" if len(names) > shown else ""
+    return (f"the labels of {source.name} ({source.split}) are not class ids 0..K-1; each distinct label is a class, "
+            f"numbered in sorted order, and task class ids refer to these numbers: {pairs}{more}")
+
+
 def align_query_labels(pool: CacheEntry, queries: CacheEntry) -> tuple[CacheEntry, list[str]]:
     """The query split's labels in the pool's label space, matched by class name.
 
     Two splits of an image folder or a Hugging Face dataset number their classes on their own,
     so the same id can name different classes. A query class the pool lacks gets label -1 (no
-    episode draws it) and is reported; nothing is relabelled to another class.
+    episode draws it) and is reported; nothing is relabelled to another class. A query without
+    a label (-1) stays without one.
     """
     pool_names, query_names = pool.class_names, queries.class_names
     if not pool_names or not query_names or pool_names == query_names:
         return queries, []
+    for split, names in (("pool", pool_names), ("query", query_names)):
+        if len(set(names)) < len(names):  # an entry cached before names had to be unique
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise BenchError(f"the {split} split names classes {twice} more than once, so its classes cannot be "
+                             f"matched by name; rebuild its embeddings (extract.rebuild=true)")
     index = {name: i for i, name in enumerate(pool_names)}
     mapping = torch.tensor([index.get(name, -1) for name in query_names], dtype=torch.long)
     dropped = [name for name in query_names if name not in index]
-    labels = mapping[queries.labels.long()]
+    labels = torch.full_like(queries.labels.long(), -1)
+    labelled = queries.labels >= 0
+    labels[labelled] = mapping[queries.labels[labelled].long()]
     return CacheEntry(queries.path, queries.manifest, queries.embeddings, labels, queries.indices), dropped
 
 
@@ -352,6 +379,7 @@ def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, worl
             # class id -> name as the pool numbers them (sparse or string labels are remapped)
             "classes": dict(enumerate(emb.pool.class_names)),
             "dropped_query_classes": emb.dropped_query_classes,
+            "unlabelled": emb.unlabelled,  # split -> samples without a label, left out of every episode
             "notes": emb.notes,
         })
     out_dir.mkdir(parents=True, exist_ok=True)
