@@ -86,7 +86,6 @@ class TestTask:
         x, y, _ = draw_task(source, classes, seed, per_class)  # each class's samples in random order
         x = normalize(x, norm)
         self.classes = sorted(classes)
-        self.raw = None
         c = len(classes)
         pos = torch.arange(len(y)) - torch.searchsorted(y, y)  # rank within class
         self.xq, self.yq = x[pos < queries], y[pos < queries]
