@@ -303,3 +303,22 @@ def test_changed_torchvision_labels_are_a_new_cache_entry(tmp_path, monkeypatch)
     second = extract(tiny, build_source("tv:MNIST", split="test", root=str(tmp_path)), cache,
                      trainer_kwargs={"enable_progress_bar": False})
     assert first.path != second.path and second.labels.tolist() == [(i + 1) % 2 for i in range(10)]
+
+
+def test_diagnostics_read_query_split_images_by_the_pool_class_ids(tmp_path, monkeypatch):
+    """The test split numbers dog 0 and emu 1, the pool dog 1 and emu 2: geometric complexity of
+    classes [1, 2] must be measured on the test split's dog and emu images, not on emu alone."""
+    from bench.backbones import build_backbone
+    from bench.config import load_config
+    from bench.diagnostics.diagnose import diagnose, gc_for
+
+    monkeypatch.chdir(tmp_path)
+    write_image_folder(tmp_path / "d" / "train", classes=("cat", "dog", "emu"), per_class=4)
+    write_image_folder(tmp_path / "d" / "test", classes=("dog", "emu"), per_class=4, seed=1)
+    cfg = load_config(None, [f"task={_suite(tmp_path, 'imagefolder:d', classes=[[1, 2]])}", TINY,
+                             "wandb.mode=disabled", f"cache_dir={tmp_path / 'cache'}"])
+    result = diagnose(cfg, [cfg.backbone], ["qi2018"], gc_samples=8, gc_probes=2)
+    test = build_source("imagefolder:d", split="test")
+    expected = gc_for(build_backbone("tiny-digits", transform={"size": 8, "channels": 1}), test, [0, 1], 8, 2)
+    row = result["diagnostics"][0]
+    assert row["num_samples"] == 8 and row["gc"] == pytest.approx(expected["gc"])

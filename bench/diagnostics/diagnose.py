@@ -47,11 +47,13 @@ def image_batches(backbone: Backbone, source, indices: Sequence[int], batch_size
         yield torch.stack([backbone.transform(source.load(int(i))) for i in chunk])
 
 
-def gc_for(backbone: Backbone, source, classes: Sequence[int], samples: int, probes: int, seed: int = 0):
-    """Geometric complexity on a fixed, seeded sample of the given classes' images."""
+def gc_for(backbone: Backbone, source, classes: Sequence[int], samples: int, probes: int, seed: int = 0,
+           labels=None):
+    """Geometric complexity on a fixed, seeded sample of the given classes' images. ``labels``
+    (one per dataset index) replace the source's own, e.g. a query split's in the pool's ids."""
     import numpy as np
 
-    pool = np.flatnonzero(np.isin(source.labels, list(classes)))
+    pool = np.flatnonzero(np.isin(source.labels if labels is None else labels, list(classes)))
     rng = np.random.Generator(np.random.PCG64(seed))
     chosen = np.sort(rng.choice(pool, size=min(samples, len(pool)), replace=False))
     shape = tuple(next(image_batches(backbone, source, chosen[:1])).shape[1:])
@@ -130,7 +132,10 @@ def diagnose(cfg: RunConfig, backbones: Sequence[BackboneConfig], methods: Seque
             row: dict[str, Any] = {"backbone": emb.backbone.name, "classes": subset, "pool_split": split,
                                    "num_samples": int(keep.sum())}
             row.update(embedding_diagnostics(entry.embeddings[keep].double(), entry.labels[keep]))
-            gc = gc_for(emb.backbone, source, classes, gc_samples, gc_probes)
+            # the entry's labels are in the pool's class ids (a query split numbers its own)
+            by_index = torch.full((len(source),), -1, dtype=torch.long)
+            by_index[entry.indices] = entry.labels.long()
+            gc = gc_for(emb.backbone, source, classes, gc_samples, gc_probes, labels=by_index.numpy())
             row.update({"gc": gc["gc"], "gc_normalized": gc["gc_normalized"], "gc_probes": gc["probes"],
                         "gc_input_space": gc["input_space"]})
             diag_rows.append(row)
