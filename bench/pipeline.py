@@ -137,7 +137,7 @@ def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite
     splits = [cfg.dataset.train_split] + ([cfg.dataset.test_split] if suite.queries == "test" else [])
     # Every split is opened before any is embedded, so a missing split stops the run at once.
     sources = [build_source(dataset, split=split, **cfg.dataset.options) for split in splits]
-    entries, notes = [], [note for source in sources for note in source.notes]
+    entries, notes = [], list(dict.fromkeys(note for source in sources for note in source.notes))
     if len(sources) > 1:  # before any image is embedded: a pool holding the queries is refused
         notes += check_query_split(*sources)
     if sources[0].renumbered:

@@ -322,3 +322,16 @@ def test_diagnostics_read_query_split_images_by_the_pool_class_ids(tmp_path, mon
     expected = gc_for(build_backbone("tiny-digits", transform={"size": 8, "channels": 1}), test, [0, 1], 8, 2)
     row = result["diagnostics"][0]
     assert row["num_samples"] == 8 and row["gc"] == pytest.approx(expected["gc"])
+
+
+def test_image_folder_images_it_does_not_read_are_said(tmp_path):
+    """A class folder beside the split folders, and images one folder down in a class folder,
+    are not read; each is a note (printed and in run.json), not a silent gap."""
+    write_image_folder(tmp_path / "d" / "train", per_class=3)
+    write_image_folder(tmp_path / "d" / "test", per_class=2, seed=1)
+    write_image_folder(tmp_path / "d", classes=("fox",), per_class=2)  # beside train/ and test/
+    write_image_folder(tmp_path / "d" / "train" / "cat", classes=("kittens",), per_class=2)
+    source = build_source(f"imagefolder:{tmp_path / 'd'}")
+    assert len(source) == 9 and source.class_names == ["cat", "dog", "emu"]
+    assert any("['fox']" in n and "not read" in n for n in source.notes)
+    assert any("['cat']" in n and "subfolders" in n for n in source.notes)

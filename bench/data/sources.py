@@ -367,20 +367,27 @@ class ImageFolderSource(Source):
         base = Path(root)
         if not base.is_dir():
             raise BenchError(f"image folder {base} does not exist")
-        splits = sorted(p.name for p in _visible_dirs(base) if p.name in SPLIT_NAMES)
+        folders = _visible_dirs(base)
+        splits = sorted(p.name for p in folders if p.name in SPLIT_NAMES)
+        notes = []
         if splits:  # root/<split>/<class>/<image>
             if split not in splits:
                 raise BenchError(f"image folder {base} has split folders {splits} but no '{split}'"
                                  + (_HOLDOUT_HINT if split != "train" else ""))
             self.root = base / split
+            others = sorted(p.name for p in folders if p.name not in SPLIT_NAMES)
+            if others:  # said, not silently left out: a class folder put beside the splits by mistake?
+                notes.append(f"folders {others} of {base} sit beside its split folders {splits}; they are not read")
         elif split == "train":  # root/<class>/<image>: the whole folder is one split
             self.root = base
         else:
             raise BenchError(f"image folder {base} holds class folders directly (root/<class>/<image>), so it has "
                              f"no '{split}' split{_HOLDOUT_HINT}")
-        files, labels, classes, notes = [], [], [], []
+        files, labels, classes, nested = [], [], [], []
         for folder in sorted(_visible_dirs(self.root), key=lambda p: p.name):
             images = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if _visible_dirs(folder):
+                nested.append(folder.name)
             if not images:  # a class with nothing to embed: said, not silently dropped
                 notes.append(f"class folder '{folder.name}' of {self.root} holds no images; it is not a "
                              f"class of split '{split}'")
@@ -391,6 +398,9 @@ class ImageFolderSource(Source):
         if not classes:
             raise BenchError(f"image folder {self.root} has no class subfolders with images "
                              f"(root/<class>/<image>, images: {', '.join(sorted(IMAGE_SUFFIXES))})")
+        if nested:
+            notes.append(f"class folders {nested[:5]}{' ...' if len(nested) > 5 else ''} of {self.root} hold "
+                         "subfolders; only the images directly in a class folder are read")
         self.files = files
         self._digests: list[str] | None = None
         super().__init__(f"imagefolder:{self.root.resolve()}", split, np.asarray(labels, np.int64), classes)
