@@ -3,10 +3,9 @@ no Trainer per episode, the same numbers as the per-episode Lightning path, and 
 numbers whatever the batching or the number of processes."""
 
 import csv
+import dataclasses
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -20,19 +19,26 @@ from bench.imprint import ImprintedHead, expand_grid
 from bench.metrics import HeadGridMetrics, head_metrics
 from bench.module import ImprintingModule, trainer_for_imprinting
 from bench.naming import head_path
+from tests.helpers import copy_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET_METHODS = "[qi2018,hosoda2024,janson2022,westerhoff2025,simpleshot,ncm,knn,ls-oracle]"
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The quickstart's config and cached embeddings (extracted once for this module)."""
+def quickstart(quickstart_cache, tmp_path_factory):
+    """The quickstart's config and its cached embeddings (the session's cache, read only)."""
     root = tmp_path_factory.mktemp("engine")
     cfg = load_config(ROOT / "configs" / "quickstart.yaml",
-                      [f"cache_dir={root / 'cache'}", f"out_dir={root / 'runs'}", "wandb.mode=disabled"])
+                      [f"cache_dir={quickstart_cache}", f"out_dir={root / 'runs'}", "wandb.mode=disabled"])
     pipeline.quiet_lightning()
-    return cfg, pipeline.extract_stage(cfg), root
+    return cfg, pipeline.extract_stage(cfg, require_cached=True), root
+
+
+def _two_seeds(emb):
+    """The quickstart's suite on seeds 0 and 1 (16 episodes): every (classes, shots) group still
+    batches several episodes together."""
+    return dataclasses.replace(emb, suite=emb.suite.model_copy(update={"seeds": [0, 1]}))
 
 
 def _strip(rows):
@@ -43,6 +49,7 @@ def test_stage_equals_the_per_episode_trainer_path(quickstart, tmp_path, monkeyp
     """Rows and heads of the engine equal the path that built one ImprintingModule, data
     module and Trainer per episode (the product's imprint stage before the engine)."""
     cfg, emb, _ = quickstart
+    emb = _two_seeds(emb)
     grid = expand_grid(cfg.methods)
     built = []
     real_init = L.Trainer.__init__
@@ -59,7 +66,7 @@ def test_stage_equals_the_per_episode_trainer_path(quickstart, tmp_path, monkeyp
 
     reference = pipeline.reference_stats(cfg, emb, grid)
     episodes = list(emb.suite.episodes(emb.pool.labels.numpy(), emb.queries.labels.numpy()))
-    assert len(rows) == len(episodes) * len(grid.specs) == 24 * 11
+    assert len(rows) == len(episodes) * len(grid.specs) == 16 * 11
     by_cell = {(r["classes"], r["shots"], r["seed"], r["method"]): r for r in rows}
     for subset, ep in episodes:
         module = ImprintingModule(grid.specs, seed=ep.seed, reference=reference)
@@ -81,6 +88,7 @@ def test_stage_equals_the_per_episode_trainer_path(quickstart, tmp_path, monkeyp
 
 def test_batching_and_query_chunks_do_not_change_a_number(quickstart, tmp_path):
     cfg, emb, _ = quickstart
+    emb = _two_seeds(emb)
     grid = expand_grid(cfg.methods)
     big, _, _ = pipeline.imprint_stage(cfg, emb, None, grid)
     tiny_cfg = cfg.model_copy(update={"imprint": cfg.imprint.model_copy(update={"max_batch_bytes": 1})})
@@ -109,27 +117,22 @@ def test_head_grid_metrics_equal_torchmetrics():
             assert torch.allclose(values["per_class_acc"][h].float(), expected["per_class_acc"], atol=1e-6)
 
 
-def _bench(tmp_path, *args):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BENCH_USER_OMP_NUM_THREADS")}
-    env["WANDB_MODE"] = "disabled"
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def _rows(run_dir):
     with open(run_dir / "results.csv") as f:
         return _strip(csv.DictReader(f))
 
 
-def test_every_preset_is_bit_identical_on_one_and_two_processes(tmp_path):
+def test_every_preset_is_bit_identical_on_one_and_two_processes(tmp_path, forks, quickstart_cache):
     """The quickstart suite with the 8 presets: `bench run` on 1 process, then `bench imprint`
     from the same cache on 2 (devices=2 alone picks our DDP), results and heads equal."""
+    cache = copy_cache(quickstart_cache, tmp_path / "cache")
     common = ["-c", str(ROOT / "configs" / "quickstart.yaml"), f"methods={PRESET_METHODS}",
-              f"cache_dir={tmp_path / 'cache'}", f"out_dir={tmp_path / 'runs'}", "save_heads=true"]
-    _bench(tmp_path, "run", *common, "name=one")
-    _bench(tmp_path, "imprint", *common, "name=two", "trainer.devices=2")
+              f"cache_dir={cache}", f"out_dir={tmp_path / 'runs'}", "save_heads=true"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BENCH_USER_OMP_NUM_THREADS")}
+    env["WANDB_MODE"] = "disabled"
+    for args in (["run", *common, "name=one"], ["imprint", *common, "name=two", "trainer.devices=2"]):
+        proc = forks.bench(args, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     record = json.loads((two / "run.json").read_text())
     assert record["complete"] and record["world_size"] == 2
