@@ -34,15 +34,12 @@ def _results(path: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "gen_time_s"} for r in csv.DictReader(f)]
 
 
-def test_quickstart_results_are_identical_across_two_runs(tmp_path):
+def test_quickstart_results_are_identical_across_two_runs(tmp_path, forks):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     outs = []
-    for name in ("a", "b"):  # separate caches: extraction must be deterministic too
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.cli", "quickstart", f"cache_dir={tmp_path / name}",
-             f"out_dir={tmp_path / 'runs'}", f"name={name}"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-        )
+    for name in ("a", "b"):  # separate caches and processes: extraction must be deterministic too
+        proc = forks.bench(["quickstart", f"cache_dir={tmp_path / name}", f"out_dir={tmp_path / 'runs'}",
+                            f"name={name}"], cwd=tmp_path, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(proc.stdout)
     a, b = _results(tmp_path / "runs" / "a" / "results.csv"), _results(tmp_path / "runs" / "b" / "results.csv")
