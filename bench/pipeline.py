@@ -23,7 +23,7 @@ from bench.backbones.registry import Backbone, build_backbone, check_backbone
 from bench.config import RunConfig
 from bench.data.episodes import check_subset_name, holdout_indices, select_classes
 from bench.data.sources import Source, build_source, check_source
-from bench.data.splits import check_query_split, check_split_names
+from bench.data.splits import check_query_split, check_split_names, match_classes
 from bench.data.tasks import TaskSuite
 from bench.engine import RunLabels, gather_rows, imprint_episodes
 from bench.errors import BenchError
@@ -191,18 +191,9 @@ def align_query_labels(pool: CacheEntry, queries: CacheEntry) -> tuple[CacheEntr
     pool_names, query_names = pool.class_names, queries.class_names
     if not pool_names or not query_names or pool_names == query_names:
         return queries, []
-    for split, names in (("pool", pool_names), ("query", query_names)):
-        if len(set(names)) < len(names):  # an entry cached before names had to be unique
-            twice = sorted({n for n in names if names.count(n) > 1})
-            raise BenchError(f"the {split} split names classes {twice} more than once, so its classes cannot be "
-                             f"matched by name; rebuild its embeddings (extract.rebuild=true)")
-    index = {name: i for i, name in enumerate(pool_names)}
-    mapping = torch.tensor([index.get(name, -1) for name in query_names], dtype=torch.long)
-    dropped = [name for name in query_names if name not in index]
-    labels = torch.full_like(queries.labels.long(), -1)
-    labelled = queries.labels >= 0
-    labels[labelled] = mapping[queries.labels[labelled].long()]
-    return CacheEntry(queries.path, queries.manifest, queries.embeddings, labels, queries.indices), dropped
+    labels, dropped = match_classes(pool_names, query_names, queries.labels.numpy())
+    manifest = {**queries.manifest, "class_names": list(pool_names)}  # its ids are the pool's now
+    return CacheEntry(queries.path, manifest, queries.embeddings, torch.from_numpy(labels), queries.indices), dropped
 
 
 def check_reference(cfg: RunConfig, grid: Grid) -> list[str]:

@@ -335,3 +335,24 @@ def test_image_folder_images_it_does_not_read_are_said(tmp_path):
     assert len(source) == 9 and source.class_names == ["cat", "dog", "emu"]
     assert any("['fox']" in n and "not read" in n for n in source.notes)
     assert any("['cat']" in n and "subfolders" in n for n in source.notes)
+
+
+def test_episode_data_modules_refuse_splits_that_name_classes_differently_until_matched(tmp_path):
+    """ImprintingModule's image path: a test split numbering dog 0 and emu 1 (the pool: 1 and 2)
+    is refused, and once matched by name its queries carry the pool's ids."""
+    from bench.data.datamodules import ImageEpisodeDataModule
+    from bench.data.episodes import sample_episode
+    from bench.data.splits import align_query_source
+
+    write_image_folder(tmp_path / "d" / "train", classes=("cat", "dog", "emu"), per_class=4)
+    write_image_folder(tmp_path / "d" / "test", classes=("dog", "emu", "fox"), per_class=2, seed=1)
+    pool, test = build_source(f"imagefolder:{tmp_path / 'd'}"), build_source(f"imagefolder:{tmp_path / 'd'}", "test")
+    raw = sample_episode(pool.labels, [1, 2], 1, "test", seed=0, test_labels=test.labels)
+    with pytest.raises(BenchError, match="names its classes differently"):
+        ImageEpisodeDataModule(pool, test, raw, lambda img: torch.zeros(1))
+    matched, dropped = align_query_source(pool, test)
+    assert dropped == ["fox"] and matched.labels.tolist() == [1, 1, 2, 2, -1, -1]
+    ep = sample_episode(pool.labels, [1, 2], 1, "test", seed=0, test_labels=matched.labels)
+    dm = ImageEpisodeDataModule(pool, matched, ep, lambda img: torch.zeros(1))
+    labels = torch.cat([batch[1] for batch in dm.test_dataloader()])
+    assert labels.tolist() == [1, 1, 2, 2] and test.labels.tolist() == [0, 0, 1, 1, 2, 2]  # the source is untouched

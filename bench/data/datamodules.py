@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subs
 
 from bench.data.episodes import Episode
 from bench.data.sources import CorruptImage, Source
+from bench.data.splits import check_same_classes
 from bench.errors import BenchError
 
 
@@ -152,6 +153,8 @@ class EpisodeDataModule(L.LightningDataModule):
 
     def __init__(self, pool: Any, queries: Any, episode: Episode, batch_size: int = 1024) -> None:
         super().__init__()
+        if episode.query_split == "test" and queries is not None:
+            check_same_classes(getattr(pool, "class_names", None), getattr(queries, "class_names", None))
         self.pool, self.queries, self.episode, self.batch_size = pool, queries, episode, batch_size
 
     def _rows(self, entry: Any, positions: np.ndarray) -> TensorRows:
@@ -179,6 +182,8 @@ class ImageEpisodeDataModule(L.LightningDataModule):
     def __init__(self, pool: Source, queries: Source | None, episode: Episode, transform: Callable,
                  batch_size: int = 256, num_workers: int = 0) -> None:
         super().__init__()
+        if episode.query_split == "test" and queries is not None:
+            check_same_classes(pool.class_names, queries.class_names)
         self.pool, self.queries, self.episode, self.transform = pool, queries, episode, transform
         self.batch_size, self.num_workers = batch_size, num_workers
 

@@ -12,12 +12,17 @@ another. Two things make that number wrong while the run still succeeds:
 - the query split has no labels at all (a Hugging Face test split of -1s): nothing could be
   scored, and the run would stop later with a less helpful message.
 
-Labels that the two splits number differently are matched by class name when the embeddings
-are read (``bench.pipeline.align_query_labels``); this module only needs the sources, so it
-runs before any image is embedded.
+Two splits of an image folder or a Hugging Face dataset number their classes on their own, so
+the same id can name different classes. The query split's labels are matched to the pool's by
+class name (:func:`match_classes`): for cached embeddings by ``bench.pipeline.align_query_labels``,
+for images by :func:`align_query_source`. The episode data modules refuse splits that name their
+classes differently until they are matched.
 """
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -70,3 +75,42 @@ def check_query_split(pool: Source, queries: Source) -> list[str]:
             f"{queries.where(first)}): a query that is also a support candidate is scored as seen, so the accuracy "
             f"would be too high; {FIX}")
     return []
+
+
+def match_classes(pool_names: Sequence[str], query_names: Sequence[str],
+                  labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """A query split's labels in the pool's class ids, matched by class name, and the query
+    classes the pool lacks. Their samples, like samples without a label, get -1 (no episode
+    draws them); nothing is relabelled to another class."""
+    for split, names in (("pool", pool_names), ("query", query_names)):
+        if len(set(names)) < len(names):  # an entry cached before names had to be unique
+            twice = sorted({n for n in names if list(names).count(n) > 1})
+            raise BenchError(f"the {split} split names classes {twice} more than once, so its classes cannot be "
+                             "matched by name; rebuild its embeddings (extract.rebuild=true)")
+    index = {name: i for i, name in enumerate(pool_names)}
+    mapping = np.asarray([index.get(name, -1) for name in query_names], dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    out = np.full(len(labels), -1, dtype=np.int64)
+    labelled = labels >= 0
+    out[labelled] = mapping[labels[labelled]]
+    return out, [name for name in query_names if name not in index]
+
+
+def align_query_source(pool: Source, queries: Source) -> tuple[Source, list[str]]:
+    """The query source with its labels in the pool's class ids (see :func:`match_classes`),
+    and the query classes the pool lacks. Draw episodes from its labels."""
+    if pool.class_names == queries.class_names:
+        return queries, []
+    labels, dropped = match_classes(pool.class_names, queries.class_names, queries.labels)
+    aligned = copy.copy(queries)
+    aligned.labels, aligned.class_names = labels, list(pool.class_names)
+    return aligned, dropped
+
+
+def check_same_classes(pool_names: Sequence[str] | None, query_names: Sequence[str] | None) -> None:
+    """Refuse a query split whose class ids mean other classes than the pool's."""
+    if pool_names and query_names and list(pool_names) != list(query_names):
+        raise BenchError("the query split names its classes differently from the pool split, so the same class id "
+                         "means another class in each; match them by name first (bench.data.splits."
+                         "align_query_source for images, bench.pipeline.align_query_labels for cached embeddings) "
+                         "and draw the episode from the matched labels")
