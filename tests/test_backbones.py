@@ -1,16 +1,12 @@
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from bench import BenchError
 from bench.backbones import build_backbone, save_checkpoint, tiny_asset_path
+from bench.backbones import tiny_build
 from bench.backbones.base import weights_fingerprint
 from bench.data.sources import DigitsSource
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_digits_is_frozen_and_embeds():
@@ -45,13 +41,10 @@ def test_tiny_asset_is_small_and_rebuilds_as_recorded(tmp_path):
     from safetensors import safe_open
 
     assert tiny_asset_path().stat().st_size < 300 * 1024
-    spec = importlib.util.spec_from_file_location("build_tiny", ROOT / "scripts" / "build_tiny_backbone.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = mod.build(tmp_path / "tiny.safetensors")
+    out = tiny_build.build(tmp_path / "tiny.safetensors")
     with safe_open(str(tiny_asset_path()), "pt") as f:
         meta = f.metadata()
-    env = mod.build_environment()
+    env = tiny_build.build_environment()
     if {k: meta.get(k) for k in env} == env:
         digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (out, tiny_asset_path())]
         assert digest[0] == digest[1]

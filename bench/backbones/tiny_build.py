@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Rebuild the embedded default backbone, bench/assets/tiny_digits.safetensors.
 
 A TinyCNN is trained with a temporary linear classifier on scikit-learn's digits, train split,
