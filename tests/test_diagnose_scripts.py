@@ -1,7 +1,5 @@
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,15 +8,8 @@ from bench.cli import main
 from bench.diagnostics.collapse import etf
 from bench.diagnostics.diagnose import correlations, format_correlations
 from bench.diagnostics.local import feature_collapse
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench.diagnostics.studies import feature_collapse as feature_collapse_study
+from bench.diagnostics.studies import zoo_collapse
 
 
 def test_role_collapse_of_exactly_collapsed_tokens():
@@ -86,7 +77,7 @@ def test_rank_correlations_name_the_backbone_whose_diagnostic_is_undefined():
 
 
 def test_zoo_script_small(tmp_path):
-    summary = _script("zoo_collapse").main(["--out", str(tmp_path), "--epochs", "1", "--lrs", "0.05", "0.2",
+    summary = zoo_collapse.main(["--out", str(tmp_path), "--epochs", "1", "--lrs", "0.05", "0.2",
                                            "--batch-sizes", "64", "--weight-decays", "0", "0.01",
                                            "--gc-samples", "64", "--gc-probes", "4"])
     assert len(summary["models"]) == 4 and len(summary["taus"]) == 8
@@ -94,7 +85,7 @@ def test_zoo_script_small(tmp_path):
 
 
 def test_feature_collapse_script_small(tmp_path):
-    results = _script("feature_collapse").main(["--epochs", "30", "--seeds", "1", "--out", str(tmp_path / "fc.json")])
+    results = feature_collapse_study.main(["--epochs", "30", "--seeds", "1", "--out", str(tmp_path / "fc.json")])
     assert [(r["layernorm"], r["samples_per_latent"]) for r in results] == [(False, 3), (False, 100), (True, 3), (True, 100)]
     many = [r for r in results if r["samples_per_latent"] == 100]
     few = [r for r in results if r["samples_per_latent"] == 3]

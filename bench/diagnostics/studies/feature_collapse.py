@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Feature collapse of local features on the synthetic setting of Laurent et al. (2023).
 
 A vocabulary of words is partitioned into concepts. A latent variable is a sequence of

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Does geometric complexity / neural collapse predict few-shot transfer? A zoo on digits.
 
 Pretrains a zoo of tiny CNNs on digits classes 0-4 with different regularisation (learning
@@ -22,19 +21,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_tiny_backbone import TRANSFORM, train  # noqa: E402
-
-from bench.backbones import save_checkpoint  # noqa: E402
-from bench.config import BackboneConfig, load_config  # noqa: E402
-from bench.diagnostics.diagnose import diagnose, kendall, tau_undefined  # noqa: E402
-from bench.runtime import configure_threads  # noqa: E402
-from bench.statistics import mean_std  # noqa: E402
+from bench.backbones import save_checkpoint
+from bench.backbones.tiny_build import TRANSFORM, train
+from bench.config import BackboneConfig, load_config
+from bench.diagnostics.diagnose import diagnose, kendall, tau_undefined
+from bench.runtime import configure_threads
+from bench.statistics import mean_std
 
 MEAN, MULTI = "qi2018", "l2/kmeans:k=5/l2/l2/max"
 TASK = """name: zoo-digits
