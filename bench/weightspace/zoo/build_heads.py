@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Make a head zoo offline: heads saved by `bench run ... save_heads=true` on digits, from the
 embedded tiny backbone and a few tiny CNNs trained here (different width, epochs and seed, so
 their embeddings differ in quality), with a grid of methods whose accuracies spread (presets,
@@ -23,9 +22,8 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import packaged
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = [
     "qi2018", "hosoda2024", "janson2022", "westerhoff2025", "simpleshot", "ncm", "knn", "ls-oracle",
     "l2/kmeans:k=[2,5]/l2/l2/max", "l2/random:k=[1,3]/l2/l2/max", "l2/fps:k=3/l2/l2/max",
@@ -44,9 +42,8 @@ def task_yaml(seeds: list[int], shots: list[int]) -> str:
 
 
 def train_backbones(out: Path, count: int) -> list[str]:
-    from build_tiny_backbone import TRANSFORM, train
-
     from bench.backbones import save_checkpoint
+    from bench.backbones.tiny_build import TRANSFORM, train
     from bench.runtime import atomic_path
 
     names = ["tiny-digits"]
@@ -79,7 +76,7 @@ def main(argv=None) -> list[Path]:
     task.write_text(task_yaml(args.seeds, args.shots))
     runs = []
     env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-    base = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    base = yaml.safe_load((packaged.folder("configs") / "quickstart.yaml").read_text())
     for i, backbone in enumerate(train_backbones(args.out, min(args.backbones, len(BACKBONES)))):
         name = "tiny-digits" if backbone == "tiny-digits" else Path(backbone.split(":", 1)[1]).stem
         # a config file rather than overrides: the method grids hold brackets and commas
