@@ -1,18 +1,13 @@
 """The method benchmark's reference and library agree on a small grid."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_methods.py"
+from bench.benchmarks.methods import main
 
 
 def test_bench_methods_small_grid(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     out = tmp_path / "r.json"
-    mod.main(["--seeds", "2", "--shots", "1", "5", "all", "--methods", "qi2018", "knn", "hosoda2024",
+    main(["--seeds", "2", "--shots", "1", "5", "all", "--methods", "qi2018", "knn", "hosoda2024",
               "ls-oracle", "simpleshot", "l2/kmeans:k=3/l2/l2/max", "--repeats", "1", "--out", str(out)])
     results = json.loads(out.read_text())["datasets"]
     assert set(results) == {"gmm", "digits"}  # both comparisons by default

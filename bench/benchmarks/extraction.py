@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Extraction throughput: the model alone against the full pipeline, and peak memory.
 
 (a) model alone: forward passes on synthetic tensors already on the device, inside the same

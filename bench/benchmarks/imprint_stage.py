@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The product's imprint stage against the grid engine called directly, on the same cached
 embeddings and episodes.
 
@@ -32,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+# Each workload runs in a child process, so its peak RSS is its own; as a module, since running
+# this file by path would put bench/benchmarks/ first on the child's sys.path.
+SELF = [sys.executable, "-m", "bench.benchmarks.imprint_stage"]
 SYNTHETIC_TASK = {"name": "synthetic-100", "dataset": "synthetic:30000", "classes": ["all"], "shots": [1, 5, 20, "all"],
                   "queries": 50, "seeds": [0, 1, 2, 3, 4]}
 SYNTHETIC_METHODS = ["qi2018", "hosoda2024", "janson2022", "westerhoff2025", "simpleshot", "ncm", "knn", "ls-oracle",
@@ -41,13 +42,13 @@ SYNTHETIC_METHODS = ["qi2018", "hosoda2024", "janson2022", "westerhoff2025", "si
 
 def workload(name: str, folder: Path, budget: str):
     """(config, embeddings) of a workload, its cache entries made in ``folder``."""
-    from bench import pipeline
+    from bench import packaged, pipeline
     from bench.config import load_config
 
     pipeline.quiet_lightning()
     common = [f"cache_dir={folder / 'cache'}", "wandb.mode=disabled", f"imprint.max_batch_bytes={budget}"]
     if name == "quickstart":
-        cfg = load_config(ROOT / "configs" / "quickstart.yaml", common)
+        cfg = load_config(packaged.folder("configs") / "quickstart.yaml", common)
         return cfg, pipeline.extract_stage(cfg)
     return synthetic(folder, common)
 
@@ -164,8 +165,8 @@ def main(argv=None) -> None:
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             common = ["--budget", args.budget, "--folder", tmp]
-            subprocess.run([sys.executable, __file__, "--prepare", name, *common], capture_output=True, check=True)
-            out = subprocess.run([sys.executable, __file__, "--one", name, "--repeats", str(args.repeats), *common],
+            subprocess.run([*SELF, "--prepare", name, *common], capture_output=True, check=True)
+            out = subprocess.run([*SELF, "--one", name, "--repeats", str(args.repeats), *common],
                                  capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"workload {name} failed:\n{out.stderr[-3000:]}")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Method benchmark: the library against a plain reference written the way published code is.
 
 The reference loops over classes in Python, calls scikit-learn's KMeans with its defaults and

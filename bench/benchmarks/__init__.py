@@ -1,0 +1,1 @@
+"""Benchmarks of the library against references and of its stages against the engine alone."""
