@@ -372,14 +372,10 @@ def test_file_digests_come_from_the_memo_until_a_file_changes(tmp_path, monkeypa
 
 
 def test_bench_extract_prints_hashing_next_to_decoding(tmp_path):
-    import importlib.util
+    from bench.benchmarks.extraction import main
 
-    spec = importlib.util.spec_from_file_location("bench_extract", Path(__file__).parents[1] / "scripts" /
-                                                  "bench_extract.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = script.main(["--hashing", "--hash-images", "30", "--hash-size", "32", "--repeats", "1",
-                       "--out", str(tmp_path / "h.json")])
+    out = main(["--hashing", "--hash-images", "30", "--hash-size", "32", "--repeats", "1",
+                "--out", str(tmp_path / "h.json")])
     assert out["images"] == 30 and json.loads((tmp_path / "h.json").read_text())["bytes"] == out["bytes"] > 0
     assert out["ratio_to_decode"]["decode (PIL, 1 thread)"] == 1.0
     assert {"read + xxh3_128, 1 thread", "read + blake2b, 1 thread",
