@@ -3,6 +3,7 @@ re-submitted; the merged report must equal the one from uninterrupted runs."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from bench import BenchError
 from bench.report.build import build_report
+from tests.helpers import copy_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 WRAPPER = ROOT / "scripts" / "slurm" / "grid_task.sh"
@@ -32,8 +34,9 @@ wandb: {mode: disabled}
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
+def grid(tmp_path_factory, quickstart_cache):
     root = tmp_path_factory.mktemp("grid")
+    copy_cache(quickstart_cache, root / "cache")  # tiny-digits on digits, as every task reads it
     for name, classes in (("t-novel", "novel"), ("t-base", "base"), ("t-all", "all")):
         (root / f"{name}.yaml").write_text(TASK.format(name=name, classes=classes))
     (root / "config.yaml").write_text(CONFIG + f"cache_dir: {root / 'cache'}\n")
@@ -67,16 +70,12 @@ def tables(report_dir: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted((report_dir / "tables").glob("*.csv")) if p.name != "runs.csv"}
 
 
-def test_array_resumes_after_a_kill_and_merges_to_the_uninterrupted_report(grid, tmp_path):
+def test_array_resumes_after_a_kill_and_merges_to_the_uninterrupted_report(grid, tmp_path, forks):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    for i in (1, 2, 3):
-        task(grid, straight, i)
-    names = sorted(p.name for p in straight.iterdir())
-    assert names == ["t-all-tiny-digits", "t-base-tiny-digits", "t-novel-tiny-digits"]
-    assert all(complete(straight / n) for n in names)
-
-    task(grid, resumed, 1)
-    killed = task(grid, resumed, 2, wait=False)
+    names = ["t-all-tiny-digits", "t-base-tiny-digits", "t-novel-tiny-digits"]
+    # The array's three tasks start together, as SLURM starts them; task 2 is killed midway.
+    running = {i: task(grid, resumed, i, wait=False) for i in (1, 2, 3)}
+    killed = running.pop(2)
     victim = resumed / "t-base-tiny-digits"
     deadline = time.monotonic() + 120
     # midway: once the run has started writing (its folder exists), before it completes
@@ -85,7 +84,15 @@ def test_array_resumes_after_a_kill_and_merges_to_the_uninterrupted_report(grid,
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=30)
     assert killed.returncode == -signal.SIGKILL and not complete(victim)
-    task(grid, resumed, 3)
+
+    # Meanwhile, entry 2 uninterrupted: the `bench run` command the wrapper runs for it.
+    straight_base = forks.bench(["run", "-c", grid / "config.yaml", "backbone.name=tiny-digits",
+                                 f"task={grid / 't-base'}.yaml", "name=t-base-tiny-digits", f"out_dir={straight}"],
+                                cwd=grid, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert straight_base.returncode == 0, straight_base.stderr[-3000:]
+    for proc in running.values():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
     with pytest.raises(BenchError, match="t-base-tiny-digits"):
         build_report([str(resumed / "*")], tmp_path / "partial")  # the killed task is named, not skipped
 
@@ -93,7 +100,12 @@ def test_array_resumes_after_a_kill_and_merges_to_the_uninterrupted_report(grid,
     outputs = {i: task(grid, resumed, i) for i in (1, 2, 3)}  # the array, re-submitted
     assert "skipped" in outputs[1] and "skipped" in outputs[3] and "skipped" not in outputs[2]
     assert {n: (resumed / n / "run.json").stat().st_mtime_ns for n in done} == done
-    assert complete(victim)
+    assert sorted(p.name for p in resumed.iterdir()) == names  # the wrapper's names for the grid's entries
+    assert all(complete(resumed / n) for n in names)
+    # The uninterrupted array: entry 2 run straight, entries 1 and 3 as the array ran them without
+    # interruption (and, as their unchanged run.json shows, left alone by the re-submission).
+    for name in ("t-novel-tiny-digits", "t-all-tiny-digits"):
+        shutil.copytree(resumed / name, straight / name)
 
     a = build_report([str(straight / "*")], tmp_path / "report-straight")
     b = build_report([str(resumed / "*")], tmp_path / "report-resumed")
