@@ -74,31 +74,51 @@ def test_collapse_matches_a_direct_numpy_computation(normalize):
         assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
-def _ddp_worker(fabric, sets, y):
-    results = []
-    for x in sets:
-        metric = ClassStatistics(4, x.shape[1]).to(fabric.device)
-        shard = slice(fabric.global_rank, None, fabric.world_size)
-        for start in range(0, len(y), 16):  # several batches per rank: merges within and across ranks
-            metric.update(x[shard][start:start + 16], y[shard][start:start + 16])
-        results.append(metric.compute())
-    # Without this, a rank could exit while gloo still serves the other rank's last
-    # collective, and its threads abort the process at exit (seen once in CI).
-    fabric.barrier()
-    torch.distributed.destroy_process_group()
-    return results
+RANK_SCRIPT = r'''
+import json, sys
+
+import torch
+import torch.distributed as dist
+
+from bench.diagnostics import ClassStatistics
+
+args = json.loads(sys.argv[1])
+rank, world = args["rank"], 2
+dist.init_process_group("gloo", init_method="file://" + args["store"], rank=rank, world_size=world)
+data = torch.load(args["data"], weights_only=True)
+y, results = data["y"], []
+for x in data["sets"]:
+    metric = ClassStatistics(4, x.shape[1])
+    shard = slice(rank, None, world)
+    for start in range(0, len(y), 16):  # several batches per rank: merges within and across ranks
+        metric.update(x[shard][start:start + 16], y[shard][start:start + 16])
+    results.append({k: v for k, v in metric.compute().items() if isinstance(v, float)})  # synced over ranks
+# Without this, a rank could exit while gloo still serves the other rank's last collective, and
+# its threads abort the process at exit (seen once in CI).
+dist.barrier()
+dist.destroy_process_group()
+with open(args["out"], "w") as f:
+    json.dump(results, f)
+'''
 
 
-def test_two_processes_give_the_same_collapse_as_one():
-    from lightning.fabric import Fabric
+def test_two_processes_give_the_same_collapse_as_one(tmp_path, forks):
+    import json
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(101, 6, generator=g) + torch.arange(4).repeat(26)[:101, None].float()
     y = torch.arange(4).repeat(26)[:101]
     far = x.double() + 1e5  # a large common offset: per-rank class statistics must merge exactly
-    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
-    multi = fabric.launch(_ddp_worker, [x, far], y)
-    for data, result in zip((x, far), multi):
+    torch.save({"sets": [x, far], "y": y}, tmp_path / "data.pt")
+    (tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    ranks = [forks.start([json.dumps({"rank": r, "store": str(tmp_path / "store"), "data": str(tmp_path / "data.pt"),
+                                      "out": str(tmp_path / f"rank{r}.json")})], script=tmp_path / "rank.py",
+                         cwd=tmp_path) for r in (0, 1)]
+    for rank in ranks:
+        assert rank.wait(300) == 0, rank.stderr[-3000:]
+    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert per_rank[0] == per_rank[1]  # every rank computes the merged statistics
+    for data, result in zip((x, far), per_rank[0]):
         single = neural_collapse(data, y)
         ref = _direct(data.double().numpy(), y.numpy())
         for key in ("nc1", "nc1_quotient", "equinorm", "equiangularity", "cdnv", "cdnv_unbiased"):
