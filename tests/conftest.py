@@ -56,3 +56,20 @@ def quickstart_cache(tmp_path_factory):
     assert len([p for p in root.iterdir() if not p.name.startswith(".")]) == 2  # train and test
     yield root
     assert _tree(root) == before, "a test wrote into the shared quickstart cache; copy it with copy_cache"
+
+
+@pytest.fixture(scope="session")
+def report_of_two_runs(tmp_path_factory):
+    """One report of two runs (a: base and novel classes; b: another backbone, novel only), for
+    the tests that only read a report: figures take most of a report's time. Read only; the
+    session fails at the end if anything in it changed."""
+    from bench.report.build import build_report
+    from tests.helpers import make_rows, make_run
+
+    root = tmp_path_factory.mktemp("report-of-two-runs")
+    make_run(root / "runs" / "a", make_rows(subsets=("base", "novel")))
+    make_run(root / "runs" / "b", make_rows(backbone="other-net", offset=-0.05, seed=1))
+    report = build_report([str(root / "runs" / "*")], root / "rep")
+    before = _tree(root)
+    yield root, report
+    assert _tree(root) == before, "a test wrote into the shared report; build its own"

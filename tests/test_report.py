@@ -12,50 +12,7 @@ import pytest
 
 from bench import BenchError
 from bench.report.build import build_report, write_run_report
-from bench.report.results import write_table
-
-# name -> (spec, gen.k or None, accuracy at shots 1, 5, all)
-METHODS = {
-    "qi2018": ("l2/mean/l2/l2/max", None, (0.50, 0.62, 0.72)),
-    "westerhoff2025": ("l2/kmeans:k=20/l2/l2/max", 20, (0.50, 0.68, 0.85)),
-    "knn": ("l2/all/none/l2/mnn:m=5,metric=cosine", None, (0.49, 0.65, 0.89)),
-    "l2/kmeans:k=2/l2/l2/max": ("l2/kmeans:k=2/l2/l2/max", 2, (0.50, 0.64, 0.76)),
-    "l2/kmeans:k=5/l2/l2/max": ("l2/kmeans:k=5/l2/l2/max", 5, (0.50, 0.67, 0.82)),
-}
-SHOTS = ("1", "5", "all")
-
-
-def make_rows(backbone="tiny-digits", task="tiny-suite", subsets=("novel",), seeds=(0, 1, 2), offset=0.0,
-              methods=METHODS, noise=0.02, seed=0, extra_metrics=True):
-    """Result rows as bench run writes them, with seeded noise around known accuracies."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for subset in subsets:
-        for si, shots in enumerate(SHOTS):
-            for s in seeds:
-                for name, (spec, k, accs) in methods.items():
-                    pre, gen, post, inf, agg = spec.split("/")
-                    acc = float(np.clip(accs[si] + offset + noise * rng.standard_normal(), 0, 1))
-                    row = {"backbone": backbone, "dataset": "digits", "task": task, "classes": subset,
-                           "shots": shots, "seed": s, "method": name, "spec": spec, "norm_pre": pre,
-                           "gen": gen.split(":")[0], "norm_post": post, "norm_inf": inf, "agg": agg.split(":")[0],
-                           "acc": acc}
-                    if extra_metrics:
-                        row.update({"balanced_acc": acc, "macro_f1": acc, "acc_class_5": acc, "gen_time_s": 1e-3,
-                                    "num_proxies": 5, "effective_k_min": 1, "effective_k_max": 1})
-                    row["gen.k"] = k
-                    rows.append(row)
-    return rows
-
-
-def make_run(folder: Path, rows, complete=True, config=None, task=None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    write_table(rows, folder)
-    record = {"config": config or {"name": folder.name}, "world_size": 1, "complete": complete}
-    if task is not None:
-        record["task"] = task
-    (folder / "run.json").write_text(json.dumps(record))
-    return folder
+from tests.helpers import METHODS, make_rows, make_run
 
 
 @pytest.fixture
@@ -65,17 +22,8 @@ def two_runs(tmp_path):
     return a, b
 
 
-@pytest.fixture(scope="module")
-def merged(tmp_path_factory):
-    """One report of two runs, read by several tests (figures take most of a report's time)."""
-    root = tmp_path_factory.mktemp("merged")
-    make_run(root / "runs" / "a", make_rows(subsets=("base", "novel")))
-    make_run(root / "runs" / "b", make_rows(backbone="other-net", offset=-0.05, seed=1))
-    return root, build_report([str(root / "runs" / "*")], root / "rep")
-
-
-def test_report_merges_runs_and_writes_every_output(merged):
-    tmp_path, report = merged
+def test_report_merges_runs_and_writes_every_output(report_of_two_runs):
+    tmp_path, report = report_of_two_runs
     out = tmp_path / "rep"
     assert report.html == out / "report.html" and report.html.stat().st_size > 10_000
     assert len(report.merged.runs) == 2 and len(report.groups) == 3  # a: base, novel; b: novel
@@ -92,10 +40,10 @@ def test_report_merges_runs_and_writes_every_output(merged):
     assert not list(tmp_path.glob(".rep.tmp-*"))
 
 
-def test_table_holds_mean_std_ci_over_seeds_and_marks_the_best(merged):
+def test_table_holds_mean_std_ci_over_seeds_and_marks_the_best(report_of_two_runs):
     from scipy.stats import t
 
-    tmp_path, _ = merged
+    tmp_path, _ = report_of_two_runs
     table = pd.read_csv(tmp_path / "rep" / "tables" / "tiny-suite-digits-tiny-digits-novel.csv",
                         dtype={"shots": str})
     rows = pd.read_csv(tmp_path / "runs" / "a" / "results.csv", dtype={"shots": str})
@@ -111,11 +59,11 @@ def test_table_holds_mean_std_ci_over_seeds_and_marks_the_best(merged):
     assert best_all == ["knn"]  # 0.89 against 0.85 at most, noise 0.02
 
 
-def test_ranks_and_friedman_come_from_the_libraries(merged):
+def test_ranks_and_friedman_come_from_the_libraries(report_of_two_runs):
     import scikit_posthocs as sp
     from scipy.stats import friedmanchisquare
 
-    tmp_path, report = merged
+    tmp_path, report = report_of_two_runs
     c = report.comparison
     cells = pd.read_csv(tmp_path / "rep" / "tables" / "cells.csv")
     methods = list(METHODS)

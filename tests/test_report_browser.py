@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.report.build import build_report
-from test_report import METHODS, make_rows, make_run
+from tests.helpers import METHODS
 
 CHROMIUM = os.environ.get("BENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Chromium as root in a container, with nothing reaching for the network on its own.
@@ -34,11 +33,9 @@ def _browser_or_skip():
     return sync_playwright
 
 
-def test_report_page_loads_in_headless_chromium(tmp_path):
+def test_report_page_loads_in_headless_chromium(tmp_path, report_of_two_runs):
     sync_playwright = _browser_or_skip()
-    a = make_run(tmp_path / "runs" / "a", make_rows(subsets=("base", "novel")))
-    make_run(tmp_path / "runs" / "b", make_rows(backbone="other-net", seed=1))
-    report = build_report([str(tmp_path / "runs" / "*")], tmp_path / "report")
+    _, report = report_of_two_runs
     novel = next(g for g in report.groups if g.key == ("tiny-suite", "digits", "tiny-digits", "novel"))
     shot = tmp_path / "report.png"
     errors, requests = [], []
@@ -68,4 +65,3 @@ def test_report_page_loads_in_headless_chromium(tmp_path):
     assert shot.stat().st_size > 20_000
     if os.environ.get("BENCH_KEEP_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["BENCH_KEEP_SCREENSHOT"])
-    assert a.is_dir()
