@@ -62,7 +62,7 @@ def test_testing_before_fitting_is_an_error():
                      verbose=False)
 
 
-def test_end_to_end_on_images_equals_the_cached_path(tmp_path):
+def test_end_to_end_on_images_equals_the_cached_path(quickstart_cache):
     from bench.backbones import build_backbone
     from bench.data.datamodules import ImageEpisodeDataModule
     from bench.data.sources import build_source
@@ -80,7 +80,7 @@ def test_end_to_end_on_images_equals_the_cached_path(tmp_path):
     trainer.test(e2e, datamodule=dm, verbose=False)
 
     quiet = {"enable_progress_bar": False}
-    cache = EmbeddingCache(tmp_path)
+    cache = EmbeddingCache(quickstart_cache)  # the session's: tiny-digits on both splits, so hits only
     cached = ImprintingModule(methods, seed=1)
     dm2 = EpisodeDataModule(extract(bb, pool, cache, trainer_kwargs=quiet), extract(bb, test, cache, trainer_kwargs=quiet), ep)
     trainer = trainer_for_imprinting(accelerator="cpu", devices=1)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from bench.report.wandb_log import log_bench_run
-from test_report import make_rows, make_run
+from tests.helpers import make_rows, make_run
 
 
 def wandb_records(run_file: Path) -> list[dict]:
@@ -98,16 +98,20 @@ seeds: [0, 1]
 """
 
 
-def test_wandb_offline_run_holds_config_keys_and_metrics(tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_config_keys_and_metrics(tmp_path, monkeypatch, quickstart_cache):
     """A real bench run, then its one W&B run (moved here from test_cli_run, which asserted one
     W&B run per method)."""
+    import torch
+
     from bench.cli import main
+    from bench.runtime import torch_threads
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     (tmp_path / "t.yaml").write_text(TASK)
-    code = main(["run", f"task={tmp_path / 't.yaml'}", "methods=[qi2018,westerhoff2025]",
-                 "wandb.mode=disabled", "name=wb"])
+    with torch_threads(torch.get_num_threads()):  # a run sets this process's threads
+        code = main(["run", f"task={tmp_path / 't.yaml'}", "methods=[qi2018,westerhoff2025]",
+                     f"cache_dir={quickstart_cache}", "wandb.mode=disabled", "name=wb"])  # a cache hit: read only
     assert code == 0
     run_dir = tmp_path / "runs" / "wb"
     rows = pd.read_csv(run_dir / "results.csv").to_dict("records")
