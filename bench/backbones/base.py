@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from bench.backbones.transforms import build_transform, describe_transform
+from bench.backbones.transforms import build_transform, describe_transform, transform_channels
 from bench.errors import BenchError
 
 
@@ -89,9 +89,12 @@ def load_state_file(path: Path, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_channels(model: nn.Module, channels: int, what: str) -> None:
+def check_channels(model: nn.Module, transform: dict[str, Any], what: str) -> None:
     """Refuse a transform whose channel count the model's first convolution cannot take (an
-    RGB transform for a 1-channel model, or the reverse), before any image is embedded."""
+    RGB transform for a 1-channel model, or the reverse), before any image is embedded. The
+    transform's own values are checked first: a bad size is named as such, not as a mismatch."""
+    build_transform(transform)
+    channels = transform_channels(transform)
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is not None and first.in_channels != channels:
         raise BenchError(

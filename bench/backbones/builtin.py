@@ -15,7 +15,6 @@ from torch import nn
 from bench.backbones.base import Backbone, check_channels, frozen_backbone, load_state_file
 from bench.backbones.registry import register_backbone
 from bench.backbones.tiny import TinyCNN
-from bench.backbones.transforms import transform_channels
 from bench.errors import BenchError
 
 IMAGENET = {"size": 256, "crop": 224, "channels": 3,
@@ -68,7 +67,7 @@ def _checkpoint(path: str, transform: dict | None = None) -> Backbone:
             f"{p} does not fit architecture {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     tspec = transform or json.loads(meta.get("transform", "null")) or IMAGENET
-    check_channels(model, transform_channels(tspec), f"checkpoint {p.name}")
+    check_channels(model, tspec, f"checkpoint {p.name}")
     return frozen_backbone(f"checkpoint:{p.name}", model, tspec, dim, meta.get("layer", "pooled"))
 
 
@@ -144,6 +143,6 @@ def _torchvision(arch: str, weights: str | None = "DEFAULT", transform: dict | N
         if missing:
             raise BenchError(f"{path} lacks weights for torchvision:{arch}: {missing[:5]}")
     if transform is not None:
-        check_channels(model, transform_channels(transform), f"torchvision:{arch}")
+        check_channels(model, transform, f"torchvision:{arch}")
     tfm = transform if transform is not None else tv_weights.transforms() if tv_weights is not None else IMAGENET
     return frozen_backbone(f"torchvision:{arch}", model, tfm, dim, "penultimate")
