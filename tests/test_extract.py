@@ -111,24 +111,6 @@ def _env(**extra) -> dict[str, str]:
     return {**os.environ, "WANDB_MODE": "disabled", **extra}
 
 
-def test_ddp_extraction_on_two_processes_equals_one(tmp_path, forks, quickstart_cache):
-    """`bench extract` on two processes writes the entries (same keys) that one process writes:
-    the session's quickstart cache, extracted in one process with the same backbone and data."""
-    two = forks.bench(["extract", "task=digits-base-novel", "extract.batch_size=64", "extract.shard_size=256",
-                       f"cache_dir={tmp_path / 'two'}", "trainer.devices=2", "trainer.strategy=ddp"],
-                      cwd=tmp_path, env=_env())
-    assert two.returncode == 0, two.stderr[-3000:]
-    ones = _entries(quickstart_cache)
-    assert len(ones) == 2 and sorted(p.name for p in _entries(tmp_path / "two")) == sorted(p.name for p in ones)
-    for split_dir in ones:
-        a = open_entry(split_dir)
-        b = open_entry(tmp_path / "two" / split_dir.name)  # same key: same backbone, data, dtype
-        assert b.manifest["world_size"] == 2
-        assert torch.equal(b.indices, torch.arange(len(b.indices)))  # every index once, in order
-        assert torch.equal(a.labels, b.labels)
-        assert torch.equal(a.embeddings, b.embeddings)
-
-
 def test_a_rerun_extracts_only_what_is_missing(tmp_path, tiny, capsys):
     cache = EmbeddingCache(tmp_path)
     src = build_source("digits", split="train")
@@ -189,6 +171,7 @@ def test_killed_ddp_extraction_resumes_to_the_single_process_cache(tmp_path, for
     assert len(written) >= 6
     assert not [p for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")]  # no entry yet
     assert {p.name[:8] for p in written} == {"rank0000", "rank0001"}  # both ranks had written
+    assert len(list((tmp_path / "ddp").glob(".shards-*"))) == 1  # the train split's: test is extracted afresh
 
     again = forks.start(ddp, module="bench.cli", cwd=tmp_path, env=_env())
     # The single-process cache, made here while the DDP run resumes: on one thread, as two threads
@@ -203,6 +186,7 @@ def test_killed_ddp_extraction_resumes_to_the_single_process_cache(tmp_path, for
     assert len(_entries(tmp_path / "one")) == 2
     for entry_dir in _entries(tmp_path / "one"):
         a, b = open_entry(entry_dir), open_entry(tmp_path / "ddp" / entry_dir.name)
+        assert b.manifest["world_size"] == 2
         assert torch.equal(b.indices, torch.arange(len(b.indices)))  # every index exactly once
         assert torch.equal(a.labels, b.labels)
         assert torch.allclose(a.embeddings, b.embeddings, atol=1e-5)
@@ -227,17 +211,26 @@ def test_streamed_hf_dataset_extracts_like_the_random_access_one(tmp_path, tiny)
     assert torch.equal(a.labels, b.labels) and torch.allclose(a.embeddings, b.embeddings, atol=1e-6)
 
 
-def test_torchrun_launch_uses_two_ranks(tmp_path):
+def test_ddp_extraction_under_torchrun_equals_one_process(tmp_path, quickstart_cache):
+    """torchrun starts two ranks (Lightning takes them from torchelastic), and together they write
+    the entries, under the same keys and bit for bit, that one process writes: the session's
+    quickstart cache. Lightning's own launch (`trainer.devices=2` alone) extracts in
+    test_killed_ddp_extraction_resumes_to_the_single_process_cache."""
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "bench.cli", "extract",
-                           "task=digits-base-novel", f"cache_dir={tmp_path / 'c'}", "trainer.devices=2",
-                           "trainer.strategy=ddp"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          timeout=600)
+                           "task=digits-base-novel", f"cache_dir={tmp_path / 'two'}", "extract.batch_size=64",
+                           "extract.shard_size=256", "trainer.devices=2", "trainer.strategy=ddp"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for d in _entries(tmp_path / "c"):
-        entry = open_entry(d)
-        assert entry.manifest["world_size"] == 2
-        assert torch.equal(entry.indices, torch.arange(entry.manifest["num_samples"]))
+    ones = _entries(quickstart_cache)
+    assert len(ones) == 2 and sorted(p.name for p in _entries(tmp_path / "two")) == sorted(p.name for p in ones)
+    for split_dir in ones:
+        a = open_entry(split_dir)
+        b = open_entry(tmp_path / "two" / split_dir.name)  # same key: same backbone, data, dtype
+        assert b.manifest["world_size"] == 2
+        assert torch.equal(b.indices, torch.arange(b.manifest["num_samples"]))  # every index once, in order
+        assert torch.equal(a.labels, b.labels)
+        assert torch.equal(a.embeddings, b.embeddings)
 
 
 def test_a_full_disk_fails_clearly_and_leaves_no_entry(tmp_path, forks):
