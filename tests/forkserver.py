@@ -12,8 +12,11 @@ cannot fork a child that computes (the child hangs in its first parallel kernel)
 why tests never fork the pytest process itself. A child of a server that only imported starts
 from the state a fresh interpreter reaches after the same imports; what a fresh interpreter
 reads from the environment at start (torch's thread count, bench's record of the user's
-OMP_NUM_THREADS, unbuffered output) is set again from the child's own environment. Processes
-that a child launches (Lightning's DDP ranks, torchrun's workers) are ordinary fresh ones.
+OMP_NUM_THREADS, unbuffered output, writing bytecode) is set again from the child's own
+environment, and the random generators seeded at import are seeded again. What a library reads
+from the environment when it is imported (a cache folder, a plotting backend) stays the server's,
+which is the test process's: a test that changes such a variable needs a fresh interpreter.
+Processes that a child launches (Lightning's DDP ranks, torchrun's workers) are fresh ones.
 """
 
 from __future__ import annotations
@@ -65,10 +68,15 @@ def _child(request: dict, default_threads: int) -> None:
             limit = int(request["file_size_limit"])
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
+        import random
+
+        import numpy as np
         import torch
 
         import bench.runtime
 
+        random.seed()  # from the OS, as at a fresh start: no two children draw the same numbers
+        np.random.seed()
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or default_threads))
         bench.runtime.remember_user_threads()  # what importing bench.runtime does in a fresh process
         args = [str(a) for a in request["args"]]

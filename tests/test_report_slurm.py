@@ -1,5 +1,6 @@
-"""The SLURM array wrapper, run locally: three array tasks, one killed midway and the array
-re-submitted; the merged report must equal the one from uninterrupted runs."""
+"""The SLURM array wrapper, run locally: of a three-entry array, one task killed midway and the
+array re-submitted (the finished entries skipped); the merged report must equal the one from
+uninterrupted runs."""
 
 import json
 import os
@@ -70,12 +71,21 @@ def tables(report_dir: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted((report_dir / "tables").glob("*.csv")) if p.name != "runs.csv"}
 
 
+def bench_run(forks, grid: Path, out: Path, stem: str):
+    """The `bench run` that the wrapper runs for the entry ``tiny-digits STEM.yaml``, forked."""
+    return forks.start(["run", "-c", grid / "config.yaml", "backbone.name=tiny-digits", f"task={grid / stem}.yaml",
+                        f"name={stem}-tiny-digits", f"out_dir={out}"], module="bench.cli", cwd=grid,
+                       env={**os.environ, "WANDB_MODE": "disabled"})
+
+
 def test_array_resumes_after_a_kill_and_merges_to_the_uninterrupted_report(grid, tmp_path, forks):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     names = ["t-all-tiny-digits", "t-base-tiny-digits", "t-novel-tiny-digits"]
-    # The array's three tasks start together, as SLURM starts them; task 2 is killed midway.
-    running = {i: task(grid, resumed, i, wait=False) for i in (1, 2, 3)}
-    killed = running.pop(2)
+    # The array's first submission: entry 2 through the wrapper, killed midway; entries 1 and 3 and
+    # an uninterrupted entry 2 as the command the wrapper runs, meanwhile.
+    killed = task(grid, resumed, 2, wait=False)
+    runs = [bench_run(forks, grid, resumed, "t-novel"), bench_run(forks, grid, resumed, "t-all"),
+            bench_run(forks, grid, straight, "t-base")]
     victim = resumed / "t-base-tiny-digits"
     deadline = time.monotonic() + 120
     # midway: once the run has started writing (its folder exists), before it completes
@@ -84,26 +94,19 @@ def test_array_resumes_after_a_kill_and_merges_to_the_uninterrupted_report(grid,
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=30)
     assert killed.returncode == -signal.SIGKILL and not complete(victim)
-
-    # Meanwhile, entry 2 uninterrupted: the `bench run` command the wrapper runs for it.
-    straight_base = forks.bench(["run", "-c", grid / "config.yaml", "backbone.name=tiny-digits",
-                                 f"task={grid / 't-base'}.yaml", "name=t-base-tiny-digits", f"out_dir={straight}"],
-                                cwd=grid, env={**os.environ, "WANDB_MODE": "disabled"})
-    assert straight_base.returncode == 0, straight_base.stderr[-3000:]
-    for proc in running.values():
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-3000:]
+    for run in runs:
+        assert run.wait(300) == 0, run.stderr[-3000:]
     with pytest.raises(BenchError, match="t-base-tiny-digits"):
         build_report([str(resumed / "*")], tmp_path / "partial")  # the killed task is named, not skipped
 
     done = {n: (resumed / n / "run.json").stat().st_mtime_ns for n in ("t-novel-tiny-digits", "t-all-tiny-digits")}
     outputs = {i: task(grid, resumed, i) for i in (1, 2, 3)}  # the array, re-submitted
+    # entries 1 and 3 are found under the wrapper's names for them, and skipped
     assert "skipped" in outputs[1] and "skipped" in outputs[3] and "skipped" not in outputs[2]
     assert {n: (resumed / n / "run.json").stat().st_mtime_ns for n in done} == done
-    assert sorted(p.name for p in resumed.iterdir()) == names  # the wrapper's names for the grid's entries
-    assert all(complete(resumed / n) for n in names)
-    # The uninterrupted array: entry 2 run straight, entries 1 and 3 as the array ran them without
-    # interruption (and, as their unchanged run.json shows, left alone by the re-submission).
+    assert sorted(p.name for p in resumed.iterdir()) == names and all(complete(resumed / n) for n in names)
+    # The uninterrupted array: entry 2 run straight, entries 1 and 3 as the array holds them (the
+    # re-submission left them alone).
     for name in ("t-novel-tiny-digits", "t-all-tiny-digits"):
         shutil.copytree(resumed / name, straight / name)
 
