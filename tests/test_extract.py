@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,18 @@ def _env(**extra) -> dict[str, str]:
     return {**os.environ, "WANDB_MODE": "disabled", **extra}
 
 
+def _rank_envs(world_size: int = 2) -> list[dict[str, str]]:
+    """Environments for the processes of one DDP run started the way a cluster launcher starts
+    them: with LOCAL_RANK set, Lightning launches nothing and each process is one rank."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [_env(LOCAL_RANK=str(r), NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            for r in range(world_size)]
+
+
 def test_a_rerun_extracts_only_what_is_missing(tmp_path, tiny, capsys):
     cache = EmbeddingCache(tmp_path)
     src = build_source("digits", split="train")
@@ -162,18 +175,22 @@ def test_killed_ddp_extraction_resumes_to_the_single_process_cache(tmp_path, for
     common = ["extract", "task=digits-base-novel", f"backbone.name=checkpoint:{tmp_path / 'r18.safetensors'}",
               "extract.batch_size=16", "extract.shard_size=32"]
     ddp = [*common, f"cache_dir={tmp_path / 'ddp'}", "trainer.devices=2", "trainer.strategy=ddp"]
-    proc = forks.start(ddp, module="bench.cli", cwd=tmp_path, env=_env())
+    # the killed run's two ranks started as a cluster launcher starts them (both forked)
+    ranks = [forks.start(ddp, module="bench.cli", cwd=tmp_path, env=env) for env in _rank_envs()]
     deadline = time.time() + 300
     while time.time() < deadline and len(list((tmp_path / "ddp").glob(".shards-*/rank*.safetensors"))) < 6:
         time.sleep(0.02)
-    proc.kill()  # the whole DDP group, mid-run
+    for rank in ranks:  # the whole DDP run, mid-run
+        os.killpg(rank.pid, signal.SIGKILL)
+    for rank in ranks:
+        rank.wait()
     written = list((tmp_path / "ddp").glob(".shards-*/rank*.safetensors"))
     assert len(written) >= 6
     assert not [p for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")]  # no entry yet
     assert {p.name[:8] for p in written} == {"rank0000", "rank0001"}  # both ranks had written
     assert len(list((tmp_path / "ddp").glob(".shards-*"))) == 1  # the train split's: test is extracted afresh
 
-    again = forks.start(ddp, module="bench.cli", cwd=tmp_path, env=_env())
+    again = forks.start(ddp, module="bench.cli", cwd=tmp_path, env=_env())  # Lightning starts rank 1
     # The single-process cache, made here while the DDP run resumes: on one thread, as two threads
     # beside busy processes stall at every small kernel.
     from bench import pipeline
@@ -211,25 +228,40 @@ def test_streamed_hf_dataset_extracts_like_the_random_access_one(tmp_path, tiny)
     assert torch.equal(a.labels, b.labels) and torch.allclose(a.embeddings, b.embeddings, atol=1e-6)
 
 
-def test_ddp_extraction_under_torchrun_equals_one_process(tmp_path, quickstart_cache):
-    """torchrun starts two ranks (Lightning takes them from torchelastic), and together they write
-    the entries, under the same keys and bit for bit, that one process writes: the session's
-    quickstart cache. Lightning's own launch (`trainer.devices=2` alone) extracts in
-    test_killed_ddp_extraction_resumes_to_the_single_process_cache."""
+@pytest.fixture(scope="module")
+def torchrun_cache(tmp_path_factory):
+    """The quickstart's task extracted by two ranks that torchrun starts (Lightning takes them from
+    torchelastic), in several shards per rank; read only. Lightning's own launch (`trainer.devices=2`
+    alone) extracts in test_killed_ddp_extraction_resumes_to_the_single_process_cache."""
+    root = tmp_path_factory.mktemp("torchrun")
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "bench.cli", "extract",
-                           "task=digits-base-novel", f"cache_dir={tmp_path / 'two'}", "extract.batch_size=64",
+                           "task=digits-base-novel", f"cache_dir={root / 'c'}", "extract.batch_size=64",
                            "extract.shard_size=256", "trainer.devices=2", "trainer.strategy=ddp"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+                          cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "c"
+
+
+def test_torchrun_launch_uses_two_ranks(torchrun_cache):
+    entries = _entries(torchrun_cache)
+    assert len(entries) == 2  # train and test
+    for d in entries:
+        entry = open_entry(d)
+        assert entry.manifest["world_size"] == 2
+        assert torch.equal(entry.indices, torch.arange(entry.manifest["num_samples"]))  # every index once, in order
+
+
+def test_ddp_extraction_on_two_processes_equals_one(torchrun_cache, quickstart_cache):
+    """Two ranks write the entries, under the same keys and bit for bit, that one process writes
+    (the session's quickstart cache, extracted in one process with the same backbone and data)."""
     ones = _entries(quickstart_cache)
-    assert len(ones) == 2 and sorted(p.name for p in _entries(tmp_path / "two")) == sorted(p.name for p in ones)
+    assert len(ones) == 2 and sorted(p.name for p in _entries(torchrun_cache)) == sorted(p.name for p in ones)
     for split_dir in ones:
         a = open_entry(split_dir)
-        b = open_entry(tmp_path / "two" / split_dir.name)  # same key: same backbone, data, dtype
+        b = open_entry(torchrun_cache / split_dir.name)  # same key: same backbone, data, dtype
         assert b.manifest["world_size"] == 2
-        assert torch.equal(b.indices, torch.arange(b.manifest["num_samples"]))  # every index once, in order
-        assert torch.equal(a.labels, b.labels)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
         assert torch.equal(a.embeddings, b.embeddings)
 
 
@@ -448,11 +480,12 @@ if os.environ.get("LOCAL_RANK", "0") == "0":
 '''
 
 
-def _start(forks, tmp_path: Path, **args):
+def _start(forks, tmp_path: Path, env: dict | None = None, **args):
     script = tmp_path / "extract_script.py"
     if not script.exists():  # a run started before may be reading it
         script.write_text(EXTRACT_SCRIPT)
-    return forks.start([json.dumps(args)], script=script, cwd=tmp_path, env=_env(PYTHONUNBUFFERED="1"))
+    env = {**(env or _env()), "PYTHONUNBUFFERED": "1"}
+    return forks.start([json.dumps(args)], script=script, cwd=tmp_path, env=env)
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -513,13 +546,15 @@ def test_a_waiting_ddp_run_takes_over_the_shards_of_a_killed_run(tmp_path, tiny,
     first = _start(forks, tmp_path, cache=str(root), split="train", batch_size=16, shard_size=32,
                    pause_after_batches=6)
     first.wait_for_line("paused in the extraction")  # holds the key's lock, 3 shards written
-    second = _start(forks, tmp_path, cache=str(root), split="train", batch_size=16, shard_size=32,
-                    trainer={"devices": 2, "strategy": "ddp", "accelerator": "cpu"})
+    # the DDP run's two ranks started as a cluster launcher starts them (both forked)
+    second, other = [_start(forks, tmp_path, env=env, cache=str(root), split="train", batch_size=16, shard_size=32,
+                            trainer={"devices": 2, "strategy": "ddp", "accelerator": "cpu"}) for env in _rank_envs()]
     second.wait_for_line("waiting for another run")
     assert _entries(root) == []
     first.kill()
     lines = second.wait_for_line("entry")
-    assert second.wait(300) == 0, second.stderr[-3000:]
+    for rank in (second, other):
+        assert rank.wait(300) == 0, rank.stderr[-3000:]
     src = build_source("digits", split="train")
     assert any(line.startswith(f"resuming extraction: 96 of {len(src)} ") for line in lines), lines
     ref = extract(tiny, src, EmbeddingCache(tmp_path / "ref"), trainer_kwargs=QUIET, batch_size=16)
