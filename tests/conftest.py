@@ -22,12 +22,26 @@ def blobs():
     return x, y
 
 
+_FORK_SERVER = pytest.StashKey()
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
+def pytest_collection_modifyitems(session, config, items):
+    """Start the fork server as soon as a collected test needs it: its imports then run while the
+    tests before that one do."""
+    if any("forks" in getattr(item, "fixturenames", ()) for item in items):
+        from tests.forkserver import ForkServer
+
+        config.stash[_FORK_SERVER] = ForkServer()
+
+
 @pytest.fixture(scope="session")
-def forks(tmp_path_factory):
+def forks(pytestconfig, tmp_path_factory):
     """Separate processes forked from a server that imported bench once (tests/forkserver.py)."""
     from tests.forkserver import ForkServer
 
-    server = ForkServer(tmp_path_factory.mktemp("forks"))
+    server = pytestconfig.stash.get(_FORK_SERVER, None) or ForkServer()
+    server.folder = tmp_path_factory.mktemp("forks")
     yield server
     server.close()
 

@@ -148,7 +148,7 @@ def serve() -> None:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            return
+            os._exit(0)  # nothing to write back; tearing down torch and the rest takes seconds
         pending += data
         while b"\n" in pending:
             line, pending = pending.split(b"\n", 1)
@@ -220,10 +220,11 @@ class Forked:
 
 
 class ForkServer:
-    """Starts the server (its imports run while the caller goes on) and forks processes from it."""
+    """Starts the server (its imports run while the caller goes on) and forks processes from it;
+    each process's output and exit code go to a numbered folder under ``folder``."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
         self.count = 0
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -240,7 +241,7 @@ class ForkServer:
             assert line.strip() == READY, f"the fork server did not start: {line!r}"
             self.ready = True
         self.count += 1
-        folder = self.folder / f"{self.count:04d}"
+        folder = Path(self.folder) / f"{self.count:04d}"
         folder.mkdir(parents=True)
         for name in ("stdout", "stderr"):
             (folder / name).touch()
