@@ -34,6 +34,17 @@ def copy_cache(cache: Path, to: Path) -> Path:
     return to
 
 
+def rank_envs(env: dict[str, str], world_size: int = 2) -> list[dict[str, str]]:
+    """``env`` for each process of one DDP run started as a cluster launcher (srun, a job script)
+    starts them: with LOCAL_RANK set, Lightning launches nothing and each process is one rank."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [{**env, "LOCAL_RANK": str(r), "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            for r in range(world_size)]
+
 # name -> (spec, gen.k or None, accuracy at shots 1, 5, all)
 METHODS = {
     "qi2018": ("l2/mean/l2/l2/max", None, (0.50, 0.62, 0.72)),

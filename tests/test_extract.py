@@ -14,7 +14,7 @@ from bench import BenchError
 from bench.backbones import build_backbone
 from bench.data.sources import build_source
 from bench.extract import EmbeddingCache, extract, open_entry
-from tests.helpers import write_image_folder
+from tests.helpers import rank_envs, write_image_folder
 
 QUIET = {"enable_progress_bar": False}
 
@@ -112,18 +112,6 @@ def _env(**extra) -> dict[str, str]:
     return {**os.environ, "WANDB_MODE": "disabled", **extra}
 
 
-def _rank_envs(world_size: int = 2) -> list[dict[str, str]]:
-    """Environments for the processes of one DDP run started the way a cluster launcher starts
-    them: with LOCAL_RANK set, Lightning launches nothing and each process is one rank."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [_env(LOCAL_RANK=str(r), NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            for r in range(world_size)]
-
-
 def test_a_rerun_extracts_only_what_is_missing(tmp_path, tiny, capsys):
     cache = EmbeddingCache(tmp_path)
     src = build_source("digits", split="train")
@@ -176,7 +164,7 @@ def test_killed_ddp_extraction_resumes_to_the_single_process_cache(tmp_path, for
               "extract.batch_size=16", "extract.shard_size=32"]
     ddp = [*common, f"cache_dir={tmp_path / 'ddp'}", "trainer.devices=2", "trainer.strategy=ddp"]
     # the killed run's two ranks started as a cluster launcher starts them (both forked)
-    ranks = [forks.start(ddp, module="bench.cli", cwd=tmp_path, env=env) for env in _rank_envs()]
+    ranks = [forks.start(ddp, module="bench.cli", cwd=tmp_path, env=env) for env in rank_envs(_env())]
     deadline = time.time() + 300
     while time.time() < deadline and len(list((tmp_path / "ddp").glob(".shards-*/rank*.safetensors"))) < 6:
         time.sleep(0.02)
@@ -547,8 +535,9 @@ def test_a_waiting_ddp_run_takes_over_the_shards_of_a_killed_run(tmp_path, tiny,
                    pause_after_batches=6)
     first.wait_for_line("paused in the extraction")  # holds the key's lock, 3 shards written
     # the DDP run's two ranks started as a cluster launcher starts them (both forked)
+    ddp = {"devices": 2, "strategy": "ddp", "accelerator": "cpu"}
     second, other = [_start(forks, tmp_path, env=env, cache=str(root), split="train", batch_size=16, shard_size=32,
-                            trainer={"devices": 2, "strategy": "ddp", "accelerator": "cpu"}) for env in _rank_envs()]
+                            trainer=ddp) for env in rank_envs(_env())]
     second.wait_for_line("waiting for another run")
     assert _entries(root) == []
     first.kill()
