@@ -99,18 +99,21 @@ def test_array_resumes_after_a_kill_and_merges_to_the_uninterrupted_report(grid,
     with pytest.raises(BenchError, match="t-base-tiny-digits"):
         build_report([str(resumed / "*")], tmp_path / "partial")  # the killed task is named, not skipped
 
+    # The uninterrupted array: entry 2 run straight, entries 1 and 3 as they finished (the
+    # re-submission must leave them alone); its report is built while the array is re-submitted.
     done = {n: (resumed / n / "run.json").stat().st_mtime_ns for n in ("t-novel-tiny-digits", "t-all-tiny-digits")}
-    outputs = {i: task(grid, resumed, i) for i in (1, 2, 3)}  # the array, re-submitted
+    for name in done:
+        shutil.copytree(resumed / name, straight / name)
+    resubmitted = {i: task(grid, resumed, i, wait=False) for i in (1, 2, 3)}
+    a = build_report([str(straight / "*")], tmp_path / "report-straight")
+    outputs = {i: proc.communicate(timeout=300)[0] for i, proc in resubmitted.items()}
+    for i, proc in resubmitted.items():
+        assert proc.returncode == 0, outputs[i][-3000:]
     # entries 1 and 3 are found under the wrapper's names for them, and skipped
     assert "skipped" in outputs[1] and "skipped" in outputs[3] and "skipped" not in outputs[2]
     assert {n: (resumed / n / "run.json").stat().st_mtime_ns for n in done} == done
     assert sorted(p.name for p in resumed.iterdir()) == names and all(complete(resumed / n) for n in names)
-    # The uninterrupted array: entry 2 run straight, entries 1 and 3 as the array holds them (the
-    # re-submission left them alone).
-    for name in ("t-novel-tiny-digits", "t-all-tiny-digits"):
-        shutil.copytree(resumed / name, straight / name)
 
-    a = build_report([str(straight / "*")], tmp_path / "report-straight")
     b = build_report([str(resumed / "*")], tmp_path / "report-resumed")
     assert len(b.merged.runs) == 3 and not b.merged.skipped
     ta, tb = tables(a.out_dir), tables(b.out_dir)
