@@ -29,10 +29,11 @@ _FORK_SERVER = pytest.StashKey()
 def pytest_collection_modifyitems(session, config, items):
     """Start the fork server as soon as a collected test needs it: its imports then run while the
     tests before that one do."""
-    if any("forks" in getattr(item, "fixturenames", ()) for item in items):
+    if not config.option.collectonly and any("forks" in getattr(item, "fixturenames", ()) for item in items):
         from tests.forkserver import ForkServer
 
-        config.stash[_FORK_SERVER] = ForkServer()
+        config.stash[_FORK_SERVER] = server = ForkServer()
+        config.add_cleanup(server.close)
 
 
 @pytest.fixture(scope="session")

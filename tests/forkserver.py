@@ -264,8 +264,15 @@ class ForkServer:
         return self.run(args, module="bench.cli", cwd=cwd, env=env, timeout=timeout, **kw)
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        """End the server, and with it whatever it forked that still runs."""
+        if self.proc.poll() is not None:
+            return
+        if self.ready:
+            self.proc.stdin.close()  # the server kills what still runs and exits
+        else:
+            self.proc.kill()  # still importing: nothing forked yet
         self.proc.wait(timeout=60)
+        self.proc.stdout.close()
 
 
 if __name__ == "__main__":
