@@ -114,14 +114,14 @@ def serve() -> None:
     import select
 
     # What the commands and the tests' scripts import: importing it here is the point.
-    import lightning
+    import lightning  # noqa: F401
     import torch
 
     import bench.cli
     import bench.extract
     import bench.pipeline
     import bench.report.build
-    import bench.report.wandb_log
+    import bench.report.wandb_log  # noqa: F401
 
     default_threads = torch.get_num_threads()  # started without OMP_NUM_THREADS: the fresh default
     status_files: dict[int, str] = {}

@@ -1,10 +1,3 @@
-import csv
-import json
-import os
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +5,7 @@ from bench import BenchError
 from bench.data.datamodules import EpisodeDataModule
 from bench.data.episodes import sample_episode
 from bench.data.synthetic import gaussian_mixture
-from bench.imprint import ImprintedHead, build_head
+from bench.imprint import build_head
 from bench.module import ImprintingModule, trainer_for_imprinting
 
 TASK = """name: small
