@@ -283,10 +283,7 @@ def figures(out: Path, rows: list[dict], preds: list[dict]) -> list[Path]:
             ax.tick_params(labelsize=7)
     fig.suptitle("Predicted against true accuracy (grey: y = x)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # keep the title off the column names
-    paths.append(out / "predicted_vs_true.png")
-    with atomic_path(paths[-1]) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    paths.append(_save_png(fig, out / "predicted_vs_true.png"))
 
     inv = [r for r in rows if "perm_max_abs" in r]
     if inv:
@@ -303,10 +300,7 @@ def figures(out: Path, rows: list[dict], preds: list[dict]) -> list[Path]:
                       "(% of prediction range, log scale; values below 1e-6 drawn at 1e-6)")
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        paths.append(out / "permutation_sensitivity.png")
-        with atomic_path(paths[-1]) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
+        paths.append(_save_png(fig, out / "permutation_sensitivity.png"))
 
     sel = [r for r in rows if "regret_vs_oracle" in r]
     if sel:
@@ -315,10 +309,7 @@ def figures(out: Path, rows: list[dict], preds: list[dict]) -> list[Path]:
                 color=[f"C{k}" for k in range(len(sel))])
         ax.set_xlabel("head selection: mean regret vs oracle (accuracy points)")
         fig.tight_layout()
-        paths.append(out / "head_selection_regret.png")
-        with atomic_path(paths[-1]) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
+        paths.append(_save_png(fig, out / "head_selection_regret.png"))
     return paths
 
 
@@ -383,3 +374,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nevaluation took {total:.0f}s; results: {args.out / 'results.json'}; figures: "
           + ", ".join(str(p) for p in paths))
     return result
+
+
+def _save_png(fig, path: Path) -> Path:
+    """One figure as PNG, written atomically, then closed."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
