@@ -147,9 +147,13 @@ def build_head_grid(
             pkey = (key, post_text, owner)
             if pkey not in proxies_cache:
                 start = _tick(device)
-                flat = res.proxies[res.mask]
                 slots = torch.arange(len(ep.classes), device=device)[:, None]
-                labels = slots.expand_as(res.mask)[res.mask]
+                if bool(res.mask.all()):  # every slot holds a proxy: a view, not a masked copy
+                    flat = res.proxies.reshape(-1, res.proxies.shape[-1])
+                    labels = slots.expand_as(res.mask).reshape(-1)
+                else:
+                    flat = res.proxies[res.mask]
+                    labels = slots.expand_as(res.mask)[res.mask]
                 opts = post_opts if post != "none" else {}
                 proxies = norm_mod.apply_proxy_norm(post, flat, reference_weights, **opts)
                 bias = None if res.bias is None else res.bias[res.mask]
@@ -183,6 +187,10 @@ def build_head_grid(
 
 
 def _check_finite(proxies: torch.Tensor, bias: torch.Tensor | None, spec: MethodSpec) -> None:
+    # A sum holding NaN or Inf is NaN or Inf, so a finite sum clears every value in one
+    # reduction; only a non-finite sum (or finite values that overflowed) needs the full pass.
+    if bool(torch.isfinite(proxies.sum())) and (bias is None or bool(torch.isfinite(bias.sum()))):
+        return
     if not torch.isfinite(proxies).all() or (bias is not None and not torch.isfinite(bias).all()):
         raise BenchError(
             f"method '{spec.name}' produced NaN or Inf proxies, so its scores would be meaningless; "
