@@ -46,6 +46,9 @@ class GenContext:
     reference: Reference | None = None
     dataset: str | None = None
     backbone: str | None = None  # the backbone's weights fingerprint
+    # (embeddings after NORM_pre, labels) of the episode's validation samples, for GENs that choose a
+    # setting on them (logreg's C); only coupled GENs get it, as they see one episode per call
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def class_positions(classes: torch.Tensor, labels: torch.Tensor, what: str = "labels") -> torch.Tensor:

@@ -271,6 +271,10 @@ def _same_inputs(a: _Prepared, b: _Prepared) -> bool:
         return False
     if a.reference is not None and a.support.reference is not b.support.reference:
         return False  # shared only when both episodes were given the same reference object
+    va, vb = a.support.validation, b.support.validation  # GENs that choose on validation read it
+    if (va is None) != (vb is None) or (va is not None and not (
+            torch.equal(torch.as_tensor(va[1]), torch.as_tensor(vb[1])) and torch.equal(va[0], vb[0]))):
+        return False
     return torch.equal(a.labels, b.labels) and torch.equal(a.support.embeddings, b.support.embeddings)
 
 
@@ -316,6 +320,7 @@ def _generate(
             reference=members[0].reference,  # a run's episodes share one reference
             dataset=source[0],
             backbone=source[1],
+            validation=_validation(members[0], norm_pre) if coupled else None,  # coupled: one episode
         )
         results += _generate_batched(name, stacks[skey], [grouped[i] for i in chunk],
                                      [ep.support.seed for ep in members], dict(opts), ctx)
@@ -323,6 +328,16 @@ def _generate(
         for ep in members:
             ep.seconds[("gen", key)] = per_episode
     return results
+
+
+def _validation(ep: _Prepared, norm_pre: StageSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The episode's validation samples through the support's NORM_pre (GenContext.validation)."""
+    if ep.support.validation is None or len(ep.support.validation[1]) == 0:
+        return None
+    emb, labels = ep.support.validation
+    x = norm_mod.apply_vector_norm(norm_pre.name, emb.to(ep.support.embeddings), ep.center,
+                                   **norm_pre.kwargs("norm_pre"))
+    return x, torch.as_tensor(labels).long()
 
 
 def _stack(grouped) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,6 +129,7 @@ class Method:
     one_sample_identity: bool = False  # the proxy of a one-sample class is that sample (`all`)
     simplify: Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | None] | None = None
     needs_reference: bool = False  # reads reference statistics (e.g. base-class means)
+    training_free: bool = True  # False for fitted heads (gradient-based, e.g. logreg): tables mark their rows
     # NORM facts
     unit: bool = False  # output rows are l2-normalised
     # AGG facts

@@ -76,6 +76,8 @@ class SupportSet:
     seed: int = 0
     classes: torch.Tensor | None = None
     reference: Reference | torch.Tensor | None = None
+    # (embeddings, labels) of the episode's validation samples (disjoint from support and queries)
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def reference_stats(self) -> Reference | None:
