@@ -159,3 +159,28 @@ def aggregate(agg: StageSpec, queries: torch.Tensor, proxies: torch.Tensor, prox
     if bias is not None:
         matrix = matrix + bias
     return reduce(agg, matrix, kind, proxy_labels, num_classes)
+
+
+# ---- DINOv2's weighted kNN -----------------------------------------------------------------
+def _knn_matrix(opts: dict, unit_inputs: bool) -> str:
+    # Cosine similarity of unit rows is their inner product: read the shared dot matrix.
+    return "dot" if unit_inputs else "cosine"
+
+
+@register_agg("knn", matrix=_knn_matrix,
+              options={"k": Option(int, 20, minimum=1), "t": Option(float, 0.07, above=0.0)},
+              summary="DINOv2's weighted kNN: the k most cosine-similar proxies (k capped by their number) "
+                      "vote for their class with softmax(similarity / t) weights",
+              reference="Wu et al. 2018; Oquab et al. 2023 (DINOv2)")
+def agg_knn(matrix: torch.Tensor, kind: str, proxy_labels: torch.Tensor, num_classes: int, k: int = 20,
+            t: float = 0.07) -> torch.Tensor:
+    """Per class, the summed softmax(sim / t) weight of its proxies among the query's top k.
+
+    DINOv2's ``KnnModule`` weights each neighbour by exp(sim / t) and normalises over the top k;
+    the normalisation is one positive factor per query, so the predicted class is the class with
+    the largest sum of exp(sim / t), computed here without overflow.
+    """
+    sim = matrix if kind == "dot" else 1 - matrix  # cosine distance back to similarity
+    top, idx = sim.topk(min(k, sim.shape[1]), dim=1)
+    weights = torch.softmax(top / t, dim=1)
+    return sim.new_zeros(len(sim), num_classes).scatter_add_(1, proxy_labels[idx], weights)

@@ -38,7 +38,14 @@ PRESET_TABLE: dict[str, tuple[str, str]] = {
     "knn": ("l2/all/none/l2/mnn:m=5,metric=cosine", "5-NN over the support set"),
     # least-squares oracle: not imprinting; uses all classes at once
     "ls-oracle": ("none/ls/none/none/max", "least-squares oracle"),
+    # DINOv2's kNN evaluation: cosine over every support sample, top 20, softmax(sim / 0.07) votes
+    "dinov2-knn": ("l2/all/none/l2/knn:k=20,t=0.07", "Oquab et al. 2023 (DINOv2 kNN)"),
+    # CLIP's linear probe: L-BFGS logistic regression on raw features, C chosen on validation
+    # (C=1 without a validation part). Gradient-based: NOT training-free.
+    "logreg": ("none/logreg/none/none/max", "Radford et al. 2021 (CLIP linear probe), gradient-based"),
 }
+# DINOv2 reports kNN at k in {10, 20, 100, 200}; a `select:` family over it picks k on validation.
+KNN_FAMILY = "l2/all/none/l2/knn:k=[10,20,100,200],t=0.07"
 PRESETS: dict[str, str] = {name: spec for name, (spec, _) in PRESET_TABLE.items()}
 
 
