@@ -131,6 +131,22 @@ class ImprintConfig(Section):
         return self
 
 
+class SelectConfig(Section):
+    """A family of methods whose member is chosen per episode on the task's validation part
+    (bench.selection): a row ``<name>@val`` and an oracle row ``<name>@oracle``."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[^@/\s]+$",
+                               description="a family name without @, / or spaces")]
+    methods: Annotated[list[str], _desc("a list of presets or method grids, e.g. l2/kmeans:k=[1,5,10,20]/l2/l2/max")]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _methods_as_list(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("methods"), str):
+            value = {**value, "methods": parse_method_list(value["methods"])}
+        return value
+
+
 class WandbConfig(Section):
     mode: Annotated[Literal["auto", "offline", "online", "disabled"],
                     _desc("auto (online only with credentials), offline, online or disabled")] = "auto"
@@ -196,6 +212,8 @@ class RunConfig(Section):
     save_heads: Annotated[StrictBool, _desc("true or false")] = False
     plugins: Annotated[list[str], _desc("a list of modules or .py files that register methods, backbone "
                                         "families or dataset sources")] = []
+    select: Annotated[list[SelectConfig], _desc("a list of {name, methods} families chosen on the task's "
+                                                "validation part")] = []
     extract: ExtractConfig = ExtractConfig()
     trainer: TrainerConfig = TrainerConfig()
     imprint: ImprintConfig = ImprintConfig()
@@ -301,7 +319,7 @@ def config_table() -> str:
                 accepted, shown = "a suite name under tasks/ or a YAML path (`task.<field>` overrides a field)", \
                     default.suite
             elif f"{prefix}{name}" == "methods":
-                accepted, shown = info.description, "the 8 presets + l2/kmeans:k=[2,5,10]/l2/l2/max"
+                accepted, shown = info.description, f"the {len(PRESETS)} presets + l2/kmeans:k=[2,5,10]/l2/l2/max"
             else:
                 accepted = info.description
                 # bool is an int: keep true/false, but show sizes such as 1GiB's int as a plain number

@@ -24,10 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.data.episodes import Episode
+from bench.errors import BenchError
 from bench.imprint import MethodSpec, Reference, SupportSet, build_head_grid, score_heads
 from bench.imprint.gen import class_positions
 from bench.metrics import HeadGridMetrics, flatten_metrics
 from bench.naming import head_path
+from bench.selection import Family, selection_rows, training_free, validation_accuracy
 
 FLOAT_BYTES = 4
 
@@ -81,17 +83,21 @@ def imprint_episodes(
     world_size: int = 1,
     heads_dir: Path | None = None,
     progress: bool = True,
+    select: Sequence[Family] = (),
 ) -> list[dict[str, Any]]:
     """Imprint and evaluate every spec on this rank's share of the episodes.
 
     ``pool`` and ``queries`` are cache entries (``embeddings``, ``labels``); an episode's
     support indexes the pool, its queries the pool or the test entry. Rows carry ``_order``
     (episode, spec) so :func:`gather_rows` can restore suite order. With ``heads_dir``, every
-    head is saved there (see :func:`bench.naming.head_path`).
+    head is saved there (see :func:`bench.naming.head_path`). ``select`` families (whose members
+    are among ``specs``) add each episode's ``@val`` and ``@oracle`` rows (:mod:`bench.selection`).
     """
     eps = [ep for _, ep in episodes]
     dim = int(pool.embeddings.shape[1])
-    fields = [spec.fields() for spec in specs]
+    fields = [{**spec.fields(), "training_free": training_free(spec), "selection": "", "selected": ""}
+              for spec in specs]
+    members = sorted({specs.index(m) for fam in select for m in fam.members})
     batches = plan_batches(eps, dim, len(specs), max_batch_bytes)[rank::world_size]
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, desc="imprint + evaluate", unit="episode", disable=not progress)
@@ -102,8 +108,10 @@ def imprint_episodes(
         for j in batch:
             ep = eps[j]
             idx = torch.as_tensor(ep.support, dtype=torch.long)
+            vidx = torch.as_tensor(getattr(ep, "validation", ()), dtype=torch.long)  # pool indices
+            validation = (pool.embeddings[vidx].float(), pool.labels[vidx]) if len(vidx) else None
             supports.append(SupportSet(pool.embeddings[idx].float(), pool.labels[idx], ep.seed,
-                                       torch.as_tensor(ep.classes), reference))
+                                       torch.as_tensor(ep.classes), reference, validation=validation))
         grid = build_head_grid(specs, supports, max_batch_elements=max_batch_bytes // FLOAT_BYTES,
                                dataset=labels.dataset, backbone=labels.backbone_fingerprint)
         for col, j in enumerate(batch):
@@ -126,6 +134,13 @@ def imprint_episodes(
                     path = head_path(heads_dir, subset, ep.shots, ep.seed, spec.name)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     head.save(path)
+            if select:
+                if supports[col].validation is None:
+                    raise BenchError(f"select: episode {subset} {ep.shots}-shot seed {ep.seed} has no validation "
+                                     "samples; raise the task's validation share")
+                accs = validation_accuracy([heads[i] for i in members], *supports[col].validation)
+                picked = selection_rows(select, specs, rows[-len(specs):], dict(zip(members, accs)))
+                rows += [{**r, "_order": [j, len(specs) + r_i]} for r_i, r in enumerate(picked)]
             bar.set_postfix_str(f"{subset} {ep.shots}-shot seed {ep.seed}", refresh=False)  # update() redraws
             bar.update(1)
     bar.close()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from bench import packaged
+from bench import packaged, selection
 from bench.backbones.registry import Backbone, build_backbone, check_backbone
 from bench.config import RunConfig
 from bench.data.episodes import check_subset_name, holdout_indices, select_classes
@@ -240,15 +240,17 @@ def imprint_stage(
     returns the rows (every rank's, in suite order), the methods dropped from the grid and the
     number of processes."""
     grid = grid or expand_grid(cfg.methods)
+    fams = selection.families(cfg.select)
     q_labels = emb.queries.labels.numpy() if emb.queries is not None else None
     episodes = list(emb.suite.episodes(emb.pool.labels.numpy(), q_labels, names=emb.pool.class_names))
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     labels = RunLabels(emb.backbone.name, emb.dataset or cfg.dataset.name or emb.suite.dataset, emb.suite.name,
                        emb.backbone.fingerprint)
     rows = imprint_episodes(
-        grid.specs, episodes, emb.pool, emb.queries, labels, reference=reference_stats(cfg, emb, grid),
+        selection.with_members(grid.specs, fams), episodes, emb.pool, emb.queries, labels,
+        reference=reference_stats(cfg, emb, grid),
         max_batch_bytes=int(cfg.imprint.max_batch_bytes), rank=rank, world_size=world,
-        heads_dir=out_dir if cfg.save_heads and out_dir is not None else None, progress=rank == 0,
+        heads_dir=out_dir if cfg.save_heads and out_dir is not None else None, progress=rank == 0, select=fams,
     )
     return gather_rows(rows, fabric), grid.dropped, world
 
@@ -263,6 +265,7 @@ def plan(cfg: RunConfig, command: str) -> str:
     dataset = dataset_of(cfg, suite)
     grid = expand_grid(cfg.methods)
     check_reference(cfg, grid)
+    selection.check_selection(selection.families(cfg.select), getattr(suite, "validation", None))
     for where, subset in [("reference", cfg.reference)] + [("task.classes", c) for c in suite.classes]:
         check_subset_name(subset, suite.class_splits, f"{where}: ")
     splits = [cfg.dataset.train_split] + ([cfg.dataset.test_split] if suite.queries == "test" else [])
@@ -294,6 +297,7 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
     dataset_of(cfg, suite)
     grid = expand_grid(cfg.methods)  # a typo in the grid should stop us before any extraction
     check_reference(cfg, grid)
+    selection.check_selection(selection.families(cfg.select), getattr(suite, "validation", None))
     name = cfg.name or slug(f"{suite.name}-{cfg.backbone.name}")
     out_dir = Path(cfg.out_dir) / name
     if is_rank_zero():

@@ -56,7 +56,7 @@ def test_logreg_chooses_c_on_validation_else_default(digits):
     assert torch.equal(default.proxies, fixed.proxies)
     chosen = build_head_grid(["none/logreg/none/none/max"], [with_val])[0][0]
     val_x, val_y = with_val.validation
-    acc = lambda h: float((h.predict(val_x) == val_y).float().mean())  # noqa: E731
+    acc = lambda h: float((h.predict(val_x) == val_y).float().mean())
     # warm-started along the grid, the chosen fit is at least as good on validation as any cold fit but a hair
     best_cold = max(acc(build_head_grid([f"none/logreg:c={c}/none/none/max"], [with_val])[0][0]) for c in C_GRID)
     assert acc(chosen) >= best_cold - 0.02

@@ -1,0 +1,81 @@
+"""Selection on the episode's validation part: the validation-best member, never the test-best one."""
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from bench.config import RunConfig, SelectConfig
+from bench.data.episodes import Episode
+from bench.engine import RunLabels, imprint_episodes
+from bench.errors import BenchError
+from bench.imprint import resolve
+from bench.pipeline import plan
+from bench.selection import check_selection, families, with_members
+
+EUCLID, COSINE = "none/mean/none/none/mnn", "l2/mean/l2/l2/max"  # canonical names (defaults dropped)
+
+
+@dataclass(frozen=True)
+class ValEpisode(Episode):
+    validation: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def _entry(points, labels):
+    return SimpleNamespace(embeddings=torch.tensor(points, dtype=torch.float32), labels=torch.tensor(labels))
+
+
+# Class 0 sits at (1, 0), class 1 at (10, 10). A query at (3, 3) is class 1 by angle (cosine) but
+# class 0 by distance; a query at (12, 0.5) is class 1 by distance, class 0 by angle.
+POOL = _entry([[1, 0], [10, 10], [3, 3], [3.1, 2.9], [1.2, 0]], [0, 1, 1, 1, 0])
+TEST = _entry([[12, 0.5], [0.9, 0.1]], [1, 0])
+
+
+def _run(select, test=TEST, specs=("ncm",)):
+    fams = families(select)
+    ep = ValEpisode((0, 1), np.array([0, 1]), np.arange(len(test.labels)), "test", 1, "test", 0,
+                    validation=np.array([2, 3, 4]))
+    rows = imprint_episodes(with_members([resolve(s) for s in specs], fams), [("all", ep)], POOL, test,
+                            RunLabels("b", "d", "t"), select=fams, progress=False)
+    return {r["method"]: r for r in rows}
+
+
+def test_selection_picks_the_validation_best_member_not_the_test_best():
+    rows = _run([SelectConfig(name="ncm", methods=[EUCLID, COSINE])])
+    assert rows[EUCLID]["acc"] == 1.0 and rows[COSINE]["acc"] == 0.5  # test: euclidean wins
+    val, oracle = rows["ncm@val"], rows["ncm@oracle"]
+    assert (val["selection"], val["selected"], val["acc"], val["validation_acc"]) == ("validation", COSINE, 0.5, 1.0)
+    assert (oracle["selection"], oracle["selected"], oracle["acc"]) == ("oracle", EUCLID, 1.0)
+    assert rows["ncm"]["selection"] == "" and rows["ncm"]["training_free"] is True
+    # test labels flipped: the oracle follows them, the validation choice does not move
+    flipped = _run([SelectConfig(name="ncm", methods=[EUCLID, COSINE])], _entry(TEST.embeddings.tolist(), [0, 1]))
+    assert flipped["ncm@val"]["selected"] == COSINE and flipped["ncm@oracle"]["selected"] == COSINE
+
+
+def test_ties_on_validation_go_to_the_first_listed_member():
+    # k=1 and k=2 over (3, 3)-like validation points: both right on all three, so the first listed wins
+    for first, second in ((2, 1), (1, 2)):
+        rows = _run([SelectConfig(name="knn", methods=[f"l2/all/none/l2/knn:k=[{first},{second}]"])])
+        assert rows[f"l2/all/none/l2/knn:k={first}"]["acc"] == rows["knn@val"]["acc"]
+        assert rows["knn@val"]["selected"] == f"l2/all/none/l2/knn:k={first}"
+
+
+def test_logreg_rows_are_marked_gradient_based():
+    rows = _run([], specs=("logreg", "qi2018"))
+    assert rows["logreg"]["training_free"] is False and rows["qi2018"]["training_free"] is True
+
+
+def test_selection_without_validation_is_refused_before_any_work():
+    fams = families([SelectConfig(name="k", methods=["l2/kmeans:k=[1,5]/l2/l2/max"])])
+    assert [str(m) for m in fams[0].members] == ["l2/kmeans:k=1/l2/l2/max", "l2/kmeans:k=5/l2/l2/max"]
+    with pytest.raises(BenchError, match=r"validation: 0\.2") as err:
+        check_selection(fams, None)
+    assert "\n" not in str(err.value)
+    check_selection(fams, 0.2)
+    cfg = RunConfig.model_validate({"select": [{"name": "k", "methods": "l2/kmeans:k=[1,5]/l2/l2/max"}]})
+    with pytest.raises(BenchError, match="validation"):
+        plan(cfg, "run")
+    with pytest.raises(BenchError, match="twice"):
+        families([SelectConfig(name="a", methods=["qi2018"]), SelectConfig(name="a", methods=["ncm"])])
