@@ -79,3 +79,50 @@ def test_selection_without_validation_is_refused_before_any_work():
         plan(cfg, "run")
     with pytest.raises(BenchError, match="twice"):
         families([SelectConfig(name="a", methods=["qi2018"]), SelectConfig(name="a", methods=["ncm"])])
+
+
+def _report_rows(with_marks: bool = True):
+    rows = []
+    accs = {"plain": [0.70, 0.72], "fam@val": [0.68, 0.71], "fam@oracle": [0.90, 0.91], "logreg": [0.60, 0.62]}
+    marks = {"plain": ("", True), "fam@val": ("validation", True), "fam@oracle": ("oracle", True),
+             "logreg": ("", False)}
+    for method, values in accs.items():
+        for seed, acc in enumerate(values):
+            row = {"task": "t", "dataset": "d", "backbone": "b", "classes": "all", "shots": "5", "seed": seed,
+                   "method": method, "spec": method, "acc": acc}
+            if with_marks:
+                row.update(selection=marks[method][0], training_free=marks[method][1], selected="")
+            rows.append(row)
+    return rows
+
+
+def test_report_labels_oracle_selected_and_gradient_rows_and_never_stars_an_oracle():
+    import pandas as pd
+
+    from bench.report.stats import compare_methods, summarise
+    from bench.report.tables import wide_table
+    from bench.report.terminal import summary_text
+
+    summary = summarise(pd.DataFrame(_report_rows()))
+    best = summary.set_index("method")["best"]
+    assert best["plain"] and not best["fam@oracle"] and best.sum() == 1  # the oracle's higher mean wins no star
+    table = wide_table(summary, "acc", markup="markdown")
+    assert list(table.index) == ["plain", "fam@val (selected on validation)", "fam@oracle (oracle)",
+                                 "logreg (gradient-based)"]
+    assert table.loc["plain"].iloc[0].startswith("**") and not table.loc["fam@oracle (oracle)"].iloc[0].startswith("**")
+    text = summary_text(_report_rows(), color=False)
+    assert "oracle rows, chosen on the test set, excluded" in text
+    oracle_line = next(line for line in text.splitlines() if "fam@oracle (oracle)" in line)
+    assert "*" not in oracle_line.replace("fam@oracle (oracle)", "")
+    assert "fam@oracle" not in compare_methods(pd.DataFrame(_report_rows())).blocks.columns
+
+
+def test_report_of_an_old_run_without_the_new_columns():
+    import pandas as pd
+
+    from bench.report.stats import summarise
+    from bench.report.tables import wide_table
+
+    summary = summarise(pd.DataFrame(_report_rows(with_marks=False)))
+    assert summary.set_index("method")["best"]["fam@oracle"]  # nothing says it is an oracle: plain rows
+    assert list(wide_table(summary, "acc").index) == ["plain", "fam@val", "fam@oracle", "logreg"]

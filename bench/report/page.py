@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.report.model import Report
-from bench.report.tables import fmt, wide_table
+from bench.report.tables import best_note, fmt, wide_table
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 2em auto;
@@ -76,7 +76,8 @@ def markdown(report: Report) -> str:
     if "cd" in report.figures:
         out += [f"![critical-difference diagram]({_rel(report, report.figures['cd']['png'])})", ""]
     for g in report.groups:
-        out += [f"## {g.title}", "", "Best of each column in bold; 95% confidence interval over seeds in brackets.", ""]
+        out += [f"## {g.title}", "", f"Best of each column in bold{best_note(g.summary)}; 95% confidence interval "
+                "over seeds in brackets.", ""]
         out += [wide_table(g.summary, report.metric, markup="markdown").to_markdown(), ""]
         out += [f"Tables: [{_rel(report, g.tables['csv'])}]({_rel(report, g.tables['csv'])}), "
                 f"[{_rel(report, g.tables['tex'])}]({_rel(report, g.tables['tex'])})", ""]
@@ -133,7 +134,8 @@ def html(report: Report) -> str:
                          "cd-diagram", "cd-diagram"))
     for g in report.groups:
         body.append(f'<h2 id="{e(g.slug)}">{e(g.title)}</h2>')
-        body.append('<p class="note">Best of each column in bold; 95% confidence interval over seeds in brackets. '
+        body.append(f'<p class="note">Best of each column in bold{e(best_note(g.summary))}; 95% confidence interval '
+                    'over seeds in brackets. '
                     f'Tables: <a href="{e(_rel(report, g.tables["csv"]))}">CSV</a>, '
                     f'<a href="{e(_rel(report, g.tables["tex"]))}">LaTeX</a>.</p>')
         body.append(_table_html(wide_table(g.summary, report.metric, markup="html"), f"methods-{g.slug}", "methods"))

@@ -37,9 +37,31 @@ def ordered_shots(values) -> list[str]:
     return sorted(dict.fromkeys(str(v) for v in values), key=shots_key)
 
 
+def method_marks(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per method: ``selection`` ("" plain, "validation" chosen on validation, "oracle" best on
+    test), ``training_free`` and the ``label`` tables show. Runs written before these columns
+    existed are plain and training-free."""
+    methods = list(dict.fromkeys(frame["method"]))
+    sel = frame.groupby("method", sort=False)["selection"].first() if "selection" in frame.columns else None
+    free = frame.groupby("method", sort=False)["training_free"].first() if "training_free" in frame.columns else None
+    out = pd.DataFrame(index=pd.Index(methods, name="method"))
+    out["selection"] = ["" if sel is None or pd.isna(sel.get(m)) else str(sel.get(m)) for m in methods]
+    out["training_free"] = [True if free is None or pd.isna(free.get(m)) else bool(free.get(m)) for m in methods]
+    out["label"] = [method_label(m, s, f) for m, s, f in zip(methods, out["selection"], out["training_free"])]
+    return out
+
+
+def method_label(method: str, selection: str = "", training_free: bool = True) -> str:
+    """What a table calls a method: oracle rows (chosen on the test set) and gradient-based heads
+    say so; rows selected on validation say how they were chosen."""
+    marks = {"oracle": " (oracle)", "validation": " (selected on validation)"}.get(selection, "")
+    return method + marks + ("" if training_free else " (gradient-based)")
+
+
 def summarise(frame: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
     """One row per (task, dataset, backbone, classes, method, shots): mean, std (ddof 1), n seeds,
-    the 95% CI, and whether the cell is the best of its (group, shots) column."""
+    the 95% CI, and whether the cell is the best of its (group, shots) column. Oracle rows (picked
+    on the test set) are never the best: a star must not reward looking at the test set."""
     if metric not in frame.columns:
         raise KeyError(metric)
     keys = [*GROUP_COLUMNS, "method", "shots"]
@@ -53,10 +75,15 @@ def summarise(frame: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
         out["ci95_low"] = out["ci95_low"].clip(lower=0.0)
         out["ci95_high"] = out["ci95_high"].clip(upper=1.0)
     pick = "min" if metric in LOWER_IS_BETTER else "max"
-    best = out.groupby([*GROUP_COLUMNS, "shots"], sort=False)["mean"].transform(pick)
+    marks = method_marks(frame)
+    eligible = out["method"].map(marks["selection"]).ne("oracle")
+    best = out.assign(_eligible=out["mean"].where(eligible)).groupby(
+        [*GROUP_COLUMNS, "shots"], sort=False)["_eligible"].transform(pick)
     # Equal means up to float noise share the mark: a tie is not a win.
-    out["best"] = np.isclose(out["mean"], best, rtol=0, atol=1e-12)
+    out["best"] = eligible & np.isclose(out["mean"], best, rtol=0, atol=1e-12)
     out.insert(len(keys), "metric", metric)
+    for column in ("selection", "training_free", "label"):
+        out[column] = out["method"].map(marks[column])
     if "spec" in frame.columns:
         out.insert(len(GROUP_COLUMNS) + 1, "spec", out["method"].map(frame.groupby("method")["spec"].first()))
     return out
@@ -93,6 +120,9 @@ def compare_methods(frame: pd.DataFrame, metric: str = "acc", posthoc: str = "ne
         from bench.errors import BenchError
 
         raise BenchError(f"--posthoc '{posthoc}' is not one of {', '.join(POSTHOC_TESTS)}")
+    oracle = method_marks(frame)["selection"].eq("oracle")
+    # An oracle row is a member's test score picked on the test set: ranked, it would rank picking on test.
+    frame = frame[~frame["method"].isin(oracle.index[oracle])]
     cells = frame.groupby([*BLOCK_COLUMNS, "method"], sort=False)[metric].mean().unstack("method")
     methods = list(dict.fromkeys(frame["method"]))
     cells = cells[methods]
@@ -105,6 +135,8 @@ def compare_methods(frame: pd.DataFrame, metric: str = "acc", posthoc: str = "ne
     k, n = blocks.shape[1], blocks.shape[0]
     if excluded:
         out.notes.append(f"left out of the test (missing from some cells): {', '.join(excluded)}")
+    if oracle.any():
+        out.notes.append(f"oracle rows (chosen on the test set) left out: {', '.join(oracle.index[oracle])}")
     if k < 3 or n < 2:
         out.notes.append(f"the Friedman test needs at least 3 methods and 2 cells present in every cell; "
                          f"there are {k} methods and {n} cells")

@@ -20,7 +20,8 @@ def fmt(value: float, metric: str, digits: int = 1) -> str:
 
 def wide_table(summary: pd.DataFrame, metric: str, markup: str = "plain", with_ci: bool = True) -> pd.DataFrame:
     """Methods as rows, shots as columns; each cell 'mean ± std [CI low, high]' with the best of
-    each column marked (bold in markdown/HTML/LaTeX, a trailing * in plain text)."""
+    each column marked (bold in markdown/HTML/LaTeX, a trailing * in plain text). Rows are named
+    by their label: oracle, selected-on-validation and gradient-based rows say so."""
     shots = ordered_shots(summary["shots"])
     methods = list(dict.fromkeys(summary["method"]))
     cells = {(r.method, r.shots): r for r in summary.itertuples(index=False)}
@@ -37,7 +38,8 @@ def wide_table(summary: pd.DataFrame, metric: str, markup: str = "plain", with_c
                 text += f" [{fmt(r.ci95_low, metric)}, {fmt(r.ci95_high, metric)}]"
             column.append(_mark(text, markup) if r.best else text)
         data[f"{s}-shot"] = column
-    table = pd.DataFrame(data, index=pd.Index(methods, name="method"))
+    labels = summary.groupby("method", sort=False)["label"].first() if "label" in summary.columns else {}
+    table = pd.DataFrame(data, index=pd.Index([labels.get(m, m) for m in methods], name="method"))
     return table
 
 
@@ -75,6 +77,13 @@ def to_markdown(table: pd.DataFrame) -> str:
     return table.to_markdown()
 
 
+def best_note(summary: pd.DataFrame) -> str:
+    """Why an oracle row is never the best: said wherever a table has one."""
+    if "selection" in summary.columns and summary["selection"].eq("oracle").any():
+        return " (oracle rows, chosen on the test set, excluded)"
+    return ""
+
+
 def group_title(key: tuple, metric: str, n_seeds: int | None = None) -> str:
     task, dataset, backbone, classes = key
     unit = " (%)" if is_fraction(metric) else ""
@@ -94,7 +103,7 @@ def write_group_tables(summary: pd.DataFrame, metric: str, key: tuple, stem: str
     tidy = summary.drop(columns=GROUP_COLUMNS).copy()
     n_seeds = int(summary["n"].max())
     csv_path = write_text(folder / f"{stem}.csv", tidy.to_csv(index=False))
-    tex = to_latex(summary, metric, group_title(key, metric, n_seeds) + "; best of each column in bold, "
-                   "95% confidence interval in brackets", f"tab:{stem}")
+    tex = to_latex(summary, metric, group_title(key, metric, n_seeds) + "; best of each column in bold"
+                   + best_note(summary) + ", 95% confidence interval in brackets", f"tab:{stem}")
     tex_path = write_text(folder / f"{stem}.tex", tex)
     return {"csv": csv_path, "tex": tex_path}

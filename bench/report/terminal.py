@@ -1,5 +1,5 @@
 """What a run prints at the end, with rich: a methods x shots table per (task, dataset, backbone,
-classes), the best of each column marked, and the paired multi-proxy verdict."""
+classes), the best of each column marked (never an oracle row), and the paired multi-proxy verdict."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from bench.report.stats import GROUP_COLUMNS, is_fraction, ordered_shots, summarise
-from bench.report.tables import fmt
+from bench.report.tables import best_note, fmt
 from bench.report.verdict import multiproxy_verdict
 
 
@@ -29,14 +29,15 @@ def summary_tables(rows: Sequence[dict[str, Any]] | pd.DataFrame, metric: str = 
         seeds = int(part["n"].max())
         spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed (no spread)"
         title = (f"{metric}{unit} on '{classes}' classes: {backbone} on {dataset} (task {task}), {spread}; "
-                 "* best of its column")
+                 f"* best of its column{best_note(part)}")
         table = Table(header_style="bold")
         table.add_column("method", no_wrap=True)
         for s in shots:
             table.add_column(f"{s}-shot", justify="right", no_wrap=True)
         cells = {(r.method, r.shots): r for r in part.itertuples(index=False)}
+        labels = part.groupby("method", sort=False)["label"].first()
         for method in dict.fromkeys(part["method"]):
-            row = [method]
+            row = [labels[method]]
             for s in shots:
                 r = cells.get((method, s))
                 if r is None:

@@ -75,7 +75,8 @@ def multiproxy_verdict(rows: Sequence[dict[str, Any]], subset: str, mean_method:
                        metric: str = "acc") -> str | None:
     """One sentence on the higher half of the shot counts, for the best k-means head (k > 1) at
     each of them against ``mean_method``; None when the run has no such pair."""
-    subset_rows = [r for r in rows if r["classes"] == subset]
+    # rows picked by selection (@val, @oracle) repeat a member's scores; only plain heads compete
+    subset_rows = [r for r in rows if r["classes"] == subset and not _selected(r.get("selection"))]
     kmeans = sorted({r["method"] for r in subset_rows
                      if r.get("gen") == "kmeans" and _k(r.get("gen.k")) > 1})
     if not kmeans or not any(r["method"] == mean_method for r in subset_rows):
@@ -110,3 +111,7 @@ def _k(value: Any) -> int:
         return int(float(value))
     except (TypeError, ValueError):
         return 1
+
+
+def _selected(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
