@@ -22,7 +22,7 @@ from bench.naming import head_path
 from tests.helpers import copy_cache, rank_envs
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET_METHODS = "[qi2018,hosoda2024,janson2022,westerhoff2025,simpleshot,ncm,knn,ls-oracle]"
+PRESET_METHODS = "[qi2018,hosoda2024,janson2022,westerhoff2025,simpleshot,ncm,knn,ls-oracle,dinov2-knn,logreg]"
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def _rows(run_dir):
 
 
 def test_every_preset_is_bit_identical_on_one_and_two_processes(tmp_path, forks, quickstart_cache):
-    """The quickstart suite with the 8 presets: `bench run` on 1 process, then `bench imprint`
+    """The quickstart suite with the 10 presets: `bench run` on 1 process, then `bench imprint`
     from the same cache on 2 (devices=2 alone picks our DDP), results and heads equal."""
     cache = copy_cache(quickstart_cache, tmp_path / "cache")
     common = ["-c", str(ROOT / "configs" / "quickstart.yaml"), f"methods={PRESET_METHODS}",
@@ -144,10 +144,10 @@ def test_every_preset_is_bit_identical_on_one_and_two_processes(tmp_path, forks,
     cpus = len(os.sched_getaffinity(0))
     assert record["threads_per_process"] == max(1, cpus // 2)
     rows_one, rows_two = _rows(one), _rows(two)
-    assert len(rows_one) == 24 * 8 and rows_one == rows_two
+    assert len(rows_one) == 24 * 10 and rows_one == rows_two
     heads = sorted(p.relative_to(one) for p in one.glob("heads/*/*.safetensors"))
-    assert len(heads) == 24 * 8 and heads == sorted(p.relative_to(two) for p in two.glob("heads/*/*.safetensors"))
+    assert len(heads) == 24 * 10 and heads == sorted(p.relative_to(two) for p in two.glob("heads/*/*.safetensors"))
     for rel in heads:
         a, b = ImprintedHead.load(one / rel), ImprintedHead.load(two / rel)
-        for name in ("proxies", "proxy_labels", "classes", "center"):
+        for name in ("proxies", "proxy_labels", "classes", "center", "bias"):
             assert torch.equal(getattr(a, name), getattr(b, name)), (rel, name)
