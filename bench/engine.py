@@ -134,12 +134,13 @@ def imprint_episodes(
                     path = head_path(heads_dir, subset, ep.shots, ep.seed, spec.name)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     head.save(path)
-            if select:
+            if select and str(ep.shots) != "0":  # at 0 shots there is no imprinted member to choose among
                 if supports[col].validation is None:
                     raise BenchError(f"select: episode {subset} {ep.shots}-shot seed {ep.seed} has no validation "
                                      "samples; raise the task's validation share")
                 accs = validation_accuracy([heads[i] for i in members], *supports[col].validation)
-                picked = selection_rows(select, specs, rows[-len(specs):], dict(zip(members, accs)))
+                tested = {r["_order"][1]: r for r in rows[-len(specs):] if r["_order"][0] == j}  # spec -> row
+                picked = selection_rows(select, specs, tested, dict(zip(members, accs)))
                 rows += [{**r, "_order": [j, len(specs) + r_i]} for r_i, r in enumerate(picked)]
             bar.set_postfix_str(f"{subset} {ep.shots}-shot seed {ep.seed}", refresh=False)  # update() redraws
             bar.update(1)

@@ -283,6 +283,8 @@ def plan(cfg: RunConfig, command: str) -> str:
         f"  output    {Path(cfg.out_dir) / (cfg.name or slug(f'{suite.name}-{cfg.backbone.name}'))}",
     ]
     lines += [f"  dropped   {text}: {why}" for text, why in grid.dropped]
+    lines += [f"  select    {f.name}@val, {f.name}@oracle over {len(f.members)} members: "
+              f"{', '.join(m.name for m in f.members)}" for f in selection.families(cfg.select)]
     return "\n".join(lines)
 
 

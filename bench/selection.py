@@ -17,7 +17,7 @@ Plain rows carry ``selection = ""`` and ``selected = ""``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -74,7 +74,7 @@ def validation_accuracy(heads: Sequence[Any], embeddings: torch.Tensor, labels: 
     return [float((s.argmax(1) == target).double().mean()) for s in scores]
 
 
-def selection_rows(fams: Sequence[Family], specs: Sequence[MethodSpec], rows: Sequence[dict[str, Any]],
+def selection_rows(fams: Sequence[Family], specs: Sequence[MethodSpec], rows: Mapping[int, dict[str, Any]],
                    val_acc: dict[int, float], metric: str = "acc") -> list[dict[str, Any]]:
     """One episode's ``@val`` and ``@oracle`` rows. ``rows[i]`` is spec i's test row and
     ``val_acc[i]`` its validation accuracy (for every family member)."""
