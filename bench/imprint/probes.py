@@ -15,7 +15,8 @@ default) and an episode that holds a validation part, every value of :data:`C_GR
 smaller C); without a validation part ``C`` is :data:`DEFAULT_C`, scikit-learn's default.
 
 Everything runs in float64 through numpy and scipy's L-BFGS-B with one BLAS thread, from zero
-weights, with fixed tolerances: the head is the same bits on 1 or N processes and whether it is
+weights, with fixed tolerances (in the samples' row space when they are fewer than the dimensions,
+an exact reparametrisation, see :func:`row_space`): the head is the same bits on 1 or N processes and whether it is
 built alone or in a grid (a coupled GEN always sees one episode per call).
 """
 
@@ -46,14 +47,36 @@ def gen_logreg(x: torch.Tensor, mask: torch.Tensor, *, ctx: GenContext | None = 
     y = np.repeat(np.arange(len(counts)), counts)
     validation = _validation(ctx, x)
     with blas_threads(1):
+        feats, basis = row_space(flat)
         if c > 0:
-            w = fit_logreg(flat, y, len(counts), c, max_iter)
+            w = fit_logreg(feats, y, len(counts), c, max_iter)
         elif validation is None:
-            w = fit_logreg(flat, y, len(counts), DEFAULT_C, max_iter)
+            w = fit_logreg(feats, y, len(counts), DEFAULT_C, max_iter)
         else:
-            w = select_c(flat, y, len(counts), *validation, max_iter)
+            val_x, val_y = validation
+            w = select_c(feats, y, len(counts), val_x if basis is None else val_x @ basis.T, val_y, max_iter)
+        if basis is not None:
+            w = np.hstack([w[:, :-1] @ basis, w[:, -1:]])
     w = torch.from_numpy(w).to(x.device, x.dtype)
     return _one_per_class(w[:, :-1], w[:, -1])
+
+
+def row_space(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """With fewer samples than dimensions, the samples' coordinates in an orthonormal basis of
+    their row space, and that basis (rank x dim); else the samples themselves and None.
+
+    The penalised optimum W lies in the row space (every gradient does, from W = 0), and W = Z B
+    with orthonormal B keeps both the scores (X W^T = (X B^T) Z^T) and the penalty (||W|| = ||Z||),
+    so fitting Z on X B^T is the same problem in rank <= n dimensions: few-shot probes on 1024-dim
+    embeddings cost (n x n), not (n x 1024), per L-BFGS step.
+    """
+    n, d = flat.shape
+    if n >= d:
+        return flat, None
+    _, sv, vt = np.linalg.svd(flat, full_matrices=False)
+    rank = int((sv > sv[0] * max(n, d) * np.finfo(flat.dtype).eps).sum()) if len(sv) and sv[0] > 0 else 0
+    basis = vt[:max(rank, 1)]
+    return flat @ basis.T, basis
 
 
 def _validation(ctx: GenContext | None, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
