@@ -137,11 +137,14 @@ class SelectConfig(Section):
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[^@/\s]+$",
                                description="a family name without @, / or spaces")]
-    methods: Annotated[list[str], _desc("a list of presets or method grids, e.g. l2/kmeans:k=[1,5,10,20]/l2/l2/max")]
+    methods: Annotated[list[str] | None, _desc("a list of presets or method grids, e.g. "
+                                               "l2/kmeans:k=[1,5,10,20]/l2/l2/max; null: the named family's")] = None
 
     @model_validator(mode="before")
     @classmethod
     def _methods_as_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a named family (bench.imprint.presets.FAMILIES)
+            return {"name": value}
         if isinstance(value, dict) and isinstance(value.get("methods"), str):
             value = {**value, "methods": parse_method_list(value["methods"])}
         return value
@@ -212,8 +215,9 @@ class RunConfig(Section):
     save_heads: Annotated[StrictBool, _desc("true or false")] = False
     plugins: Annotated[list[str], _desc("a list of modules or .py files that register methods, backbone "
                                         "families or dataset sources")] = []
-    select: Annotated[list[SelectConfig], _desc("a list of {name, methods} families chosen on the task's "
-                                                "validation part")] = []
+    select: Annotated[list[SelectConfig],
+                      _desc("a list of families chosen on the task's validation part: {name, methods} or a "
+                            "named family (dinov2-knn, kmeans, ls, logreg)")] = []
     extract: ExtractConfig = ExtractConfig()
     trainer: TrainerConfig = TrainerConfig()
     imprint: ImprintConfig = ImprintConfig()

@@ -1,6 +1,7 @@
 """Choosing a method's setting without looking at the test set (the run config's ``select:``).
 
-A family is a named grid of methods, e.g. ``{name: kmeans, methods: "l2/kmeans:k=[1,5,10,20]/l2/l2/max"}``.
+A family is a named grid of methods, e.g. ``{name: kmeans, methods: "l2/kmeans:k=[1,5,10,20]/l2/l2/max"}``,
+or the name of one of :data:`bench.imprint.presets.FAMILIES` alone (``select: [dinov2-knn]``).
 Its members are ordinary specs of the run's grid (each also gets its own rows); in addition, every
 member's head is scored on the episode's validation part (pool samples set apart by the task's
 ``validation``, disjoint from support and queries), and per episode and family two rows are added:
@@ -24,6 +25,7 @@ import torch
 from bench.errors import BenchError
 from bench.imprint import MethodSpec, expand_grid, score_heads
 from bench.imprint.gen import class_positions
+from bench.imprint.presets import FAMILIES
 from bench.imprint.registry import get
 
 SELECTIONS = ("validation", "oracle")
@@ -42,7 +44,13 @@ def families(select: Sequence[Any]) -> list[Family]:
         if entry.name in names:
             raise BenchError(f"select: family '{entry.name}' is listed twice; give each family its own name")
         names.add(entry.name)
-        out.append(Family(entry.name, tuple(expand_grid(list(entry.methods)).specs)))
+        methods = entry.methods
+        if methods is None:
+            if entry.name not in FAMILIES:
+                raise BenchError(f"select: '{entry.name}' is not a named family ({', '.join(FAMILIES)}); give its "
+                                 "members as {name: " + entry.name + ", methods: <grid>}")
+            methods = [FAMILIES[entry.name]]
+        out.append(Family(entry.name, tuple(expand_grid(list(methods)).specs)))
     return out
 
 

@@ -126,3 +126,12 @@ def test_report_of_an_old_run_without_the_new_columns():
     summary = summarise(pd.DataFrame(_report_rows(with_marks=False)))
     assert summary.set_index("method")["best"]["fam@oracle"]  # nothing says it is an oracle: plain rows
     assert list(wide_table(summary, "acc").index) == ["plain", "fam@val", "fam@oracle", "logreg"]
+
+
+def test_named_families_and_the_shorthand():
+    cfg = RunConfig.model_validate({"select": ["dinov2-knn", {"name": "mine", "methods": "[qi2018,ncm]"}]})
+    knn, mine = families(cfg.select)
+    assert [m.agg.get("agg", "k") for m in knn.members] == [10, 20, 100, 200]
+    assert [m.name for m in mine.members] == ["qi2018", "ncm"]
+    with pytest.raises(BenchError, match="not a named family"):
+        families(RunConfig.model_validate({"select": ["nope"]}).select)

@@ -44,8 +44,18 @@ PRESET_TABLE: dict[str, tuple[str, str]] = {
     # (C=1 without a validation part). Gradient-based: NOT training-free.
     "logreg": ("none/logreg/none/none/max", "Radford et al. 2021 (CLIP linear probe), gradient-based"),
 }
-# DINOv2 reports kNN at k in {10, 20, 100, 200}; a `select:` family over it picks k on validation.
-KNN_FAMILY = "l2/all/none/l2/knn:k=[10,20,100,200],t=0.07"
+# Named families for the run config's `select:` (a family's member is chosen per episode on the
+# task's validation part, see bench.selection): `select: [dinov2-knn, kmeans]`.
+FAMILIES: dict[str, str] = {
+    # DINOv2 reports kNN at k in {10, 20, 100, 200}
+    "dinov2-knn": "l2/all/none/l2/knn:k=[10,20,100,200],t=0.07",
+    # the k of multi-proxy k-means imprinting
+    "kmeans": "l2/kmeans:k=[1,5,10,20]/l2/l2/max",
+    # the least-squares oracle's ridge
+    "ls": "none/ls:lam=[0.0001,0.001,0.01,0.1]/none/none/max",
+    # the probe's C, as separate members (the `logreg` preset chooses C inside, warm-started)
+    "logreg": "none/logreg:c=[0.001,0.01,0.1,1,10,100,1000,10000]/none/none/max",
+}
 PRESETS: dict[str, str] = {name: spec for name, (spec, _) in PRESET_TABLE.items()}
 
 
