@@ -135,3 +135,28 @@ def test_named_families_and_the_shorthand():
     assert [m.name for m in mine.members] == ["qi2018", "ncm"]
     with pytest.raises(BenchError, match="not a named family"):
         families(RunConfig.model_validate({"select": ["nope"]}).select)
+
+
+def test_a_run_with_select_on_the_tasks_validation_part(quickstart_cache):
+    from bench import pipeline
+    from bench.config import load_config
+    from bench.data.tasks import TaskSuite
+    from tests.conftest import QUICKSTART
+
+    if "validation" not in TaskSuite.model_fields:
+        pytest.skip("episodes without a validation part (TaskSuite.validation) cannot select")
+    cfg = load_config(QUICKSTART, [f"cache_dir={quickstart_cache}", "wandb.mode=disabled", "methods=[qi2018,logreg]",
+                                   "select=[dinov2-knn]", "task.validation=0.2", "task.shots=[1,5]",
+                                   "task.seeds=[0,1]"])
+    emb = pipeline.extract_stage(cfg, require_cached=True)
+    rows, _, _ = pipeline.imprint_stage(cfg, emb)
+    members = {m.name for m in families(cfg.select)[0].members}
+    for kind in ("val", "oracle"):
+        picked = [r for r in rows if r["method"] == f"dinov2-knn@{kind}"]
+        assert len(picked) == 2 * 2 * 2 and {r["selected"] for r in picked} <= members
+    by_episode = {(r["classes"], r["shots"], r["seed"], r["method"]): r for r in rows}
+    for (classes, shots, seed, method), r in by_episode.items():
+        if method == "dinov2-knn@oracle":
+            tested = [by_episode[(classes, shots, seed, m)]["acc"] for m in members]
+            assert r["acc"] == max(tested)
+    assert {r["training_free"] for r in rows if r["method"] == "logreg"} == {False}
