@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.report.model import Report
+from bench.report.stats import method_marks
 from bench.report.tables import best_note, fmt, wide_table
 
 CSS = """
@@ -52,8 +53,9 @@ def _stats_lines(report: Report) -> list[str]:
 
 def _ranks_table(report: Report) -> pd.DataFrame:
     c = report.comparison
+    labels = method_marks(report.merged.frame)["label"]  # gradient-based and selected rows say so
     return pd.DataFrame({"average rank": [f"{v:.2f}" for v in c.ranks.to_numpy()]},
-                        index=pd.Index(c.ranks.index, name="method"))
+                        index=pd.Index([labels.get(m, m) for m in c.ranks.index], name="method"))
 
 
 def _runs_lines(report: Report) -> list[str]:
