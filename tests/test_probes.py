@@ -60,6 +60,9 @@ def test_logreg_chooses_c_on_validation_else_default(digits):
     # warm-started along the grid, the chosen fit is at least as good on validation as any cold fit but a hair
     best_cold = max(acc(build_head_grid([f"none/logreg:c={c}/none/none/max"], [with_val])[0][0]) for c in C_GRID)
     assert acc(chosen) >= best_cold - 0.02
+    assert default.summary()["chosen"] == "c=1" and fixed.summary()["chosen"] == "c=1"
+    assert chosen.summary()["chosen"] in {f"c={c:g}" for c in C_GRID}
+    assert build_head_grid(["l2/mean/l2/l2/max"], [with_val])[0][0].summary()["chosen"] == ""
     # a twin episode without validation is not shared with one that has it
     pair = build_head_grid(["none/logreg/none/none/max"], [no_val, with_val])[0]
     assert torch.equal(pair[0].proxies, default.proxies) and torch.equal(pair[1].proxies, chosen.proxies)

@@ -34,6 +34,7 @@ class GenResult:
     mask: torch.Tensor  # (C, K) bool, True where a proxy exists
     effective_k: torch.Tensor  # (C,) long: proxies per class actually produced
     bias: torch.Tensor | None = None  # (C, K) added to a proxy's inner products (linear heads)
+    chosen: dict[str, float] | None = None  # settings a coupled GEN chose itself (logreg's c on validation)
 
 
 @dataclass(frozen=True)

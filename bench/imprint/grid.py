@@ -179,6 +179,7 @@ def build_head_grid(
                 else ("proxies" if reference_weights is None else "reference"),
                 "gen_time_s": pre_s + gen_s,
                 "batched_episodes": len(eps),
+                "chosen": res.chosen,
             }
             center = ep.center if uses_center else None
             row.append(ImprintedHead(spec, proxies, labels, ep.classes, center, meta, bias))
@@ -382,7 +383,7 @@ def _generate_batched(name, stack, grouped, seeds, opts, ctx: GenContext) -> lis
         k = min(res.proxies.shape[1], b.shape[1]) if name == "all" else res.proxies.shape[1]
         bias = None if res.bias is None else res.bias[start:stop, :k]
         out.append(GenResult(res.proxies[start:stop, :k], res.mask[start:stop, :k],
-                             res.effective_k[start:stop], bias))
+                             res.effective_k[start:stop], bias, res.chosen if len(grouped) == 1 else None))
         start = stop
     return out
 

@@ -96,13 +96,15 @@ class ImprintedHead(nn.Module):
         """Original labels as score columns (0..C-1); labels the head lacks are an error."""
         return class_positions(self.classes, labels, "query labels")
 
-    def summary(self) -> dict[str, float | int]:
+    def summary(self) -> dict[str, float | int | str]:
         """What result tables record about how the head was built."""
         return {
             "gen_time_s": float(self.meta.get("gen_time_s", float("nan"))),
             "num_proxies": int(self.meta.get("num_proxies", len(self.proxies))),
             "effective_k_min": int(self.meta.get("effective_k_min", 0)),
             "effective_k_max": int(self.meta.get("effective_k_max", 0)),
+            # what a GEN chose itself per episode, e.g. logreg's c on the validation part ("" if nothing)
+            "chosen": ",".join(f"{k}={v:g}" for k, v in (self.meta.get("chosen") or {}).items()),
         }
 
     @torch.no_grad()

@@ -51,14 +51,17 @@ def gen_logreg(x: torch.Tensor, mask: torch.Tensor, *, ctx: GenContext | None = 
         if c > 0:
             w = fit_logreg(feats, y, len(counts), c, max_iter)
         elif validation is None:
-            w = fit_logreg(feats, y, len(counts), DEFAULT_C, max_iter)
+            c = DEFAULT_C
+            w = fit_logreg(feats, y, len(counts), c, max_iter)
         else:
             val_x, val_y = validation
-            w = select_c(feats, y, len(counts), val_x if basis is None else val_x @ basis.T, val_y, max_iter)
+            w, c = select_c(feats, y, len(counts), val_x if basis is None else val_x @ basis.T, val_y, max_iter)
         if basis is not None:
             w = np.hstack([w[:, :-1] @ basis, w[:, -1:]])
     w = torch.from_numpy(w).to(x.device, x.dtype)
-    return _one_per_class(w[:, :-1], w[:, -1])
+    res = _one_per_class(w[:, :-1], w[:, -1])
+    res.chosen = {"c": c}  # the C used, recorded per episode (the rows' `chosen` column)
+    return res
 
 
 def row_space(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -94,16 +97,16 @@ def _validation(ctx: GenContext | None, x: torch.Tensor) -> tuple[np.ndarray, np
 
 
 def select_c(flat: np.ndarray, y: np.ndarray, num_classes: int, val_x: np.ndarray, val_y: np.ndarray,
-             max_iter: int = MAX_ITER, grid: tuple[float, ...] = C_GRID) -> np.ndarray:
-    """The fit whose C scores best on the validation samples (ties: the first, smallest C)."""
-    best, best_acc, start = None, -1.0, None
+             max_iter: int = MAX_ITER, grid: tuple[float, ...] = C_GRID) -> tuple[np.ndarray, float]:
+    """The fit whose C scores best on the validation samples (ties: the first, smallest C), and that C."""
+    best, best_acc, best_c, start = None, -1.0, grid[0], None
     for c in grid:
         w = fit_logreg(flat, y, num_classes, c, max_iter, start)
         acc = float(((val_x @ w[:, :-1].T + w[:, -1]).argmax(1) == val_y).mean())
         if acc > best_acc:
-            best, best_acc = w, acc
+            best, best_acc, best_c = w, acc, c
         start = w  # warm start: the next, weaker penalty begins from this optimum
-    return best
+    return best, best_c
 
 
 def fit_logreg(flat: np.ndarray, y: np.ndarray, num_classes: int, c: float, max_iter: int = MAX_ITER,
