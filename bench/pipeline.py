@@ -8,7 +8,6 @@ import importlib
 import importlib.util
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from bench.data.tasks import TaskSuite
 from bench.engine import RunLabels, gather_rows, imprint_episodes
 from bench.errors import BenchError
 from bench.extract.cache import CacheEntry, EmbeddingCache, cache_key
-from bench.extract.extractor import entry_fields, extract
+from bench.extract.extractor import cached_stats, entry_fields, extract
 from bench.imprint import Grid, Reference, expand_grid
 from bench.imprint.registry import get
 from bench.runtime import configure_threads, quiet_lightning, slug, write_text_atomic
@@ -50,6 +49,7 @@ class Embeddings:
     notes: list[str] = field(default_factory=list)
     dropped_query_classes: list[str] = field(default_factory=list)
     unlabelled: dict[str, int] = field(default_factory=dict)  # split -> samples without a label
+    extraction: dict[str, dict] = field(default_factory=dict)  # split -> throughput, peak memory (run.json)
 
 
 @dataclass
@@ -138,6 +138,7 @@ def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite
     # Every split is opened before any is embedded, so a missing split stops the run at once.
     sources = [build_source(dataset, split=split, **cfg.dataset.options) for split in splits]
     entries, notes = [], list(dict.fromkeys(note for source in sources for note in source.notes))
+    extraction: dict[str, dict] = {}
     if len(sources) > 1:  # before any image is embedded: a pool holding the queries is refused
         notes += check_query_split(*sources)
     if sources[0].renumbered:
@@ -150,18 +151,20 @@ def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite
                     f"no cached embeddings of {dataset}/{split} for {backbone.name} in {cache.root}; "
                     "run `bench extract` (or `bench run`) with the same config first"
                 )
+            extraction[split] = cached_stats()
         else:
+            extraction[split] = {}
             entry = extract(
                 backbone, source, cache,
                 trainer_kwargs={**cfg.trainer.kwargs(), "enable_progress_bar": is_rank_zero()},
                 batch_size=cfg.extract.batch_size,
                 num_workers=cfg.extract.num_workers,
                 dtype=cfg.extract.dtype, skip_corrupt=cfg.extract.skip_corrupt,
-                rebuild=cfg.extract.rebuild, shard_size=cfg.extract.shard_size,
+                rebuild=cfg.extract.rebuild, shard_size=cfg.extract.shard_size, stats=extraction[split],
             )
         entries.append(entry)
     emb = Embeddings(backbone, suite, entries[0], entries[1] if len(entries) > 1 else None, dataset, notes,
-                     unlabelled={source.split: source.unlabelled for source in sources})
+                     unlabelled={source.split: source.unlabelled for source in sources}, extraction=extraction)
     if emb.queries is not None:
         emb.queries, emb.dropped_query_classes = align_query_labels(emb.pool, emb.queries)
         if emb.dropped_query_classes:
@@ -351,9 +354,11 @@ def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, worl
                      started: str, complete: bool, rows: int = 0, seconds: dict | None = None) -> Path:
     """run.json: the config, where the embeddings came from, how many processes and threads ran,
     and whether the run finished (written last, so a report never mistakes a killed run for one)."""
-    import lightning
+    from bench import provenance
+    from bench.report.schema import SCHEMA_VERSION
 
     record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
         "complete": complete,
         "started": started,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z") if complete else None,
@@ -361,8 +366,10 @@ def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, worl
         "world_size": world_size,
         "threads_per_process": torch.get_num_threads(),
         "dropped_methods": dropped,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "lightning": lightning.__version__},
+        # what others need to reproduce or cite the numbers (see bench.report.schema)
+        "versions": provenance.versions(),
+        **provenance.git_state(),
+        "devices": provenance.devices(),
     }
     if emb is not None:
         record.update({
@@ -373,6 +380,8 @@ def write_run_record(out_dir: Path, cfg: RunConfig, emb: Embeddings | None, worl
             "task": emb.suite.model_dump(mode="json"),
             "cache_entries": [str(e.path) for e in (emb.pool, emb.queries) if e is not None],
             "backbone_sha256": emb.backbone.fingerprint,
+            "backbone_parameters": provenance.parameter_count(emb.backbone.model),
+            "extraction": emb.extraction,  # split -> images/s and peak memory, or from_cache
             # class id -> name as the pool numbers them (sparse or string labels are remapped)
             "classes": dict(enumerate(emb.pool.class_names)),
             "dropped_query_classes": emb.dropped_query_classes,

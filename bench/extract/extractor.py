@@ -11,6 +11,9 @@ and the later one finds the entry, or resumes from the shards of a run that was 
 from __future__ import annotations
 
 import mmap
+import resource
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from bench.backbones.registry import Backbone
 from bench.data.datamodules import ImageDataModule
 from bench.data.sources import Source
 from bench.errors import BenchError
+from bench.provenance import device_name
 from bench.runtime import atomic_path, available_cpus
 from bench.extract.cache import DTYPES, CacheEntry, EmbeddingCache, cache_key, open_entry
 
@@ -333,6 +337,30 @@ def workers_for(num_workers: int | str, accelerator: str, devices: Any) -> int:
     return max(0, min(8, available_cpus() // max(count, 1) - 1))
 
 
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): the CUDA allocator's peak on a GPU (since the extraction
+    started), else the process's peak resident set size (since the process started)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "process_max_rss"  # Linux counts KiB
+
+
+def extraction_stats(device: torch.device, images: int, seconds: float) -> dict[str, Any]:
+    """One split's extraction in this run, as run.json records it (rank 0's view: the images of
+    every rank over rank 0's wall time, rank 0's peak memory)."""
+    memory, kind = peak_memory(device)
+    return {"from_cache": False, "images": images, "seconds": round(seconds, 3),
+            "images_per_second": round(images / seconds, 2) if images and seconds > 0 else None,
+            "peak_memory_bytes": memory, "peak_memory": kind, "device": device_name(device)}
+
+
+def cached_stats() -> dict[str, Any]:
+    """A split served from the cache: nothing was extracted, so nothing was measured."""
+    return {"from_cache": True, "images": 0, "seconds": None, "images_per_second": None,
+            "peak_memory_bytes": None, "peak_memory": None, "device": None}
+
+
 def extract(
     backbone: Backbone,
     source: Source,
@@ -348,8 +376,12 @@ def extract(
     callbacks: list | None = None,
     channels_last: bool = False,
     compile: bool = False,
+    stats: dict[str, Any] | None = None,
 ) -> CacheEntry:
     """Return the cache entry for (backbone, source, dtype), extracting what is missing.
+
+    ``stats``, when given, is filled with how the entry was obtained (see :func:`extraction_stats`):
+    from the cache, or extracted at some images per second with some peak memory.
 
     Shards of an interrupted run (same key) are kept: a rerun extracts only the indices they do
     not cover, then merges everything. The merged entry equals an uninterrupted run's. Runs of
@@ -373,13 +405,24 @@ def extract(
         entry = cache.lookup(key)
         if entry is not None:
             _tidy(cache, key)
+            if stats is not None:
+                stats.update(cached_stats())
             return entry
 
     module = EmbeddingExtractor(backbone.model, dtype, channels_last=channels_last, compile=compile)
     status: tuple[str, str] | None = None
     entry = None
     try:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        clock = time.perf_counter()
         trainer.predict(module, datamodule=dm, return_predictions=False)
+        seconds = time.perf_counter() - clock
+        if stats is not None:
+            todo = dm.indices if dm.indices is not None else range(len(source))
+            stats.update(cached_stats() if plan.state == "hit" else
+                         extraction_stats(device, len(todo), seconds))
         if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(bool(module.failures), all=False):
             first = module.failures[0] if module.failures else "another process of this run met an undecodable image"
             raise BenchError(f"{first}; fix or remove it, or set extract.skip_corrupt=true (the shards written so far "
