@@ -128,6 +128,7 @@ def imprint_episodes(
                 rows.append({
                     "_order": [j, i], "backbone": labels.backbone, "dataset": labels.dataset,
                     "task": labels.task, "classes": subset, "shots": str(ep.shots), "seed": ep.seed,
+                    **({"ways": ep.ways} if getattr(ep, "ways", None) else {}),
                     **fields[i], **values, **head.summary(),
                 })
                 if heads_dir is not None:

@@ -72,7 +72,7 @@ def test_too_few_samples_lists_every_short_class():
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        (dict(shots=0, queries=1), "shots=0"),
+        (dict(shots=-1, queries=1), "shots=-1"),
         (dict(shots="all", queries="rest"), "leaves no samples"),
         (dict(shots=1, queries="test"), "needs a test split"),
         (dict(shots=1, queries="some"), "queries='some'"),

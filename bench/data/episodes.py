@@ -10,6 +10,13 @@ draws from its own ``numpy`` PCG64 stream seeded by ``(seed, class)``, so:
 - ``queries="holdout"`` sets a seeded share of each class apart once (a stream seeded by the
   class alone, not by the episode's seed), so the queries are the same for every episode and
   disjoint from every episode's support: a test split carved from a dataset that has none.
+- ``validation`` sets a seeded share (or count) of each class's pool apart per episode, drawn
+  from the episode's stream after the queries and before the support (after the held-out part is
+  excluded), so it is disjoint from both, the same at every shot count for one seed, and support
+  for more shots is still a superset of support for fewer;
+- ``shots=0`` draws the queries (and validation) as usual and an empty support;
+- ``ways=N`` (:func:`draw_ways`) draws N classes of a subset from a stream seeded by the seed
+  alone, so every shot count and every process count sees the same classes for one seed.
 
 Indices are returned sorted, which is the order in which heads see support embeddings
 everywhere (single process or gathered across ranks), so heads are identical either way.
@@ -17,14 +24,14 @@ everywhere (single process or gathered across ranks), so heads are identical eit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import numpy as np
 
 from bench.errors import BenchError
 
-Shots = Union[int, str]  # an int or "all"
+Shots = Union[int, str]  # an int >= 0 or "all"
 Queries = Union[int, str]  # an int, "rest", "test" or "holdout"
 ClassSubset = Union[str, Sequence[int]]
 
@@ -38,6 +45,9 @@ class Episode:
     shots: Shots
     queries: Queries
     seed: int
+    # sorted pool indices set apart to choose settings on, never scored (empty without validation)
+    validation: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    ways: int | None = None  # N of an N-way episode (classes drawn per episode), None for the whole subset
 
 
 def check_subset_name(subset: ClassSubset, named: dict[str, Sequence[int]], where: str = "") -> None:
@@ -101,6 +111,27 @@ def holdout_indices(labels: np.ndarray, classes: Sequence[int], holdout: float |
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+# The N-way class draw's random stream: seeded by (stream, seed) only, never by shots or rank.
+WAYS_STREAM = 0x3A75
+
+
+def draw_ways(classes: Sequence[int], ways: int, seed: int, subset: str = "") -> list[int]:
+    """The ``ways`` classes (sorted) of an N-way episode drawn from ``classes`` for ``seed``."""
+    classes = sorted(int(c) for c in classes)
+    if isinstance(ways, bool) or not isinstance(ways, (int, np.integer)) or not 2 <= ways <= len(classes):
+        raise BenchError(f"ways={ways!r} must be an int from 2 to the {len(classes)} classes of subset "
+                         f"'{subset}'; lower ways or use a larger subset")
+    stream = np.random.Generator(np.random.PCG64(np.random.SeedSequence([WAYS_STREAM, int(seed)])))
+    return sorted(classes[i] for i in stream.permutation(len(classes))[:ways])
+
+
+def validation_count(n: int, validation: float | int | None) -> int:
+    """Validation samples set apart from a class of n candidates: a share (at least 1) or a count."""
+    if not validation:
+        return 0
+    return max(1, int(round(n * validation))) if isinstance(validation, float) else int(validation)
+
+
 def _by_class(labels: np.ndarray, classes: Sequence[int]) -> dict[int, np.ndarray]:
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
@@ -111,12 +142,13 @@ def _by_class(labels: np.ndarray, classes: Sequence[int]) -> dict[int, np.ndarra
     return out
 
 
-def _check_arg(name: str, value, words: tuple[str, ...]) -> None:
+def _check_arg(name: str, value, words: tuple[str, ...], least: int = 1) -> None:
+    kind = "a positive int" if least == 1 else f"an int >= {least}"
     if isinstance(value, str):
         if value not in words:
-            raise BenchError(f"{name}={value!r} must be a positive int or one of {', '.join(words)}")
-    elif isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise BenchError(f"{name}={value!r} must be a positive int or one of {', '.join(words)}")
+            raise BenchError(f"{name}={value!r} must be {kind} or one of {', '.join(words)}")
+    elif isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise BenchError(f"{name}={value!r} must be {kind} or one of {', '.join(words)}")
 
 
 def sample_episode(
@@ -128,11 +160,15 @@ def sample_episode(
     test_labels: Sequence[int] | np.ndarray | None = None,
     holdout: float | int = 0.25,
     names: Sequence[str] | None = None,
+    validation: float | int | None = None,
+    ways: int | None = None,
 ) -> Episode:
     """Draw one episode. Never shrinks silently: too few samples is an error listing every
     short class with its count. With ``queries="holdout"``, ``holdout`` is the share (a float
-    in (0, 1)) or count (an int) of each class set apart as queries."""
-    _check_arg("shots", shots, ("all",))
+    in (0, 1)) or count (an int) of each class set apart as queries; ``validation`` likewise sets
+    a share or count of each class apart as the episode's validation part. ``ways`` only labels
+    the episode: the caller draws its classes (:func:`draw_ways`)."""
+    _check_arg("shots", shots, ("all",), least=0)
     _check_arg("queries", queries, ("rest", "test", "holdout"))
     if shots == "all" and queries == "rest":
         raise BenchError("shots='all' leaves no samples for queries='rest'; use queries=N or 'test'")
@@ -148,13 +184,16 @@ def sample_episode(
 
     if queries == "holdout":
         held = {c: holdout_count(len(pool[c]), holdout) for c in classes}
+    else:
+        held = {c: 0 for c in classes}
     need_q = queries if isinstance(queries, (int, np.integer)) else 0
     need_s = shots if shots != "all" else 1
+    valid = {c: validation_count(len(pool[c]) - held[c], validation) for c in classes}
     short = []
     for c in classes:
         label = f"class {c} ({names[c]})" if names is not None and 0 <= c < len(names) else f"class {c}"
         have = len(pool[c])
-        need = need_s + need_q + (1 if queries == "rest" else 0) + (held[c] if queries == "holdout" else 0)
+        need = need_s + need_q + (1 if queries == "rest" else 0) + held[c] + valid[c]
         if have < need:
             short.append(f"{label}: {have} < {need}")
         if test_pool is not None and len(test_pool[c]) == 0:
@@ -166,7 +205,7 @@ def sample_episode(
             + ". Lower shots/queries or drop these classes."
         )
 
-    support, query = [], []
+    support, query, val = [], [], []
     for c in classes:
         candidates = pool[c]
         if queries == "holdout":
@@ -179,16 +218,20 @@ def sample_episode(
         elif queries not in ("rest", "holdout"):
             query.append(perm[:need_q])
             perm = perm[need_q:]
+        val.append(perm[:valid[c]])
+        perm = perm[valid[c]:]
         take = len(perm) if shots == "all" else shots
         support.append(perm[:take])
         if queries == "rest":
             query.append(perm[take:])
     return Episode(
         classes=tuple(classes),
-        support=np.sort(np.concatenate(support)),
+        support=np.sort(np.concatenate(support)).astype(np.int64, copy=False),
         query=np.sort(np.concatenate(query)),
         query_split="test" if test_pool is not None else "train",
         shots=shots,
         queries=queries,
         seed=int(seed),
+        validation=np.sort(np.concatenate(val)).astype(np.int64, copy=False),
+        ways=None if ways is None else int(ways),
     )

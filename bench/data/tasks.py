@@ -9,7 +9,12 @@ A suite file looks like::
     shots: [1, 5, 20, all]
     queries: test                   # an int per class, rest, test (the test split) or holdout
     holdout: 0.25                   # with queries: holdout, the share (or count) of each class
+    validation: 0.2                 # optional: a share (or count) of each class set apart per episode
+    ways: 5                         # optional: N-way episodes, N classes of the subset drawn per seed
     seeds: [0, 1, 2]
+    version: "1"                    # bump whenever the suite's content changes (results cite it)
+
+``shots: 0`` draws queries (and validation) with an empty support: the zero-shot point.
 
 Every field is typed; a bad value stops with one line naming the file, the key and the
 accepted form. Listing a seed, shot count or class subset twice is an error (it would give
@@ -26,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
 
 from bench import packaged
-from bench.data.episodes import Episode, sample_episode, select_classes
+from bench.data.episodes import Episode, draw_ways, sample_episode, select_classes
 from bench.errors import BenchError
 from bench.validation import format_validation_error
 
@@ -72,8 +77,8 @@ class TaskSuite(BaseModel):
     classes: Annotated[list[Union[str, list[int]]],
                        Field(description="a list of class subsets: all, even, odd, a class_splits name, "
                                          "or a list of class ids")] = ["all"]
-    shots: Annotated[list[Union[PositiveInt, Literal["all"]]],
-                     Field(description="a list of positive ints or 'all'")] = [1, 5]
+    shots: Annotated[list[Union[NonNegativeInt, Literal["all"]]],
+                     Field(description="a list of ints >= 0 (0: zero-shot, no support) or 'all'")] = [1, 5]
     queries: Annotated[Union[PositiveInt, Literal["rest", "test", "holdout"]],
                        Field(description="a positive int per class, rest, test or holdout")] = "test"
     holdout: Annotated[Union[PositiveInt, float],
@@ -81,6 +86,31 @@ class TaskSuite(BaseModel):
     seeds: Annotated[list[NonNegativeInt], Field(description="a list of ints >= 0")] = [0]
     class_splits: Annotated[dict[str, Any], Field(description="a mapping of split names to class lists or "
                                                               "ranges like '0-49'")] = {}
+    validation: Annotated[Union[PositiveInt, float, None],
+                          Field(description="a share in (0, 1) or a count per class set apart per episode to "
+                                            "choose settings on")] = None
+    ways: Annotated[Union[PositiveInt, None],
+                    Field(description="N of N-way episodes: N classes of each subset drawn per seed (>= 2)")] = None
+    version: Annotated[str, Field(description="the suite's version; bump it whenever its content changes")] = "1"
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("validation")
+    @classmethod
+    def _validation_share(cls, value: Any) -> Any:
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(f"validation {value} must be a share in (0, 1) or a positive count per class")
+        return value
+
+    @field_validator("ways")
+    @classmethod
+    def _two_ways(cls, value: Any) -> Any:
+        if value is not None and value < 2:
+            raise ValueError(f"ways {value} must be at least 2 (an episode needs 2+ classes)")
+        return value
 
     @field_validator("classes", "shots", "seeds", mode="before")
     @classmethod
@@ -160,11 +190,17 @@ class TaskSuite(BaseModel):
         """Every (class subset, shots, seed) episode of the suite, in a fixed order. ``names``
         (class id -> name) only makes error messages name the classes."""
         available = np.unique(labels[labels >= 0]).tolist()
-        for label, classes in self.subsets(available):
+        subsets = self.subsets(available)
+        if self.ways is not None:  # refused before any episode is drawn, not after the first subsets ran
+            for label, classes in subsets:
+                draw_ways(classes, self.ways, 0, label)
+        for label, classes in subsets:
             for shots in self.shots:
                 for seed in self.seeds:
-                    yield label, sample_episode(labels, classes, shots, self.queries, seed,
-                                                test_labels=test_labels, holdout=self.holdout, names=names)
+                    drawn = classes if self.ways is None else draw_ways(classes, self.ways, seed, label)
+                    yield label, sample_episode(labels, drawn, shots, self.queries, seed,
+                                                test_labels=test_labels, holdout=self.holdout, names=names,
+                                                validation=self.validation, ways=self.ways)
 
 
 def known_suites() -> list[str]:
