@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
+from bench.report.schema import SCHEMA_VERSION
 from bench.runtime import atomic_path
 
 KEY_COLUMNS = ["backbone", "dataset", "task", "classes", "shots", "seed", "method"]
@@ -29,6 +30,9 @@ def write_table(rows: Sequence[dict[str, Any]], out_dir: Path, stem: str = "resu
     except ImportError:
         return paths
     table = pa.Table.from_pylist([{c: _plain(r.get(c)) for c in columns} for r in rows])
+    # the file cites its schema itself, for readers who get the table without its run.json
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           b"bench_schema_version": str(SCHEMA_VERSION).encode()})
     pq_path = out_dir / f"{stem}.parquet"
     with atomic_path(pq_path) as tmp:
         pq.write_table(table, tmp)

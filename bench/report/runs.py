@@ -13,6 +13,7 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.report.results import KEY_COLUMNS
+from bench.report.schema import SCHEMA_VERSION, UNVERSIONED, run_schema_version
 
 METHOD_STAGES = ("norm_pre", "gen", "norm_post", "norm_inf", "agg")
 METHOD_COLUMNS = ("spec", *METHOD_STAGES)
@@ -28,6 +29,7 @@ class RunInfo:
     task: dict | None = None  # the resolved task suite (runs before it was recorded: None)
     finished: float = 0.0  # run.json's modification time: the run writes it last
     rows: int = 0
+    schema_version: int = UNVERSIONED  # run.json's (runs before it was recorded: 1)
 
     @property
     def name(self) -> str:
@@ -94,6 +96,7 @@ def read_run(path: Path) -> tuple[RunInfo, pd.DataFrame | None, str | None]:
         return info, None, f"run.json is not valid JSON ({err})"
     info.config = meta.get("config") or {}
     info.task = meta.get("task")
+    info.schema_version = run_schema_version(meta)
     info.finished = record.stat().st_mtime
     if meta.get("complete") is not True:
         return info, None, "run.json does not say complete: true (the run is still going, or was killed)"
@@ -166,6 +169,7 @@ def load_runs(patterns: Sequence[str], prefer: str | None = None, skip_incomplet
     if not frames:
         why = "; ".join(f"{p}: {w}" for p, w in skipped) or "none of the folders is a run"
         raise BenchError(f"no finished run to report ({why})")
+    _check_same_schema(runs)
     _check_same_metrics(frames)
     _check_same_protocol(runs)
     merged = pd.concat(frames, ignore_index=True, sort=False)
@@ -177,6 +181,18 @@ def load_runs(patterns: Sequence[str], prefer: str | None = None, skip_incomplet
         diagnose_accuracy=pd.concat(diag_acc, ignore_index=True) if diag_acc else None,
         notes=notes,
     )
+
+
+def _check_same_schema(runs: list[RunInfo]) -> None:
+    """Runs written under different results schemas (bench.report.schema) may name or mean
+    their columns differently, so they are never merged."""
+    versions = sorted({r.schema_version for r in runs})
+    if len(versions) > 1:
+        by_version = {v: [str(r.path) for r in runs if r.schema_version == v] for v in versions}
+        listed = "; ".join(f"schema {v}: {', '.join(paths)}" for v, paths in by_version.items())
+        raise BenchError(f"the runs were written with different results schemas ({listed}); re-run the runs of the "
+                         f"other schemas with this bench version (schema {SCHEMA_VERSION}), or report each schema's "
+                         "runs separately")
 
 
 def _check_same_metrics(frames: list[pd.DataFrame]) -> None:
