@@ -72,3 +72,39 @@ def test_suite_fields_and_their_errors():
                        ({"shots": [-1]}, "shots")]:
         with pytest.raises(BenchError, match=words):
             TaskSuite.build({"name": "n", "dataset": "digits", **bad})
+
+
+def test_nway_rows_are_identical_on_one_and_two_processes(tmp_path, forks, quickstart_cache):
+    """5-way episodes of the quickstart's cache (each episode its own classes, so its own batch):
+    `bench imprint` on 1 process and on 2 gives the same rows, and every shot count of a seed
+    is scored on the same classes."""
+    import csv
+    import os
+    from pathlib import Path
+
+    from tests.helpers import copy_cache, rank_envs
+
+    cache = copy_cache(quickstart_cache, tmp_path / "cache")
+    common = ["-c", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), "methods=[ncm,knn]",
+              f"cache_dir={cache}", f"out_dir={tmp_path / 'runs'}", "task.ways=5", "task.shots=[1,5]",
+              "task.seeds=[0,1,2]", "task.classes=[all]", "task.validation=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BENCH_USER_OMP_NUM_THREADS")}
+    env["WANDB_MODE"] = "disabled"
+    one = forks.bench(["imprint", *common, "name=one"], cwd=tmp_path, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ranks = [forks.start(["imprint", *common, "name=two", "trainer.devices=2"], module="bench.cli", cwd=tmp_path,
+                         env=rank_env) for rank_env in rank_envs(env)]
+    for rank in ranks:
+        assert rank.wait() == 0, rank.stderr[-3000:]
+
+    def rows(name):
+        with open(tmp_path / "runs" / name / "results.csv") as f:
+            return [{k: v for k, v in r.items() if k != "gen_time_s"} for r in csv.DictReader(f)]
+
+    rows_one = rows("one")
+    assert len(rows_one) == 2 * 3 * 2 and rows_one == rows("two")
+    assert {r["ways"] for r in rows_one} == {"5"} and {r["classes"] for r in rows_one} == {"all"}
+    per_seed = {}
+    for r in rows_one:
+        per_seed.setdefault(r["seed"], set()).add(tuple(k for k in r if k.startswith("acc_") and r[k] != ""))
+    assert all(len(v) == 1 for v in per_seed.values()) and len({c for v in per_seed.values() for c in v}) > 1
