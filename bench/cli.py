@@ -1,4 +1,4 @@
-"""``bench``: extract | imprint | run | quickstart | methods.
+"""``bench``: extract | imprint | run | quickstart | suite | methods.
 
 Every command takes ``-c/--config FILE.yaml`` and any number of ``key.sub=value`` overrides,
 e.g. ``bench run -c configs/quickstart.yaml trainer.devices=2 trainer.strategy=ddp``.
@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     for name, (_, _, text) in GROUPS.items():
         sub.add_parser(name, help=text, add_help=False)
+    text = "run every member task of a benchmark suite (tasks/NAME.suite.yaml), e.g. vtab-1k or elevater-20"
+    p = sub.add_parser("suite", help=text, description=text)
+    p.add_argument("suite", help="a benchmark suite name or a .suite.yaml path")
+    p.add_argument("-c", "--config", help="YAML run config (backbone, methods, ...); each member sets task and dataset")
+    p.add_argument("--dry-run", action="store_true", help="check every member's plan; load nothing, no network")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after each member's own")
     m = sub.add_parser("methods", help="list presets, or expand a method grid")
     m.add_argument("grid", nargs="*", help="grid entries, e.g. 'l2/kmeans:k=[1,5]/l2/l2/max'")
     m.add_argument("--markdown", action="store_true", help="print the method table as markdown (the README's)")
@@ -71,6 +77,31 @@ def _methods(grid_entries: list[str], markdown: bool = False) -> None:
         print(spec.name if spec.label is None else f"{spec.name:16s} {spec}")
     for text, why in grid.dropped:
         print(f"dropped {text}: {why}")
+
+
+def _suite(name: str, config: str | None, overrides: list[str], dry_run: bool) -> int:
+    """Every member of a benchmark suite, one run each (its own task, dataset split and revision)."""
+    from bench import pipeline
+    from bench.config import load_config
+    from bench.data.benchmarks import BenchmarkSuite
+
+    bench_suite = BenchmarkSuite.load(name)
+    configs = [load_config(config, [*member.overrides(), *overrides]) for member in bench_suite.members]
+    unpinned = bench_suite.unpinned()
+    print(f"benchmark suite {bench_suite.name} version {bench_suite.version}: {len(configs)} member tasks"
+          + (f"; revision not pinned for {len(unpinned)}: {', '.join(unpinned)}" if unpinned else ""))
+    if dry_run:
+        for cfg in configs:  # every member is checked before any is printed as fine
+            pipeline.plan(cfg, "run")
+        for member, cfg in zip(bench_suite.members, configs):
+            print(pipeline.plan(cfg, "run"))
+            print(f"  revision  {member.revision or 'NOT PINNED (see the suite file)'}")
+        return 0
+    for cfg in configs:
+        result = pipeline.run(cfg)
+        if pipeline.is_rank_zero():
+            print(pipeline.report(result))
+    return 0
 
 
 def _diagnose(cfg) -> int:
@@ -130,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "methods":
             _methods(args.grid, args.markdown)
             return 0
+        if args.command == "suite":
+            return _suite(args.suite, args.config, args.overrides, args.dry_run)
         from bench import pipeline
         from bench.config import load_config
 

@@ -500,9 +500,18 @@ class HFSource(Source):
 
     @staticmethod
     def _pick_split(dsd, split: str, path: str):
-        if split not in dsd:
-            raise BenchError(f"{path} has no split '{split}'; splits: {list(dsd)}")
-        return dsd[split]
+        # A slice like train[:1000] reads the same rows from a save_to_disk copy as load_dataset does
+        # from the hub, so a local stand-in of a suite member takes the member's split unchanged.
+        name, bracket, rest = split.partition("[")
+        if name not in dsd:
+            raise BenchError(f"{path} has no split '{name}'; splits: {list(dsd)}")
+        if not bracket:
+            return dsd[name]
+        start, colon, stop = rest.rstrip("]").partition(":")
+        if not rest.endswith("]") or not colon or not all(v.strip().lstrip("-").isdigit() for v in (start, stop) if v):
+            raise BenchError(f"split '{split}' of {path}: write a slice as name[start:stop] with ints, e.g. train[:1000]")
+        rows = range(len(dsd[name]))[slice(int(start) if start else None, int(stop) if stop else None)]
+        return dsd[name].select(rows)
 
     def load(self, index: int) -> Image.Image:
         try:

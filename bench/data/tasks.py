@@ -206,5 +206,7 @@ class TaskSuite(BaseModel):
 def known_suites() -> list[str]:
     """Suite names: the shipped ones and those in ./tasks."""
     here = Path("tasks")
-    names = {p.stem for p in here.glob("*.yaml")} if here.is_dir() else set()
-    return sorted(names | {p.stem for p in TASKS_DIR.glob("*.yaml")})
+    def stems(folder: Path) -> set[str]:  # benchmark suites (*.suite.yaml, bench.data.benchmarks) are not tasks
+        return {p.stem for p in folder.glob("*.yaml") if not p.name.endswith(".suite.yaml")}
+
+    return sorted((stems(here) if here.is_dir() else set()) | stems(TASKS_DIR))
