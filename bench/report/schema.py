@@ -104,10 +104,11 @@ RESULT_COLUMNS: dict[str, Field] = {
     "chosen": Field((str,), "settings a GEN chose itself per episode, e.g. c=0.1 ('' if none)", required=False),
 }
 
-# Column families named by a pattern: one column per stage option or per class.
-RESULT_PATTERNS: dict[str, Field] = {
-    r"(norm_pre|gen|norm_post|norm_inf|agg)\.\w+": Field((str, *NUM, bool, NONE), "a stage option, e.g. gen.k"),
-    r"acc_class_.+": Field(NUM, "accuracy on one class's queries (by class label)"),
+# Column families named by a pattern (display name -> regex, field): one column per stage option or per class.
+RESULT_PATTERNS: dict[str, tuple[str, Field]] = {
+    "<stage>.<option>": (r"(norm_pre|gen|norm_post|norm_inf|agg)\.\w+",
+                         Field((str, *NUM, bool, NONE), "a stage option, e.g. gen.k", required=False)),
+    "acc_class_<label>": (r"acc_class_.+", Field(NUM, "accuracy on one class's queries", required=False)),
 }
 
 
@@ -115,7 +116,7 @@ def result_column(name: str) -> Field | None:
     """The documentation of a results column, or None when the schema does not know it."""
     if name in RESULT_COLUMNS:
         return RESULT_COLUMNS[name]
-    return next((f for pattern, f in RESULT_PATTERNS.items() if re.fullmatch(pattern, name)), None)
+    return next((f for pattern, f in RESULT_PATTERNS.values() if re.fullmatch(pattern, name)), None)
 
 
 def run_schema_version(record: dict[str, Any]) -> int:
@@ -171,5 +172,5 @@ def markdown() -> str:
 
     parts = [f"Results schema version {SCHEMA_VERSION}.", ""]
     parts += table("run.json field", RUN_FIELDS) + [""] + table("run.json extraction.<split> field", EXTRACTION_FIELDS)
-    parts += [""] + table("results column", {**RESULT_COLUMNS, **{f"/{p}/": f for p, f in RESULT_PATTERNS.items()}})
+    parts += [""] + table("results column", {**RESULT_COLUMNS, **{k: f for k, (_, f) in RESULT_PATTERNS.items()}})
     return "\n".join(parts)
