@@ -57,7 +57,9 @@ class BackboneConfig(Section):
     transform: Annotated[dict[str, Any] | None, _desc("a transform mapping (size, crop, channels, mean, std)")] = None
     pool: Annotated[str | None, _desc("timm's global_pool: avg, max, token, ...")] = None
     pooling: Annotated[Literal["cls", "mean"] | None, _desc("cls or mean")] = None
-    config: Annotated[dict[str, Any] | None, _desc("a transformers model config mapping")] = None
+    config: Annotated[dict[str, Any] | None,
+                      _desc("a transformers (hf) or open_clip (openclip) model config mapping")] = None
+    tokenizer: Annotated[str | None, _desc("hf vision-language models: a tokenizer name or local folder")] = None
 
     @model_validator(mode="before")
     @classmethod

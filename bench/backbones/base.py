@@ -22,6 +22,25 @@ from bench.errors import BenchError
 
 
 @dataclass
+class TextTower:
+    """The text side of a vision-language backbone: class prompts to embeddings in the image
+    embedding space. ``tokenizer`` names the tokenizer and ``fingerprint`` hashes every weight of
+    the joint model (image and text), so together they key cached text embeddings."""
+
+    encode: Callable[[list[str]], torch.Tensor]  # a batch of texts -> (N, D) features, unnormalised
+    tokenizer: str
+    fingerprint: str
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """(N, D) float32 text embeddings (not normalised), computed in batches."""
+        if not texts:
+            raise BenchError("encode_text needs at least one text")
+        parts = [self.encode(list(texts[i:i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
+        return torch.cat(parts)
+
+
+@dataclass
 class Backbone:
     name: str
     model: nn.Module
@@ -30,6 +49,7 @@ class Backbone:
     dim: int
     fingerprint: str
     layer: str  # which layer / pooling the embedding comes from
+    text: TextTower | None = None  # vision-language backbones (open_clip, HF CLIP/SigLIP) only
 
     def key_fields(self) -> dict[str, Any]:
         """Everything about the backbone that changes the embeddings."""

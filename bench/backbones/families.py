@@ -1,4 +1,5 @@
-"""Optional backbone families: timm, open_clip image towers and Hugging Face transformers.
+"""Optional backbone families: timm, open_clip and Hugging Face transformers (vision-language models keep
+their text tower as ``Backbone.text``).
 
 Each is an extra (``pip install "imprint-bench[timm,openclip,hf]"``); asking for a family whose package is
 missing names the extra. Weights come from the hub when there is a network (``weights:
@@ -8,13 +9,15 @@ DEFAULT`` or a pretrained tag), from a local file or folder, or are random (``we
 from __future__ import annotations
 
 import importlib
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from bench.backbones.base import Backbone, frozen_backbone, load_state_file
+from bench.backbones.base import Backbone, TextTower, freeze, frozen_backbone, load_state_file, weights_fingerprint
 from bench.backbones.registry import register_backbone
 from bench.errors import BenchError
 
@@ -70,10 +73,15 @@ def _timm(name: str, weights: Any = "DEFAULT", pool: str | None = None, transfor
                            f"pool={getattr(pool_name, 'pool_type', pool_name)}")
 
 
-@register_backbone("openclip", form="openclip:<arch>", summary="an open_clip image tower")
-def _openclip(arch: str, weights: Any = None, transform: dict | None = None) -> Backbone:
-    """An open_clip image tower. ``weights``: a pretrained tag (downloaded), a local file, or null."""
+@register_backbone("openclip", form="openclip:<arch>", summary="an open_clip image tower (with its text tower)")
+def _openclip(arch: str, weights: Any = None, transform: dict | None = None, config: dict | None = None) -> Backbone:
+    """An open_clip image tower, keeping the text tower for zero-shot heads (``Backbone.text``).
+    ``weights``: a pretrained tag (downloaded), a local file, or null. ``config``: an open_clip
+    model config mapping (embed_dim, vision_cfg, text_cfg) registered as ``arch``, e.g. a tiny
+    random model for offline tests."""
     open_clip = _need("openclip")
+    if config is not None:
+        _add_openclip_config(open_clip, arch, config)
     tag = None if weights is None or _is_local(weights) else str(weights)
     try:
         model = open_clip.create_model(arch, pretrained=tag)
@@ -87,7 +95,22 @@ def _openclip(arch: str, weights: Any = None, transform: dict | None = None) -> 
         mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
         transform = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
-    return frozen_backbone(f"openclip:{arch}", visual, transform, int(visual.output_dim), "image-embedding")
+    freeze(model)  # the text tower too: dropout off, no gradients
+    backbone = frozen_backbone(f"openclip:{arch}", visual, transform, int(visual.output_dim), "image-embedding")
+    tokenizer = open_clip.get_tokenizer(arch)
+    backbone.text = TextTower(lambda texts: model.encode_text(tokenizer(texts)),
+                              f"open_clip:{arch}:{type(tokenizer).__name__}", weights_fingerprint(model))
+    return backbone
+
+
+def _add_openclip_config(open_clip, arch: str, config: dict) -> None:
+    """Register ``config`` under ``arch`` through open_clip's public add_model_config (a JSON file)."""
+    if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
+        raise BenchError(f"openclip:{arch} config must give embed_dim, vision_cfg and text_cfg; got {sorted(config)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{arch}.json"
+        path.write_text(json.dumps(config))
+        open_clip.add_model_config(path)
 
 
 class _HFEmbedder(nn.Module):
@@ -106,14 +129,56 @@ class _HFEmbedder(nn.Module):
         return hidden[:, 0] if self.pooling == "cls" else hidden.mean(1)
 
 
-@register_backbone("hf", form="hf:<name or folder>", summary="a Hugging Face transformers vision model")
+def _features(out: Any) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output holds the projected features; 4.x a tensor
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class _HFImageFeatures(nn.Module):
+    """A vision-language model (CLIP, SigLIP, ...) reduced to its projected image embedding, the
+    space its text embeddings share."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _features(self.model.get_image_features(pixel_values=pixel_values))
+
+
+def _hf_text(transformers, model: nn.Module, name: str, tokenizer: str | None, random_config: bool) -> TextTower:
+    source = tokenizer or name
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        hint = " (a random config: model needs tokenizer: <local tokenizer folder>)" if random_config else ""
+        raise BenchError(f"hf:{name}: no tokenizer from {source}{hint}: {str(err).splitlines()[0][:160]}") from err
+    # SigLIP was trained on prompts padded to max_length; CLIP pads to the batch's longest
+    siglip = "siglip" in getattr(model.config, "model_type", "")
+    limit = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", None)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        enc = tok(texts, padding="max_length" if siglip else True, truncation=True, max_length=limit,
+                  return_tensors="pt")
+        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        if siglip:
+            enc.pop("attention_mask", None)
+        return _features(model.get_text_features(**enc))
+
+    return TextTower(encode, f"hf:{source}:{type(tok).__name__}", weights_fingerprint(model))
+
+
+@register_backbone("hf", form="hf:<name or folder>", summary="a Hugging Face transformers vision model "
+                   "(CLIP/SigLIP: projected image embedding and text tower)")
 def _hf(name: str, weights: Any = "DEFAULT", pooling: str | None = None, config: dict | None = None,
-        transform: dict | None = None) -> Backbone:
+        transform: dict | None = None, tokenizer: str | None = None) -> Backbone:
     """A Hugging Face transformers vision model: a hub name or local folder (``weights``
     DEFAULT loads its pretrained weights; null with ``config`` builds a random one offline).
-    ``pooling``: cls (the default) or mean."""
+    ``pooling``: cls (the default) or mean. A vision-language model (one with
+    get_image_features and get_text_features, e.g. CLIP or SigLIP) embeds images in its joint
+    space and keeps its text tower; ``tokenizer`` names its tokenizer (a hub name or local folder,
+    default the model's own)."""
     transformers = _need("hf")
-    pooling = pooling or "cls"
     try:
         if config is not None:
             cfg = transformers.AutoConfig.for_model(**config)
@@ -130,17 +195,32 @@ def _hf(name: str, weights: Any = "DEFAULT", pooling: str | None = None, config:
     if _is_local(weights):
         _load_local(model, Path(str(weights)), f"hf:{name}")
     mcfg = model.config
+    joint = hasattr(model, "get_image_features") and hasattr(model, "get_text_features")
+    vcfg = getattr(mcfg, "vision_config", None) if joint else mcfg
+    vcfg = vcfg if vcfg is not None else mcfg
+    if tokenizer is not None and not joint:
+        raise BenchError(f"backbone.tokenizer applies to vision-language models; hf:{name} has no text tower")
     if transform is not None:
         tspec = transform
     else:
-        size = getattr(mcfg, "image_size", 224)
+        size = getattr(vcfg, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
-        tspec = {"size": size, "channels": getattr(mcfg, "num_channels", 3), "mean": [0.5] * 3, "std": [0.5] * 3}
+        tspec = {"size": size, "channels": getattr(vcfg, "num_channels", 3), "mean": [0.5] * 3, "std": [0.5] * 3}
         if config is None:  # the model's own preprocessing, when it ships one
             try:
                 proc = transformers.AutoImageProcessor.from_pretrained(name)
                 tspec["mean"], tspec["std"] = list(proc.image_mean), list(proc.image_std)
             except (OSError, ValueError, TypeError):
                 pass
+    if joint:
+        freeze(model)
+        embedder = _HFImageFeatures(model)
+        size = getattr(vcfg, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        with torch.no_grad():  # the projection's width, read from one blank image
+            dim = embedder(torch.zeros(1, getattr(vcfg, "num_channels", 3), size, size)).shape[-1]
+        backbone = frozen_backbone(f"hf:{name}", embedder, tspec, int(dim), "image-embedding")
+        backbone.text = _hf_text(transformers, model, name, tokenizer, config is not None or weights is None)
+        return backbone
     dim = getattr(mcfg, "hidden_size", None) or getattr(mcfg, "hidden_sizes", [None])[-1]
     return frozen_backbone(f"hf:{name}", _HFEmbedder(model, pooling), tspec, int(dim), f"pooling={pooling}")
