@@ -279,7 +279,9 @@ def plan(cfg: RunConfig, command: str) -> str:
         f"  backbone  {cfg.backbone.name}" + (f" (weights: {cfg.backbone.weights})" if cfg.backbone.weights else ""),
         f"  dataset   {dataset}, splits {', '.join(splits)}",
         f"  task      {suite.name}: classes {suite.classes}, shots {suite.shots}, queries {suite.queries}, "
-        f"seeds {suite.seeds} ({episodes} episodes)",
+        f"seeds {suite.seeds} ({episodes} episodes)"
+        + (f", {suite.ways}-way" if getattr(suite, "ways", None) else "")
+        + (f", validation {suite.validation} per class" if getattr(suite, "validation", None) else ""),
         f"  methods   {len(grid.specs)}: {', '.join(s.name for s in grid.specs)}",
         f"  heads     {episodes * len(grid.specs)}",
         f"  processes {processes} ({cfg.trainer.accelerator}, strategy {cfg.trainer.resolved_strategy()})",

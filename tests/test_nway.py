@@ -27,6 +27,11 @@ def test_validation_is_disjoint_and_support_grows_with_shots(queries):
     assert eps[0].support.dtype == np.int64 and eps[0].shots == 0
 
 
+def test_zero_shots_with_queries_rest_scores_every_other_sample():
+    ep = sample_episode(LABELS, [0, 1], 0, "rest", seed=0, validation=5)
+    assert len(ep.support) == 0 and len(ep.validation) == 10 and len(ep.query) == 30 and ep.shots == 0
+
+
 def test_validation_counts_and_defaults():
     ep = sample_episode(LABELS, [0, 1], 2, 3, seed=0, validation=4)
     assert len(ep.validation) == 8
@@ -60,8 +65,11 @@ def test_suite_episodes_draw_the_same_classes_at_every_shot_count():
         assert set(LABELS[ep.support]) <= set(ep.classes) and set(LABELS[ep.query]) == set(ep.classes)
         assert len(ep.validation) == 6
     assert all(len(v) == 1 for v in by_seed.values()) and len({c for v in by_seed.values() for c in v}) > 1
-    with pytest.raises(BenchError, match="ways=4 must be an int from 2 to the 3 classes of subset"):
-        list(TaskSuite.build({"name": "n", "dataset": "digits", "classes": [[0, 1, 2]], "ways": 4}).episodes(LABELS))
+    with pytest.raises(BenchError, match="ways=4 must be an int from 2 to the 2 classes of subset 'even'"):
+        list(TaskSuite.build({"name": "n", "dataset": "digits", "classes": ["even"], "ways": 4}).episodes(LABELS[:60]))
+    with pytest.raises(BenchError, match="ways 4 is more than the 3 classes of subset base"):  # before any data
+        TaskSuite.build({"name": "n", "dataset": "digits", "class_splits": {"base": "0-2"}, "classes": ["base"],
+                         "ways": 4})
 
 
 def test_suite_fields_and_their_errors():

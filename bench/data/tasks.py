@@ -28,7 +28,8 @@ from typing import Annotated, Any, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 from bench import packaged
 from bench.data.episodes import Episode, draw_ways, sample_episode, select_classes
@@ -146,6 +147,17 @@ class TaskSuite(BaseModel):
     @classmethod
     def _ranges(cls, value: dict) -> dict:
         return {k: _class_list(v, f"class_splits.{k}") for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _ways_fit_known_subsets(self) -> TaskSuite:
+        # subsets whose size the file itself tells (lists, class_splits); all/even/odd wait for the labels
+        if self.ways is not None:
+            for subset in self.classes:
+                size = len(subset) if isinstance(subset, list) else len(self.class_splits.get(subset, [None] * 10**9))
+                if size < self.ways:
+                    raise ValueError(f"ways {self.ways} is more than the {size} classes of subset {subset}; "
+                                     "lower ways or use a larger subset")
+        return self
 
     @classmethod
     def build(cls, data: dict[str, Any], source: str = "task suite") -> TaskSuite:
