@@ -153,8 +153,9 @@ class TaskSuite(BaseModel):
         # subsets whose size the file itself tells (lists, class_splits); all/even/odd wait for the labels
         if self.ways is not None:
             for subset in self.classes:
-                size = len(subset) if isinstance(subset, list) else len(self.class_splits.get(subset, [None] * 10**9))
-                if size < self.ways:
+                known = subset if isinstance(subset, list) else self.class_splits.get(subset)
+                size = None if known is None else len(known)
+                if size is not None and size < self.ways:
                     raise ValueError(f"ways {self.ways} is more than the {size} classes of subset {subset}; "
                                      "lower ways or use a larger subset")
         return self
