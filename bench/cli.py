@@ -35,12 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     for name, (_, _, text) in GROUPS.items():
         sub.add_parser(name, help=text, add_help=False)
-    text = "run every member task of a benchmark suite (tasks/NAME.suite.yaml), e.g. vtab-1k or elevater-20"
-    p = sub.add_parser("suite", help=text, description=text)
-    p.add_argument("suite", help="a benchmark suite name or a .suite.yaml path")
-    p.add_argument("-c", "--config", help="YAML run config (backbone, methods, ...); each member sets task and dataset")
-    p.add_argument("--dry-run", action="store_true", help="check every member's plan; load nothing, no network")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after each member's own")
+    sub.add_parser("suite", help=SUITE_HELP, add_help=False)  # parsed by _suite_parser
     m = sub.add_parser("methods", help="list presets, or expand a method grid")
     m.add_argument("grid", nargs="*", help="grid entries, e.g. 'l2/kmeans:k=[1,5]/l2/l2/max'")
     m.add_argument("--markdown", action="store_true", help="print the method table as markdown (the README's)")
@@ -77,6 +72,20 @@ def _methods(grid_entries: list[str], markdown: bool = False) -> None:
         print(spec.name if spec.label is None else f"{spec.name:16s} {spec}")
     for text, why in grid.dropped:
         print(f"dropped {text}: {why}")
+
+
+SUITE_HELP = "run every member task of a benchmark suite (tasks/NAME.suite.yaml), e.g. vtab-1k or elevater-20"
+
+
+def _suite_parser() -> argparse.ArgumentParser:
+    """Its own parser, read intermixed, so --dry-run or -c may stand between the suite's name and
+    the overrides (a subcommand's positionals would stop at the first option)."""
+    p = argparse.ArgumentParser(prog="bench suite", description=SUITE_HELP)
+    p.add_argument("suite", help="a benchmark suite name or a .suite.yaml path")
+    p.add_argument("-c", "--config", help="YAML run config (backbone, methods, ...); each member sets task and dataset")
+    p.add_argument("--dry-run", action="store_true", help="check every member's plan; load nothing, no network")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after each member's own")
+    return p
 
 
 def _suite(name: str, config: str | None, overrides: list[str], dry_run: bool) -> int:
@@ -156,13 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     runtime.remember_user_threads()  # before any launch: Lightning sets OMP_NUM_THREADS in its processes
     if argv and argv[0] in GROUPS:
         return _run_group(argv[0], argv[1:])
-    args = _parser().parse_args(argv)
+    suite_args = _suite_parser().parse_intermixed_args(argv[1:]) if argv and argv[0] == "suite" else None
+    args = _parser().parse_args(argv) if suite_args is None else None
     try:
+        if suite_args is not None:
+            return _suite(suite_args.suite, suite_args.config, suite_args.overrides, suite_args.dry_run)
         if args.command == "methods":
             _methods(args.grid, args.markdown)
             return 0
-        if args.command == "suite":
-            return _suite(args.suite, args.config, args.overrides, args.dry_run)
         from bench import pipeline
         from bench.config import load_config
 
