@@ -24,11 +24,11 @@ from bench import packaged
 from bench.data.sources import known_sources
 from bench.data.tasks import TaskSuite
 from bench.errors import BenchError
-from bench.imprint.presets import PRESETS, split_top
+from bench.imprint.presets import PRESETS, TEXT_PRESETS, split_top
 from bench.validation import format_validation_error
 
-# Every preset, plus a k-means grid: the quickstart's method grid.
-QUICKSTART_METHODS = [*PRESETS, "l2/kmeans:k=[2,5,10]/l2/l2/max"]
+# Every preset but the text ones (the quickstart's backbone has none), plus a k-means grid.
+QUICKSTART_METHODS = [*(p for p in PRESETS if p not in TEXT_PRESETS), "l2/kmeans:k=[2,5,10]/l2/l2/max"]
 
 
 def _desc(text: str) -> Any:
@@ -152,6 +152,18 @@ class SelectConfig(Section):
         return value
 
 
+class TextConfig(Section):
+    """Zero-shot prompts: the template set (a name from bench/assets/zeroshot_templates.json or a list of
+    templates with {c} for the class name) and class-name overrides (a list in class-id order or a
+    mapping id -> name); null: the dataset's set (imagenet's 80 for an unknown dataset) and its names."""
+
+    templates: Annotated[Union[str, list[str], None],
+                         _desc("a template set name (imagenet, cifar10, ...), a list of templates with {c}, "
+                               "or null")] = None
+    class_names: Annotated[Union[list[str], dict[int, str], None],
+                           _desc("a list of class names in class-id order, a mapping id -> name, or null")] = None
+
+
 class WandbConfig(Section):
     mode: Annotated[Literal["auto", "offline", "online", "disabled"],
                     _desc("auto (online only with credentials), offline, online or disabled")] = "auto"
@@ -225,6 +237,7 @@ class RunConfig(Section):
     imprint: ImprintConfig = ImprintConfig()
     wandb: WandbConfig = WandbConfig()
     diagnose: DiagnoseConfig = DiagnoseConfig()
+    text: TextConfig = TextConfig()
 
     @model_validator(mode="before")
     @classmethod

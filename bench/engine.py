@@ -84,6 +84,7 @@ def imprint_episodes(
     heads_dir: Path | None = None,
     progress: bool = True,
     select: Sequence[Family] = (),
+    text: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Imprint and evaluate every spec on this rank's share of the episodes.
 
@@ -92,12 +93,15 @@ def imprint_episodes(
     (episode, spec) so :func:`gather_rows` can restore suite order. With ``heads_dir``, every
     head is saved there (see :func:`bench.naming.head_path`). ``select`` families (whose members
     are among ``specs``) add each episode's ``@val`` and ``@oracle`` rows (:mod:`bench.selection`).
+    ``text`` (classes, D): every pool class's text embedding, for the GENs that read text (zeroshot,
+    tip). At 0 shots only the specs whose GEN needs no support (zeroshot) give rows.
     """
     eps = [ep for _, ep in episodes]
     dim = int(pool.embeddings.shape[1])
     fields = [{**spec.fields(), "training_free": training_free(spec), "selection": "", "selected": ""}
               for spec in specs]
     members = sorted({specs.index(m) for fam in select for m in fam.members})
+    support_free = [i for i, spec in enumerate(specs) if not spec.gen.method("gen").needs_support]
     batches = plan_batches(eps, dim, len(specs), max_batch_bytes)[rank::world_size]
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, desc="imprint + evaluate", unit="episode", disable=not progress)
@@ -110,12 +114,19 @@ def imprint_episodes(
             idx = torch.as_tensor(ep.support, dtype=torch.long)
             vidx = torch.as_tensor(getattr(ep, "validation", ()), dtype=torch.long)  # pool indices
             validation = (pool.embeddings[vidx].float(), pool.labels[vidx]) if len(vidx) else None
-            supports.append(SupportSet(pool.embeddings[idx].float(), pool.labels[idx], ep.seed,
-                                       torch.as_tensor(ep.classes), reference, validation=validation))
-        grid = build_head_grid(specs, supports, max_batch_elements=max_batch_bytes // FLOAT_BYTES,
-                               dataset=labels.dataset, backbone=labels.backbone_fingerprint)
+            classes = torch.unique(torch.as_tensor(ep.classes))  # the head's class order
+            supports.append(SupportSet(pool.embeddings[idx].float(), pool.labels[idx], ep.seed, classes, reference,
+                                       validation=validation, text=None if text is None else text[classes]))
+        # a batch is one shot count; at 0 shots only support-free specs build a head
+        active = support_free if str(eps[batch[0]].shots) == "0" else list(range(len(specs)))
+        grid = build_head_grid([specs[i] for i in active], supports,
+                               max_batch_elements=max_batch_bytes // FLOAT_BYTES, dataset=labels.dataset,
+                               backbone=labels.backbone_fingerprint) if active else []
         for col, j in enumerate(batch):
             subset, ep = episodes[j]
+            if not active:
+                bar.update(1)
+                continue
             heads = [row[col] for row in grid]
             shape = (len(heads), len(heads[0].classes))
             # One rank scores a whole episode, so its counts must not be summed with other ranks'
@@ -124,7 +135,8 @@ def imprint_episodes(
                 metrics[shape] = HeadGridMetrics(*shape, sync_on_compute=False)
             metric = metrics[shape]
             results = _evaluate(heads, ep, pool if ep.query_split == "train" else queries, dim, max_batch_bytes, metric)
-            for i, (spec, head, values) in enumerate(zip(specs, heads, results)):
+            for i, head, values in zip(active, heads, results):
+                spec = specs[i]
                 rows.append({
                     "_order": [j, i], "backbone": labels.backbone, "dataset": labels.dataset,
                     "task": labels.task, "classes": subset, "shots": str(ep.shots), "seed": ep.seed,

@@ -50,6 +50,7 @@ class Embeddings:
     dropped_query_classes: list[str] = field(default_factory=list)
     unlabelled: dict[str, int] = field(default_factory=dict)  # split -> samples without a label
     extraction: dict[str, dict] = field(default_factory=dict)  # split -> throughput, peak memory (run.json)
+    text: torch.Tensor | None = None  # (classes, D) class text embeddings, when a method reads text (zeroshot)
 
 
 @dataclass
@@ -209,6 +210,47 @@ def check_reference(cfg: RunConfig, grid: Grid) -> list[str]:
     return needs_classes
 
 
+def check_text(cfg: RunConfig, grid: Grid) -> list[str]:
+    """The methods that read class text embeddings (zeroshot, tip); with a backbone family that has
+    no text tower they are refused before any work."""
+    specs = list(grid.specs) + [m for fam in selection.families(cfg.select) for m in fam.members]
+    needs = list(dict.fromkeys(s.name for s in specs if get("gen", s.gen.name).needs_text))
+    if needs:
+        family, _, _ = check_backbone(cfg.backbone.name, cfg.backbone.options())
+        if not family.text:
+            raise BenchError(f"methods {needs} read class text embeddings, but backbone {cfg.backbone.name} has no "
+                             "text tower; use openclip:<arch> or a CLIP/SigLIP hf model, or drop those methods")
+    return needs
+
+
+def text_embeddings(cfg: RunConfig, emb: Embeddings) -> torch.Tensor:
+    """(classes, D) zero-shot class weights for every pool class (templates averaged; see
+    bench.text), cached under ``cache_dir/text`` keyed by model, tokenizer, class names and templates."""
+    from bench.text import class_text_embeddings, templates_for
+
+    tower = emb.backbone.text
+    if tower is None:
+        raise BenchError(f"backbone {emb.backbone.name} has no text tower, so zeroshot/tip cannot run; use a "
+                         "vision-language model (openclip:<arch>, a CLIP/SigLIP hf model) or drop those methods")
+    labels = emb.pool.labels
+    count = max(len(emb.pool.class_names), int(labels.max()) + 1 if len(labels) else 0)
+    names = list(emb.pool.class_names) or [str(i) for i in range(count)]
+    override = cfg.text.class_names
+    if isinstance(override, list):
+        if len(override) != count:
+            raise BenchError(f"text.class_names lists {len(override)} names but the pool has {count} classes; give "
+                             "one name per class id, or a mapping id -> name")
+        names = list(override)
+    elif isinstance(override, dict):
+        unknown = sorted(set(override) - set(range(count)))
+        if unknown:
+            raise BenchError(f"text.class_names names class ids {unknown}, but the pool's ids are 0..{count - 1}")
+        names = [override.get(i, name) for i, name in enumerate(names)]
+    _, templates = templates_for(cfg.text.templates, emb.dataset, emb.suite.name)
+    with torch.no_grad():
+        return class_text_embeddings(tower, names, templates, cfg.cache_dir)
+
+
 def reference_stats(cfg: RunConfig, emb: Embeddings, grid: Grid) -> Reference | None:
     """Statistics of the ``reference`` classes (e.g. base) over the pool: the center-l2 mean,
     and the class means and covariances that generators such as ``dc`` read."""
@@ -249,11 +291,14 @@ def imprint_stage(
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     labels = RunLabels(emb.backbone.name, emb.dataset or cfg.dataset.name or emb.suite.dataset, emb.suite.name,
                        emb.backbone.fingerprint)
+    if emb.text is None and check_text(cfg, grid):
+        emb.text = text_embeddings(cfg, emb)
     rows = imprint_episodes(
         selection.with_members(grid.specs, fams), episodes, emb.pool, emb.queries, labels,
         reference=reference_stats(cfg, emb, grid),
         max_batch_bytes=int(cfg.imprint.max_batch_bytes), rank=rank, world_size=world,
         heads_dir=out_dir if cfg.save_heads and out_dir is not None else None, progress=rank == 0, select=fams,
+        text=emb.text,
     )
     return gather_rows(rows, fabric), grid.dropped, world
 
@@ -268,6 +313,7 @@ def plan(cfg: RunConfig, command: str) -> str:
     dataset = dataset_of(cfg, suite)
     grid = expand_grid(cfg.methods)
     check_reference(cfg, grid)
+    check_text(cfg, grid)
     selection.check_selection(selection.families(cfg.select), getattr(suite, "validation", None))
     for where, subset in [("reference", cfg.reference)] + [("task.classes", c) for c in suite.classes]:
         check_subset_name(subset, suite.class_splits, f"{where}: ")
@@ -304,6 +350,7 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
     dataset_of(cfg, suite)
     grid = expand_grid(cfg.methods)  # a typo in the grid should stop us before any extraction
     check_reference(cfg, grid)
+    check_text(cfg, grid)
     selection.check_selection(selection.families(cfg.select), getattr(suite, "validation", None))
     name = cfg.name or slug(f"{suite.name}-{cfg.backbone.name}")
     out_dir = Path(cfg.out_dir) / name

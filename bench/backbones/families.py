@@ -73,7 +73,8 @@ def _timm(name: str, weights: Any = "DEFAULT", pool: str | None = None, transfor
                            f"pool={getattr(pool_name, 'pool_type', pool_name)}")
 
 
-@register_backbone("openclip", form="openclip:<arch>", summary="an open_clip image tower (with its text tower)")
+@register_backbone("openclip", form="openclip:<arch>", summary="an open_clip image tower (with its text tower)",
+                   text=True)
 def _openclip(arch: str, weights: Any = None, transform: dict | None = None, config: dict | None = None) -> Backbone:
     """An open_clip image tower, keeping the text tower for zero-shot heads (``Backbone.text``).
     ``weights``: a pretrained tag (downloaded), a local file, or null. ``config``: an open_clip
@@ -98,9 +99,14 @@ def _openclip(arch: str, weights: Any = None, transform: dict | None = None, con
     freeze(model)  # the text tower too: dropout off, no gradients
     backbone = frozen_backbone(f"openclip:{arch}", visual, transform, int(visual.output_dim), "image-embedding")
     tokenizer = open_clip.get_tokenizer(arch)
-    backbone.text = TextTower(lambda texts: model.encode_text(tokenizer(texts)),
+    backbone.text = TextTower(lambda texts: model.encode_text(tokenizer(texts).to(_device(model))),
                               f"open_clip:{arch}:{type(tokenizer).__name__}", weights_fingerprint(model))
     return backbone
+
+
+def _device(model: nn.Module) -> torch.device:
+    # extraction may have moved the model to an accelerator; the tokens follow it
+    return next(model.parameters()).device
 
 
 def _add_openclip_config(open_clip, arch: str, config: dict) -> None:
@@ -160,7 +166,7 @@ def _hf_text(transformers, model: nn.Module, name: str, tokenizer: str | None, r
     def encode(texts: list[str]) -> torch.Tensor:
         enc = tok(texts, padding="max_length" if siglip else True, truncation=True, max_length=limit,
                   return_tensors="pt")
-        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        enc = {k: v.to(_device(model)) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         if siglip:
             enc.pop("attention_mask", None)
         return _features(model.get_text_features(**enc))
@@ -169,7 +175,7 @@ def _hf_text(transformers, model: nn.Module, name: str, tokenizer: str | None, r
 
 
 @register_backbone("hf", form="hf:<name or folder>", summary="a Hugging Face transformers vision model "
-                   "(CLIP/SigLIP: projected image embedding and text tower)")
+                   "(CLIP/SigLIP: projected image embedding and text tower)", text=True)
 def _hf(name: str, weights: Any = "DEFAULT", pooling: str | None = None, config: dict | None = None,
         transform: dict | None = None, tokenizer: str | None = None) -> Backbone:
     """A Hugging Face transformers vision model: a hub name or local folder (``weights``

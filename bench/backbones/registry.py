@@ -33,6 +33,7 @@ class Family:
     fn: Callable[..., Backbone]
     form: str  # how a name of this family is written, e.g. timm:<name>
     summary: str
+    text: bool = False  # may carry a text tower (Backbone.text): zero-shot methods are refused otherwise
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -44,9 +45,10 @@ class Family:
 FAMILIES: dict[str, Family] = {}
 
 
-def register_backbone(name: str, *, form: str | None = None, summary: str = "") -> Callable[[Callable], Callable]:
+def register_backbone(name: str, *, form: str | None = None, summary: str = "",
+                      text: bool = False) -> Callable[[Callable], Callable]:
     """Register ``fn(arg, **options) -> Backbone`` as the family ``name``; ``form`` shows how its
-    names are written (default: the bare name)."""
+    names are written (default: the bare name); ``text``: its backbones may have a text tower."""
     if not name or any(c in name for c in ":/, "):
         raise BenchError(f"backbone family name {name!r} must be non-empty and free of : / , and spaces")
 
@@ -59,7 +61,7 @@ def register_backbone(name: str, *, form: str | None = None, summary: str = "") 
         if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
             raise BenchError(f"backbone family '{name}': {fn.__qualname__} must take the name's argument first "
                              "(the text after 'family:', '' when there is none)")
-        FAMILIES[name] = Family(name, fn, form or name, summary)
+        FAMILIES[name] = Family(name, fn, form or name, summary, text)
         return fn
 
     return deco

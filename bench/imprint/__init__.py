@@ -5,7 +5,7 @@ themselves); :mod:`bench.imprint.registry` holds the registries and the decorato
 own methods use.
 """
 
-from bench.imprint import agg, gen, norm, probes  # noqa: F401  (register the built-in methods)
+from bench.imprint import agg, gen, norm, probes, text_heads  # noqa: F401  (register the built-in methods)
 from bench.imprint.grid import build_head, build_head_grid, build_heads, score_heads
 from bench.imprint.head import ImprintedHead, check_embeddings
 from bench.imprint.presets import PRESET_TABLE, PRESETS, Grid, expand_grid, resolve

@@ -50,6 +50,8 @@ class GenContext:
     # (embeddings after NORM_pre, labels) of the episode's validation samples, for GENs that choose a
     # setting on them (logreg's C); only coupled GENs get it, as they see one episode per call
     validation: tuple[torch.Tensor, torch.Tensor] | None = None
+    # (C, D) text embeddings, one row per row of `classes` (zero-shot and Tip-Adapter GENs)
+    text: torch.Tensor | None = None
 
 
 def class_positions(classes: torch.Tensor, labels: torch.Tensor, what: str = "labels") -> torch.Tensor:

@@ -51,7 +51,8 @@ class _Prepared:
 
 
 def _prepare(ep: SupportSet, need_center: bool) -> _Prepared:
-    check_embeddings(ep.embeddings, "support embeddings")
+    if ep.embeddings.ndim != 2 or len(ep.embeddings):  # an empty (0, D) support is a 0-shot episode
+        check_embeddings(ep.embeddings, "support embeddings")
     x = ep.embeddings
     labels = torch.as_tensor(ep.labels, device=x.device).long()
     if labels.shape != (len(x),):
@@ -104,6 +105,11 @@ def build_head_grid(
     if len(dims) > 1:
         raise BenchError(f"episodes in one batch have different embedding sizes {sorted(dims)}")
     need_center = any(_needs_center(s) for s in specs)
+    if any(len(ep.embeddings) == 0 for ep in episodes):
+        needy = [s.name for s in specs if s.gen.method("gen").needs_support]
+        if needy:
+            raise BenchError(f"methods {needy} need support samples, and an episode has none (0 shots); only "
+                             "support-free methods (e.g. zeroshot) build heads at 0 shots")
     device = episodes[0].embeddings.device
     eps = [_prepare(ep, need_center) for ep in episodes]
     _link_identical(eps)
@@ -276,6 +282,9 @@ def _same_inputs(a: _Prepared, b: _Prepared) -> bool:
     if (va is None) != (vb is None) or (va is not None and not (
             torch.equal(torch.as_tensor(va[1]), torch.as_tensor(vb[1])) and torch.equal(va[0], vb[0]))):
         return False
+    ta, tb = a.support.text, b.support.text  # zeroshot and tip read the classes' text embeddings
+    if (ta is None) != (tb is None) or (ta is not None and ta is not tb and not torch.equal(ta, tb)):
+        return False
     return torch.equal(a.labels, b.labels) and torch.equal(a.support.embeddings, b.support.embeddings)
 
 
@@ -289,6 +298,11 @@ def _ensure_grouped(norm_pre: StageSpec, eps: list[_Prepared], device) -> None:
     """Normalise and group each episode's support by class once per NORM_pre (twins share)."""
     key = str(norm_pre)
     for ep in eps:
+        if key not in ep.grouped and len(ep.labels) == 0:  # 0 shots: no samples to normalise or group
+            x = ep.support.embeddings
+            ep.grouped[key] = (x.new_zeros(len(ep.classes), 0, x.shape[1]),
+                               torch.zeros(len(ep.classes), 0, dtype=torch.bool, device=x.device))
+            ep.seconds[("pre", key)] = 0.0
         if key not in ep.grouped:
             start = _tick(device)
             x = norm_mod.apply_vector_norm(norm_pre.name, ep.support.embeddings, ep.center,
@@ -322,6 +336,7 @@ def _generate(
             dataset=source[0],
             backbone=source[1],
             validation=_validation(members[0], norm_pre) if coupled else None,  # coupled: one episode
+            text=_text(members) if get("gen", name).needs_text else None,
         )
         results += _generate_batched(name, stacks[skey], [grouped[i] for i in chunk],
                                      [ep.support.seed for ep in members], dict(opts), ctx)
@@ -339,6 +354,18 @@ def _validation(ep: _Prepared, norm_pre: StageSpec) -> tuple[torch.Tensor, torch
     x = norm_mod.apply_vector_norm(norm_pre.name, emb.to(ep.support.embeddings), ep.center,
                                    **norm_pre.kwargs("norm_pre"))
     return x, torch.as_tensor(labels).long()
+
+
+def _text(members: list[_Prepared]) -> torch.Tensor:
+    """The members' class text embeddings, stacked like their classes (GenContext.text)."""
+    texts = [ep.support.text for ep in members]
+    if any(t is None for t in texts):
+        raise BenchError("a method reads class text embeddings (zeroshot, tip), but the episode carries none; "
+                         "use a backbone with a text tower (openclip:..., a CLIP/SigLIP hf model)")
+    for ep, t in zip(members, texts):
+        if t.shape[0] != len(ep.classes):
+            raise BenchError(f"the episode has {len(ep.classes)} classes but {t.shape[0]} text embeddings")
+    return torch.cat(texts).to(members[0].support.embeddings)
 
 
 def _stack(grouped) -> tuple[torch.Tensor, torch.Tensor]:

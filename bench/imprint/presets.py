@@ -43,7 +43,15 @@ PRESET_TABLE: dict[str, tuple[str, str]] = {
     # CLIP's linear probe: L-BFGS logistic regression on raw features, C chosen on validation
     # (C=1 without a validation part). Gradient-based: NOT training-free.
     "logreg": ("none/logreg/none/none/max", "Radford et al. 2021 (CLIP linear probe), gradient-based"),
+    # CLIP zero-shot: class text embeddings (prompt templates averaged) as the head; also at 0 shots
+    "zeroshot": ("none/zeroshot/none/l2/max", "Radford et al. 2021 (CLIP zero-shot)"),
+    # Tip-Adapter, training-free: zero-shot logits + alpha * cache affinities exp(-beta (1 - cos))
+    "tip": ("l2/tip/l2/l2/tip:alpha=1,beta=5.5", "Zhang et al. 2022 (Tip-Adapter)"),
+    # Tip-Adapter's cache model alone: needs no text tower
+    "tip-cache": ("l2/all/none/l2/cache:beta=5.5", "Zhang et al. 2022 (Tip-Adapter cache, image only)"),
 }
+# Tip-Adapter's family: not in the default method list, whose default backbone has no text tower
+TEXT_PRESETS = ("zeroshot", "tip", "tip-cache")
 # Named families for the run config's `select:` (a family's member is chosen per episode on the
 # task's validation part, see bench.selection): `select: [dinov2-knn, kmeans]`.
 FAMILIES: dict[str, str] = {
@@ -55,6 +63,8 @@ FAMILIES: dict[str, str] = {
     "ls": "none/ls:lam=[0.0001,0.001,0.01,0.1]/none/none/max",
     # the probe's C, as separate members (the `logreg` preset chooses C inside, warm-started)
     "logreg": "none/logreg:c=[0.001,0.01,0.1,1,10,100,1000,10000]/none/none/max",
+    # Tip-Adapter's alpha (residual ratio) and beta (sharpness), a small grid around the paper's 1 and 5.5
+    "tip": "l2/tip/l2/l2/tip:alpha=[0.5,1,2,4],beta=[1,3,5.5,8]",
 }
 PRESETS: dict[str, str] = {name: spec for name, (spec, _) in PRESET_TABLE.items()}
 

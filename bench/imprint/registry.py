@@ -130,6 +130,8 @@ class Method:
     simplify: Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | None] | None = None
     needs_reference: bool = False  # reads reference statistics (e.g. base-class means)
     training_free: bool = True  # False for fitted heads (gradient-based, e.g. logreg): tables mark their rows
+    needs_text: bool = False  # reads the classes' text embeddings (GenContext.text): a text tower is required
+    needs_support: bool = True  # False: builds its head without support samples, so it also runs at 0 shots
     # NORM facts
     unit: bool = False  # output rows are l2-normalised
     # AGG facts

@@ -78,6 +78,8 @@ class SupportSet:
     reference: Reference | torch.Tensor | None = None
     # (embeddings, labels) of the episode's validation samples (disjoint from support and queries)
     validation: tuple[torch.Tensor, torch.Tensor] | None = None
+    # (C, D) text embeddings of the head's classes in sorted class order, for GENs that need text
+    text: torch.Tensor | None = None
 
     @property
     def reference_stats(self) -> Reference | None:

@@ -1,0 +1,192 @@
+"""Zero-shot text heads and Tip-Adapter: identities against direct computations, the text cache,
+refusals, and a run with a random-init open_clip model (no download, no network)."""
+
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.backbones.base import TextTower, weights_fingerprint
+from bench.backbones.registry import build_backbone
+from bench.cli import main
+from bench.imprint import SupportSet, build_head_grid, score_heads
+from bench.text import class_text_embeddings, templates_for
+from bench.text.cache import TextCache, key_fields
+from tests.helpers import write_image_folder
+
+# A tiny random open_clip model: open_clip's own tokenizer (49408 tokens), one layer per tower.
+TINY_CLIP = {"embed_dim": 32,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_HF_CLIP = {
+    "model_type": "clip", "projection_dim": 24,
+    "text_config": {"vocab_size": 16, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                    "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 1, "eos_token_id": 2,
+                    "pad_token_id": 0},
+    "vision_config": {"image_size": 32, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 1, "num_attention_heads": 2},
+}
+TEMPLATES = ["a photo of a {c}.", "a blurry photo of the {c}.", "art of a {c}."]
+NAMES = ["cat", "dog", "emu"]
+
+
+def _direct(encode, names, templates):
+    """CLIP's zero-shot weights written out: per class, normalise each prompt, average, normalise."""
+    rows = []
+    for name in names:
+        emb = encode([t.replace("{c}", name) for t in templates]).float()
+        mean = (emb / emb.norm(dim=-1, keepdim=True)).mean(0)
+        rows.append(mean / mean.norm())
+    return torch.stack(rows)
+
+
+def _zeroshot_proxies(text):
+    """The zeroshot head's class weights, built as a 0-shot episode (no support samples)."""
+    support = SupportSet(torch.zeros(0, text.shape[1]), torch.zeros(0, dtype=torch.long),
+                         classes=torch.arange(len(text)), text=text)
+    return build_head_grid(["zeroshot"], [support])[0][0].proxies
+
+
+def test_zeroshot_head_equals_the_direct_computation_open_clip(tmp_path):
+    import open_clip
+
+    torch.manual_seed(0)
+    backbone = build_backbone("openclip:bench-tiny-test", weights=None, config=TINY_CLIP)
+    torch.manual_seed(0)  # the same random weights, built by open_clip directly
+    model = open_clip.create_model("bench-tiny-test").eval()
+    assert weights_fingerprint(model) == backbone.text.fingerprint and backbone.dim == 32
+    tokenizer = open_clip.get_tokenizer("bench-tiny-test")
+    with torch.no_grad():
+        want = _direct(lambda texts: model.encode_text(tokenizer(texts)), NAMES, TEMPLATES)
+    got = _zeroshot_proxies(class_text_embeddings(backbone.text, NAMES, TEMPLATES, tmp_path))
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_zeroshot_head_equals_the_direct_computation_hf_clip(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "a", "photo", "of", "the", "blurry", "art", *NAMES, "."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
+                            eos_token="[EOS]").save_pretrained(tmp_path / "tok")
+    torch.manual_seed(0)
+    backbone = build_backbone("hf:tiny-clip", weights=None, config=TINY_HF_CLIP, tokenizer=str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.for_model(**TINY_HF_CLIP)).eval()
+    assert weights_fingerprint(model) == backbone.text.fingerprint and backbone.dim == 24
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+
+    def encode(texts):
+        enc = hf_tok(texts, padding=True, return_tensors="pt")
+        out = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    with torch.no_grad():
+        want = _direct(encode, NAMES, TEMPLATES)
+        images = torch.rand(2, 3, 32, 32)
+        feats = model.get_image_features(pixel_values=images)
+        feats = feats if isinstance(feats, torch.Tensor) else feats.pooler_output
+        assert torch.allclose(backbone.model(images), feats, atol=1e-6)  # images embed in the joint space
+    got = _zeroshot_proxies(class_text_embeddings(backbone.text, NAMES, TEMPLATES, tmp_path))
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, 5.5), (2.0, 3.0)])
+def test_tip_adapter_logits_equal_the_formula(alpha, beta):
+    gen = torch.Generator().manual_seed(0)
+    classes, shots, dim = 4, 3, 16
+    support = torch.randn(classes * shots, dim, generator=gen)
+    labels = torch.arange(classes).repeat_interleave(shots)
+    text = F.normalize(torch.randn(classes, dim, generator=gen), dim=-1)
+    queries = torch.randn(10, dim, generator=gen)
+    ep = SupportSet(support, labels, text=text)
+    tip, cache = build_head_grid([f"l2/tip/l2/l2/tip:alpha={alpha},beta={beta}", f"l2/all/none/l2/cache:beta={beta}"],
+                                 [ep])
+    got_tip, got_cache = score_heads([tip[0], cache[0]], queries)
+    # Zhang et al. 2022, training-free: logits = 100 f W^T + alpha exp(-beta (1 - f F^T)) L
+    q, keys = F.normalize(queries, dim=-1), F.normalize(support, dim=-1)
+    affinity = torch.exp(-beta * (1 - q @ keys.T))
+    values = F.one_hot(labels, classes).float()
+    assert torch.allclose(got_tip, 100 * q @ text.T + alpha * affinity @ values, atol=1e-4, rtol=1e-6)
+    assert torch.allclose(got_cache, affinity @ values, atol=1e-5, rtol=1e-6)
+
+
+def test_tip_needs_its_own_agg_and_text():
+    from bench import BenchError
+    from bench.imprint import MethodSpec
+
+    with pytest.raises(BenchError, match="needs GEN 'tip'"):
+        MethodSpec.parse("l2/all/none/l2/tip")
+    with pytest.raises(BenchError, match="text embeddings"):
+        build_head_grid(["tip"], [SupportSet(torch.randn(4, 8), torch.tensor([0, 0, 1, 1]))])
+
+
+def test_text_cache_is_keyed_by_class_names_and_templates(tmp_path):
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        return torch.stack([torch.tensor([float(len(t)), float(t.count("a")), 1.0]) for t in texts])
+
+    tower = TextTower(encode, "tok", "weights")
+    stats = {}
+    first = class_text_embeddings(tower, NAMES, TEMPLATES, tmp_path, stats)
+    assert not stats["from_cache"] and calls == [9]
+    again = class_text_embeddings(tower, NAMES, TEMPLATES, tmp_path, stats)
+    assert stats["from_cache"] and calls == [9] and torch.equal(first, again)
+    class_text_embeddings(tower, NAMES, TEMPLATES[:2], tmp_path, stats)  # other templates: a miss
+    assert not stats["from_cache"] and calls == [9, 6]
+    class_text_embeddings(tower, ["cat", "dog", "owl"], TEMPLATES, tmp_path, stats)  # other names: a miss
+    assert not stats["from_cache"] and calls == [9, 6, 9]
+    other = TextTower(encode, "another-tokenizer", "weights")
+    class_text_embeddings(other, NAMES, TEMPLATES, tmp_path, stats)
+    assert not stats["from_cache"]
+    assert len(list((tmp_path / "text").glob("*.safetensors"))) == 4
+    assert not list((tmp_path / "text").glob(".*"))  # no temporary file left behind
+    path, _ = TextCache(tmp_path).path(key_fields(tower, NAMES, TEMPLATES))
+    assert path.is_file()
+
+
+def test_template_sets_follow_the_dataset():
+    assert len(templates_for(None, "tv:ImageNet")[1]) == 80
+    assert templates_for(None, "tv:OxfordIIITPet") == ("pets", ["a photo of a {c}, a type of pet."])
+    assert templates_for(None, "hf:clip-benchmark/wds_vtab-eurosat")[0] == "eurosat"
+    assert templates_for(None, "imagefolder:/data/x", "my-task")[0] == "imagenet"  # unknown: CLIP's 80
+    assert templates_for(["{c} here"], "tv:CIFAR10") == ("custom", ["{c} here"])
+
+
+def test_a_backbone_without_text_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for extra in (["--dry-run"], []):
+        code = main(["run", *extra, "methods=[qi2018,zeroshot]", f"cache_dir={tmp_path / 'c'}",
+                     f"out_dir={tmp_path / 'runs'}", "wandb.mode=disabled"])
+        err = capsys.readouterr().err
+        assert code == 2 and "has no text tower" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()  # nothing extracted
+
+
+def test_a_run_gives_zeroshot_at_0_shots_and_tip_at_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_image_folder(tmp_path / "imgs", per_class=6)
+    task = {"name": "pets-like", "dataset": f"imagefolder:{tmp_path / 'imgs'}", "classes": ["all"],
+            "shots": [0, 2], "queries": 2, "seeds": [0, 1]}
+    (tmp_path / "task.yaml").write_text(json.dumps(task))
+    config = {"backbone": {"name": "openclip:bench-tiny-run", "weights": None, "config": TINY_CLIP},
+              "task": str(tmp_path / "task.yaml"), "methods": ["zeroshot", "tip", "tip-cache", "qi2018"],
+              "text": {"templates": ["a photo of a {c}.", "a {c}."]},
+              "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "runs"), "name": "r",
+              "wandb": {"mode": "disabled"}, "extract": {"batch_size": 8, "num_workers": 0}}
+    (tmp_path / "run.yaml").write_text(json.dumps(config))
+    assert main(["run", "-c", str(tmp_path / "run.yaml")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "r" / "results.csv")))
+    by_shots = {s: sorted({r["method"] for r in rows if r["shots"] == s}) for s in ("0", "2")}
+    assert by_shots == {"0": ["zeroshot"], "2": ["qi2018", "tip", "tip-cache", "zeroshot"]}
+    assert len(rows) == 2 * 1 + 2 * 4  # two seeds
+    zs = {r["seed"]: r for r in rows if r["method"] == "zeroshot"}
+    assert all(r["training_free"] in ("True", "true", "1") for r in rows)
+    assert zs and all(0 <= float(r["acc"]) <= 1 for r in zs.values())
+    assert len(list((tmp_path / "cache" / "text").glob("*.safetensors"))) == 1  # the text cache was written
