@@ -96,6 +96,9 @@ def _suite(name: str, config: str | None, overrides: list[str], dry_run: bool) -
 
     bench_suite = BenchmarkSuite.load(name)
     configs = [load_config(config, [*member.overrides(), *overrides]) for member in bench_suite.members]
+    if len(configs) > 1 and configs[0].name:
+        raise BenchError(f"name={configs[0].name} would give every member of {bench_suite.name} the same output "
+                         "folder; drop it (each member's run is named <task>-<backbone>) or set out_dir instead")
     unpinned = bench_suite.unpinned()
     print(f"benchmark suite {bench_suite.name} version {bench_suite.version}: {len(configs)} member tasks"
           + (f"; revision not pinned for {len(unpinned)}: {', '.join(unpinned)}" if unpinned else ""))

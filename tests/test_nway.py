@@ -76,6 +76,7 @@ def test_suite_fields_and_their_errors():
     suite = TaskSuite.build({"name": "n", "dataset": "digits"})
     assert (suite.version, suite.ways, suite.validation) == ("1", None, None)
     assert TaskSuite.build({"name": "n", "dataset": "digits", "version": 2}).version == "2"
+    assert TaskSuite.build({"name": "n", "dataset": "digits", "seeds": "0-599"}).seeds == list(range(600))
     for bad, words in [({"ways": 1}, "ways 1 must be at least 2"), ({"validation": 1.0}, "validation 1.0 must be"),
                        ({"shots": [-1]}, "shots")]:
         with pytest.raises(BenchError, match=words):

@@ -51,6 +51,17 @@ def test_a_bad_suite_gets_one_line(tmp_path, monkeypatch):
         BenchmarkSuite.load("twice")
     with pytest.raises(BenchError, match="benchmark suite 'nope' not found.*known: .*vtab-1k"):
         BenchmarkSuite.load("nope")
+    assert cli.main(["suite", "vtab-1k", "name=x", "--dry-run"]) == 2  # 19 members, one output folder
+
+
+def test_a_saved_split_takes_the_members_slice(tmp_path):
+    from bench.data.sources import build_source
+
+    disk = _stand_in(tmp_path / "standin")
+    source = build_source(f"hf:{disk}", split="train[2:8]", image_key="webp", label_key="cls")
+    assert list(source.labels) == [0] * 4 + [1] * 2
+    with pytest.raises(BenchError, match=r"write a slice as name\[start:stop\]"):
+        build_source(f"hf:{disk}", split="train[:10%]", image_key="webp", label_key="cls")
 
 
 def _stand_in(root: Path) -> Path:

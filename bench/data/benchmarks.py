@@ -36,7 +36,7 @@ SUFFIX = ".suite.yaml"
 class MemberDataset(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    train_split: Annotated[str, Field(description="the pool's split name (HF slicing like train[:1000] works)")] = "train"
+    train_split: Annotated[str, Field(description="the pool's split (HF slicing like train[:1000] works)")] = "train"
     test_split: Annotated[str, Field(description="the queries' split name")] = "test"
     options: Annotated[dict[str, Any], Field(description="the dataset source's options, e.g. revision")] = {}
 

@@ -509,7 +509,8 @@ class HFSource(Source):
             return dsd[name]
         start, colon, stop = rest.rstrip("]").partition(":")
         if not rest.endswith("]") or not colon or not all(v.strip().lstrip("-").isdigit() for v in (start, stop) if v):
-            raise BenchError(f"split '{split}' of {path}: write a slice as name[start:stop] with ints, e.g. train[:1000]")
+            raise BenchError(f"split '{split}' of {path}: write a slice as name[start:stop] with ints, "
+                             "e.g. train[:1000]")
         rows = range(len(dsd[name]))[slice(int(start) if start else None, int(stop) if stop else None)]
         return dsd[name].select(rows)
 

@@ -11,7 +11,7 @@ A suite file looks like::
     holdout: 0.25                   # with queries: holdout, the share (or count) of each class
     validation: 0.2                 # optional: a share (or count) of each class set apart per episode
     ways: 5                         # optional: N-way episodes, N classes of the subset drawn per seed
-    seeds: [0, 1, 2]
+    seeds: [0, 1, 2]                # or an inclusive range, e.g. "0-599" (600 episodes per shot count)
     version: "1"                    # bump whenever the suite's content changes (results cite it)
 
 ``shots: 0`` draws queries (and validation) with an empty support: the zero-shot point.
@@ -84,7 +84,7 @@ class TaskSuite(BaseModel):
                        Field(description="a positive int per class, rest, test or holdout")] = "test"
     holdout: Annotated[Union[PositiveInt, float],
                        Field(description="with queries: holdout, a share in (0, 1) or a count per class")] = 0.25
-    seeds: Annotated[list[NonNegativeInt], Field(description="a list of ints >= 0")] = [0]
+    seeds: Annotated[list[NonNegativeInt], Field(description="a list of ints >= 0, or a range like '0-599'")] = [0]
     class_splits: Annotated[dict[str, Any], Field(description="a mapping of split names to class lists or "
                                                               "ranges like '0-49'")] = {}
     validation: Annotated[Union[PositiveInt, float, None],
@@ -117,6 +117,12 @@ class TaskSuite(BaseModel):
     @classmethod
     def _as_list(cls, value: Any) -> Any:
         return _listed(value)
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_range(cls, value: Any) -> Any:
+        # N-way results are means over hundreds of episodes (600 in easyfsl / LibFewShot tables)
+        return _class_list(value, "seeds") if isinstance(value, str) else value
 
     @field_validator("shots")
     @classmethod
