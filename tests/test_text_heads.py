@@ -173,20 +173,27 @@ def test_a_run_gives_zeroshot_at_0_shots_and_tip_at_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_image_folder(tmp_path / "imgs", per_class=6)
     task = {"name": "pets-like", "dataset": f"imagefolder:{tmp_path / 'imgs'}", "classes": ["all"],
-            "shots": [0, 2], "queries": 2, "seeds": [0, 1]}
+            "shots": [0, 2], "queries": 2, "validation": 1, "seeds": [0, 1]}
     (tmp_path / "task.yaml").write_text(json.dumps(task))
     config = {"backbone": {"name": "openclip:bench-tiny-run", "weights": None, "config": TINY_CLIP},
-              "task": str(tmp_path / "task.yaml"), "methods": ["zeroshot", "tip", "tip-cache", "qi2018"],
-              "text": {"templates": ["a photo of a {c}.", "a {c}."]},
+              "task": str(tmp_path / "task.yaml"),
+              "methods": ["zeroshot", "tip", "tip-cache", "qi2018", "l2/kmeans:k=[1,2]/l2/l2/max"],
+              "select": ["tip"], "text": {"templates": ["a photo of a {c}.", "a {c}."]},
               "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "runs"), "name": "r",
               "wandb": {"mode": "disabled"}, "extract": {"batch_size": 8, "num_workers": 0}}
     (tmp_path / "run.yaml").write_text(json.dumps(config))
     assert main(["run", "-c", str(tmp_path / "run.yaml")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "runs" / "r" / "results.csv")))
-    by_shots = {s: sorted({r["method"] for r in rows if r["shots"] == s}) for s in ("0", "2")}
-    assert by_shots == {"0": ["zeroshot"], "2": ["qi2018", "tip", "tip-cache", "zeroshot"]}
-    assert len(rows) == 2 * 1 + 2 * 4  # two seeds
-    zs = {r["seed"]: r for r in rows if r["method"] == "zeroshot"}
-    assert all(r["training_free"] in ("True", "true", "1") for r in rows)
-    assert zs and all(0 <= float(r["acc"]) <= 1 for r in zs.values())
+    at = {s: {r["method"] for r in rows if r["shots"] == s} for s in ("0", "2")}
+    assert at["0"] == {"zeroshot"}  # only the support-free head at 0 shots
+    assert {"zeroshot", "tip", "tip-cache", "qi2018", "tip@val", "tip@oracle"} <= at["2"]
+    picked = [r for r in rows if r["method"] == "tip@val"]
+    assert len(picked) == 2 and all(r["selected"].startswith("l2/tip/l2/l2/tip:") for r in picked)
+    zs = [r for r in rows if r["method"] == "zeroshot"]
+    assert len(zs) == 4 and all(0 <= float(r["acc"]) <= 1 and r["training_free"] == "True" for r in zs)
     assert len(list((tmp_path / "cache" / "text").glob("*.safetensors"))) == 1  # the text cache was written
+    # the report's accuracy-vs-shots axis starts at the 0-shot point
+    from bench.report.stats import ordered_shots
+
+    assert ordered_shots(r["shots"] for r in rows) == ["0", "2"]
+    assert (tmp_path / "runs" / "r" / "report" / "report.html").is_file()

@@ -74,7 +74,8 @@ def accuracy_vs_shots(summary: pd.DataFrame, metric: str, title: str):
         ax.plot(rows["x"], mean, color=color, linestyle=style,
                 marker=MARKERS[i % len(MARKERS)], markersize=5, linewidth=1.6, label=method)
         ax.fill_between(rows["x"], mean - std, mean + std, color=color, alpha=0.12, linewidth=0)
-    ax.set_xticks(range(len(shots)), [str(s) for s in shots])
+    # 0 shots is the zero-shot point (text heads only), the first on the axis
+    ax.set_xticks(range(len(shots)), ["0\n(zero-shot)" if str(s) == "0" else str(s) for s in shots])
     ax.set_xlabel("shots per class (support samples)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
