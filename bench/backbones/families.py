@@ -8,6 +8,7 @@ DEFAULT`` or a pretrained tag), from a local file or folder, or are random (``we
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import tempfile
@@ -99,13 +100,17 @@ def _openclip(arch: str, weights: Any = None, transform: dict | None = None, con
     freeze(model)  # the text tower too: dropout off, no gradients
     backbone = frozen_backbone(f"openclip:{arch}", visual, transform, int(visual.output_dim), "image-embedding")
     tokenizer = open_clip.get_tokenizer(arch)
-    backbone.text = TextTower(lambda texts: model.encode_text(tokenizer(texts).to(_device(model))),
-                              f"open_clip:{arch}:{type(tokenizer).__name__}", weights_fingerprint(model))
+    # extraction moves only the image tower (the backbone's model) to an accelerator: tokens go where
+    # the text tower's weights are (CLIP keeps them on the joint model, CustomTextCLIP under .text)
+    text_part = model.text if getattr(model, "text", None) is not None else model.token_embedding
+    tok_id = (f"open_clip-{open_clip.__version__}:{arch}:{type(tokenizer).__name__}"
+              f":{getattr(tokenizer, 'context_length', '')}")
+    backbone.text = TextTower(lambda texts: model.encode_text(tokenizer(texts).to(_device(text_part))),
+                              tok_id, weights_fingerprint(model))
     return backbone
 
 
 def _device(model: nn.Module) -> torch.device:
-    # extraction may have moved the model to an accelerator; the tokens follow it
     return next(model.parameters()).device
 
 
@@ -171,7 +176,9 @@ def _hf_text(transformers, model: nn.Module, name: str, tokenizer: str | None, r
             enc.pop("attention_mask", None)
         return _features(model.get_text_features(**enc))
 
-    return TextTower(encode, f"hf:{source}:{type(tok).__name__}", weights_fingerprint(model))
+    # the vocabulary's digest: a local tokenizer folder may change under the same path
+    vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
+    return TextTower(encode, f"hf:{source}:{type(tok).__name__}:{vocab}", weights_fingerprint(model))
 
 
 @register_backbone("hf", form="hf:<name or folder>", summary="a Hugging Face transformers vision model "
