@@ -231,7 +231,7 @@ class RunConfig(Section):
                                         "families or dataset sources")] = []
     select: Annotated[list[SelectConfig],
                       _desc("a list of families chosen on the task's validation part: {name, methods} or a "
-                            "named family (dinov2-knn, kmeans, ls, logreg)")] = []
+                            "named family (dinov2-knn, kmeans, ls, logreg, tip)")] = []
     extract: ExtractConfig = ExtractConfig()
     trainer: TrainerConfig = TrainerConfig()
     imprint: ImprintConfig = ImprintConfig()
@@ -338,7 +338,8 @@ def config_table() -> str:
                 accepted, shown = "a suite name under tasks/ or a YAML path (`task.<field>` overrides a field)", \
                     default.suite
             elif f"{prefix}{name}" == "methods":
-                accepted, shown = info.description, f"the {len(PRESETS)} presets + l2/kmeans:k=[2,5,10]/l2/l2/max"
+                accepted, shown = info.description, (f"the {len(QUICKSTART_METHODS) - 1} presets without text "
+                                           "+ l2/kmeans:k=[2,5,10]/l2/l2/max")
             else:
                 accepted = info.description
                 # bool is an int: keep true/false, but show sizes such as 1GiB's int as a plain number

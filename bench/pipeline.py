@@ -313,7 +313,7 @@ def plan(cfg: RunConfig, command: str) -> str:
     dataset = dataset_of(cfg, suite)
     grid = expand_grid(cfg.methods)
     check_reference(cfg, grid)
-    check_text(cfg, grid)
+    text_methods = check_text(cfg, grid)
     selection.check_selection(selection.families(cfg.select), getattr(suite, "validation", None))
     for where, subset in [("reference", cfg.reference)] + [("task.classes", c) for c in suite.classes]:
         check_subset_name(subset, suite.class_splits, f"{where}: ")
@@ -334,6 +334,13 @@ def plan(cfg: RunConfig, command: str) -> str:
         f"  output    {Path(cfg.out_dir) / (cfg.name or slug(f'{suite.name}-{cfg.backbone.name}'))}",
     ]
     lines += [f"  dropped   {text}: {why}" for text, why in grid.dropped]
+    if text_methods:
+        from bench.text import templates_for
+
+        name, templates = templates_for(cfg.text.templates, dataset, suite.name)
+        many = "s" if len(templates) != 1 else ""
+        lines.append(f"  text      {len(templates)} prompt template{many} ({name}) per class for "
+                     f"{', '.join(text_methods)}")
     lines += [f"  select    {f.name}@val, {f.name}@oracle over {len(f.members)} members: "
               f"{', '.join(m.name for m in f.members)}" for f in selection.families(cfg.select)]
     return "\n".join(lines)
