@@ -157,7 +157,8 @@ class _HFImageFeatures(nn.Module):
         return _features(self.model.get_image_features(pixel_values=pixel_values))
 
 
-def _hf_text(transformers, model: nn.Module, name: str, tokenizer: str | None, random_config: bool) -> TextTower:
+def _hf_text(transformers, model: nn.Module, name: str, tokenizer: str | None, random_config: bool,
+             fingerprint: str) -> TextTower:
     source = tokenizer or name
     try:
         tok = transformers.AutoTokenizer.from_pretrained(source)
@@ -178,7 +179,7 @@ def _hf_text(transformers, model: nn.Module, name: str, tokenizer: str | None, r
 
     # the vocabulary's digest: a local tokenizer folder may change under the same path
     vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
-    return TextTower(encode, f"hf:{source}:{type(tok).__name__}:{vocab}", weights_fingerprint(model))
+    return TextTower(encode, f"hf:{source}:{type(tok).__name__}:{vocab}", fingerprint)
 
 
 @register_backbone("hf", form="hf:<name or folder>", summary="a Hugging Face transformers vision model "
@@ -233,7 +234,9 @@ def _hf(name: str, weights: Any = "DEFAULT", pooling: str | None = None, config:
         with torch.no_grad():  # the projection's width, read from one blank image
             dim = embedder(torch.zeros(1, getattr(vcfg, "num_channels", 3), size, size)).shape[-1]
         backbone = frozen_backbone(f"hf:{name}", embedder, tspec, int(dim), "image-embedding")
-        backbone.text = _hf_text(transformers, model, name, tokenizer, config is not None or weights is None)
+        # the image embedder holds the whole joint model, so its fingerprint covers the text tower too
+        backbone.text = _hf_text(transformers, model, name, tokenizer, config is not None or weights is None,
+                                 backbone.fingerprint)
         return backbone
     dim = getattr(mcfg, "hidden_size", None) or getattr(mcfg, "hidden_sizes", [None])[-1]
     return frozen_backbone(f"hf:{name}", _HFEmbedder(model, pooling), tspec, int(dim), f"pooling={pooling}")
