@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench import BenchError
 from bench.backbones.base import TextTower, weights_fingerprint
 from bench.backbones.registry import build_backbone
 from bench.cli import main
@@ -118,7 +119,6 @@ def test_tip_adapter_logits_equal_the_formula(alpha, beta):
 
 
 def test_tip_needs_its_own_agg_and_text():
-    from bench import BenchError
     from bench.imprint import MethodSpec
 
     with pytest.raises(BenchError, match="needs GEN 'tip'"):
@@ -163,6 +163,8 @@ def test_template_sets_follow_the_dataset():
 
 def test_a_backbone_without_text_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(BenchError, match="tiny-digits has no text tower"):
+        class_text_embeddings(build_backbone("tiny-digits"), NAMES, TEMPLATES, None)
     for extra in (["--dry-run"], []):
         code = main(["run", *extra, "methods=[qi2018,zeroshot]", f"cache_dir={tmp_path / 'c'}",
                      f"out_dir={tmp_path / 'runs'}", "wandb.mode=disabled"])

@@ -69,10 +69,16 @@ class TextCache:
         return path
 
 
-def class_text_embeddings(tower: TextTower, class_names: list[str], templates: list[str],
+def class_text_embeddings(tower: TextTower | Any, class_names: list[str], templates: list[str],
                           cache_dir: str | Path | None, stats: dict | None = None) -> torch.Tensor:
     """(C, D) zero-shot class weights (:func:`zeroshot_weights`), from the cache when it holds
-    them; ``stats["from_cache"]`` says which."""
+    them; ``stats["from_cache"]`` says which. ``tower``: a TextTower or a Backbone carrying one."""
+    if not isinstance(tower, TextTower):
+        name = getattr(tower, "name", type(tower).__name__)
+        tower = getattr(tower, "text", None)
+        if tower is None:
+            raise BenchError(f"backbone {name} has no text tower, so it cannot embed class names; use a "
+                             "vision-language model (openclip:<arch>, a CLIP/SigLIP hf model)")
     fields = key_fields(tower, class_names, templates)
     cache = TextCache(cache_dir) if cache_dir is not None else None
     hit = cache.lookup(fields) if cache is not None else None
