@@ -187,7 +187,8 @@ def test_a_run_gives_zeroshot_at_0_shots_and_tip_at_2(tmp_path, monkeypatch):
               "wandb": {"mode": "disabled"}, "extract": {"batch_size": 8, "num_workers": 0}}
     (tmp_path / "run.yaml").write_text(json.dumps(config))
     assert main(["run", "-c", str(tmp_path / "run.yaml")]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "runs" / "r" / "results.csv")))
+    with open(tmp_path / "runs" / "r" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
     at = {s: {r["method"] for r in rows if r["shots"] == s} for s in ("0", "2")}
     assert at["0"] == {"zeroshot"}  # only the support-free head at 0 shots
     assert {"zeroshot", "tip", "tip-cache", "qi2018", "tip@val", "tip@oracle"} <= at["2"]
