@@ -235,7 +235,8 @@ def text_embeddings(cfg: RunConfig, emb: Embeddings) -> torch.Tensor:
     labels = emb.pool.labels
     count = max(len(emb.pool.class_names), int(labels.max()) + 1 if len(labels) else 0)
     names = list(emb.pool.class_names) or [str(i) for i in range(count)]
-    override = cfg.text.class_names
+    # the run config's text section first, then the task's own (a suite may carry class_names / templates)
+    override = cfg.text.class_names if cfg.text.class_names is not None else getattr(emb.suite, "class_names", None)
     if isinstance(override, list):
         if len(override) != count:
             raise BenchError(f"text.class_names lists {len(override)} names but the pool has {count} classes; give "
@@ -246,7 +247,8 @@ def text_embeddings(cfg: RunConfig, emb: Embeddings) -> torch.Tensor:
         if unknown:
             raise BenchError(f"text.class_names names class ids {unknown}, but the pool's ids are 0..{count - 1}")
         names = [override.get(i, name) for i, name in enumerate(names)]
-    _, templates = templates_for(cfg.text.templates, emb.dataset, emb.suite.name)
+    choice = cfg.text.templates if cfg.text.templates is not None else getattr(emb.suite, "templates", None)
+    _, templates = templates_for(choice, emb.dataset, emb.suite.name)
     with torch.no_grad():
         return class_text_embeddings(tower, names, templates, cfg.cache_dir)
 

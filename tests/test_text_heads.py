@@ -182,7 +182,7 @@ def test_a_run_gives_zeroshot_at_0_shots_and_tip_at_2(tmp_path, monkeypatch):
     config = {"backbone": {"name": "openclip:bench-tiny-run", "weights": None, "config": TINY_CLIP},
               "task": str(tmp_path / "task.yaml"),
               "methods": ["zeroshot", "tip", "tip-cache", "qi2018", "l2/kmeans:k=[1,2]/l2/l2/max"],
-              "select": ["tip"], "text": {"templates": ["a photo of a {c}.", "a {c}."]},
+              "select": ["tip"], "text": {"templates": ["a photo of a {c}.", "a {c}."], "class_names": {"0": "tabby cat"}},
               "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "runs"), "name": "r",
               "wandb": {"mode": "disabled"}, "extract": {"batch_size": 8, "num_workers": 0}}
     (tmp_path / "run.yaml").write_text(json.dumps(config))
@@ -196,7 +196,12 @@ def test_a_run_gives_zeroshot_at_0_shots_and_tip_at_2(tmp_path, monkeypatch):
     assert len(picked) == 2 and all(r["selected"].startswith("l2/tip/l2/l2/tip:") for r in picked)
     zs = [r for r in rows if r["method"] == "zeroshot"]
     assert len(zs) == 4 and all(0 <= float(r["acc"]) <= 1 and r["training_free"] == "True" for r in zs)
-    assert len(list((tmp_path / "cache" / "text").glob("*.safetensors"))) == 1  # the text cache was written
+    (cached,) = (tmp_path / "cache" / "text").glob("*.safetensors")  # the text cache, keyed by what made it
+    from safetensors import safe_open
+
+    with safe_open(str(cached), framework="pt") as f:
+        key = json.loads(f.metadata()["key"])
+    assert key["class_names"] == ["tabby cat", "dog", "emu"] and key["templates"] == ["a photo of a {c}.", "a {c}."]
     # the report's accuracy-vs-shots axis starts at the 0-shot point
     from bench.report.stats import ordered_shots
 
