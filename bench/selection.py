@@ -95,7 +95,9 @@ def selection_rows(fams: Sequence[Family], specs: Sequence[MethodSpec], rows: Ma
         by_test = max(members, key=lambda i: rows[i][metric])
         for suffix, kind, pick in (("val", "validation", by_val), ("oracle", "oracle", by_test)):
             row = {k: v for k, v in rows[pick].items() if k != "_order"}
-            row.update(method=f"{fam.name}@{suffix}", selection=kind, selected=specs[pick].name)
+            # spec names the family, not the pick: the pick changes per episode, and a method's spec must not
+            row.update(method=f"{fam.name}@{suffix}", spec=f"{fam.name}@{suffix}", selection=kind,
+                       selected=specs[pick].name)
             if kind == "validation":
                 row["validation_acc"] = val_acc[pick]
             out.append(row)
