@@ -182,7 +182,8 @@ def test_a_run_gives_zeroshot_at_0_shots_and_tip_at_2(tmp_path, monkeypatch):
     config = {"backbone": {"name": "openclip:bench-tiny-run", "weights": None, "config": TINY_CLIP},
               "task": str(tmp_path / "task.yaml"),
               "methods": ["zeroshot", "tip", "tip-cache", "qi2018", "l2/kmeans:k=[1,2]/l2/l2/max"],
-              "select": ["tip"], "text": {"templates": ["a photo of a {c}.", "a {c}."], "class_names": {"0": "tabby cat"}},
+              "select": ["tip"],
+              "text": {"templates": ["a photo of a {c}.", "a {c}."], "class_names": {"0": "tabby cat"}},
               "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "runs"), "name": "r",
               "wandb": {"mode": "disabled"}, "extract": {"batch_size": 8, "num_workers": 0}}
     (tmp_path / "run.yaml").write_text(json.dumps(config))
