@@ -214,6 +214,10 @@ def _hf(name: str, weights: Any = "DEFAULT", pooling: str | None = None, config:
     vcfg = vcfg if vcfg is not None else mcfg
     if tokenizer is not None and not joint:
         raise BenchError(f"backbone.tokenizer applies to vision-language models; hf:{name} has no text tower")
+    if pooling is not None and joint:
+        raise BenchError(f"hf:{name} is a vision-language model: its images embed through its projection "
+                         "(get_image_features), so backbone.pooling does not apply; leave it unset")
+    pooling = pooling or "cls"
     if transform is not None:
         tspec = transform
     else:
