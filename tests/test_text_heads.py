@@ -208,3 +208,14 @@ def test_a_run_gives_zeroshot_at_0_shots_and_tip_at_2(tmp_path, monkeypatch):
 
     assert ordered_shots(r["shots"] for r in rows) == ["0", "2"]
     assert (tmp_path / "runs" / "r" / "report" / "report.html").is_file()
+
+
+def test_an_image_only_hf_model_has_no_text_tower_and_keeps_cls_pooling():
+    config = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 64, "image_size": 32, "patch_size": 16}
+    backbone = build_backbone("hf:tiny-vit", weights=None, config=config)
+    assert backbone.text is None and backbone.layer == "pooling=cls"
+    with pytest.raises(BenchError, match="hf:tiny-vit has no text tower"):
+        class_text_embeddings(backbone, NAMES, TEMPLATES, None)
+    with pytest.raises(BenchError, match="pooling does not apply"):
+        build_backbone("hf:tiny-clip", weights=None, config=TINY_HF_CLIP, pooling="mean")
