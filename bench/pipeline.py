@@ -223,7 +223,7 @@ def check_text(cfg: RunConfig, grid: Grid) -> list[str]:
     return needs
 
 
-def text_embeddings(cfg: RunConfig, emb: Embeddings) -> torch.Tensor:
+def text_embeddings(cfg: RunConfig, emb: Embeddings, device: torch.device | None = None) -> torch.Tensor:
     """(classes, D) zero-shot class weights for every pool class (templates averaged; see
     bench.text), cached under ``cache_dir/text`` keyed by model, tokenizer, class names and templates."""
     from bench.text import class_text_embeddings, templates_for
@@ -250,7 +250,7 @@ def text_embeddings(cfg: RunConfig, emb: Embeddings) -> torch.Tensor:
     choice = cfg.text.templates if cfg.text.templates is not None else getattr(emb.suite, "templates", None)
     _, templates = templates_for(choice, emb.dataset, emb.suite.name)
     with torch.no_grad():
-        return class_text_embeddings(tower, names, templates, cfg.cache_dir)
+        return class_text_embeddings(tower, names, templates, cfg.cache_dir, device=device)
 
 
 def reference_stats(cfg: RunConfig, emb: Embeddings, grid: Grid) -> Reference | None:
@@ -294,7 +294,7 @@ def imprint_stage(
     labels = RunLabels(emb.backbone.name, emb.dataset or cfg.dataset.name or emb.suite.dataset, emb.suite.name,
                        emb.backbone.fingerprint)
     if emb.text is None and check_text(cfg, grid):
-        emb.text = text_embeddings(cfg, emb)
+        emb.text = text_embeddings(cfg, emb, fabric.device if fabric is not None else None)
     rows = imprint_episodes(
         selection.with_members(grid.specs, fams), episodes, emb.pool, emb.queries, labels,
         reference=reference_stats(cfg, emb, grid),

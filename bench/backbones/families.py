@@ -106,7 +106,7 @@ def _openclip(arch: str, weights: Any = None, transform: dict | None = None, con
     tok_id = (f"open_clip-{open_clip.__version__}:{arch}:{type(tokenizer).__name__}"
               f":{getattr(tokenizer, 'context_length', '')}")
     backbone.text = TextTower(lambda texts: model.encode_text(tokenizer(texts).to(_device(text_part))),
-                              tok_id, weights_fingerprint(model))
+                              tok_id, weights_fingerprint(model), model)
     return backbone
 
 
@@ -179,7 +179,7 @@ def _hf_text(transformers, model: nn.Module, name: str, tokenizer: str | None, r
 
     # the vocabulary's digest: a local tokenizer folder may change under the same path
     vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
-    return TextTower(encode, f"hf:{source}:{type(tok).__name__}:{vocab}", fingerprint)
+    return TextTower(encode, f"hf:{source}:{type(tok).__name__}:{vocab}", fingerprint, model)
 
 
 @register_backbone("hf", form="hf:<name or folder>", summary="a Hugging Face transformers vision model "

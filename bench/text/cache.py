@@ -26,12 +26,13 @@ from bench.text.templates import prompts
 FORMAT = 1
 
 
-def zeroshot_weights(tower: TextTower, class_names: list[str], templates: list[str]) -> torch.Tensor:
+def zeroshot_weights(tower: TextTower, class_names: list[str], templates: list[str],
+                     device: torch.device | str | None = None) -> torch.Tensor:
     """(C, D) float32: per class, the mean of its l2-normalised prompt embeddings, l2-normalised."""
     if not class_names:
         raise BenchError("zero-shot heads need at least one class name")
     texts = [p for name in class_names for p in prompts(str(name), templates)]
-    emb = F.normalize(tower.encode_text(texts).float(), dim=-1)
+    emb = F.normalize(tower.encode_text(texts, device=device).float(), dim=-1)
     return F.normalize(emb.reshape(len(class_names), len(templates), -1).mean(1), dim=-1)
 
 
@@ -70,9 +71,11 @@ class TextCache:
 
 
 def class_text_embeddings(tower: TextTower | Any, class_names: list[str], templates: list[str],
-                          cache_dir: str | Path | None, stats: dict | None = None) -> torch.Tensor:
+                          cache_dir: str | Path | None, stats: dict | None = None,
+                          device: torch.device | str | None = None) -> torch.Tensor:
     """(C, D) zero-shot class weights (:func:`zeroshot_weights`), from the cache when it holds
-    them; ``stats["from_cache"]`` says which. ``tower``: a TextTower or a Backbone carrying one."""
+    them; ``stats["from_cache"]`` says which. ``tower``: a TextTower or a Backbone carrying one;
+    ``device``: where the text tower runs on a cache miss."""
     if not isinstance(tower, TextTower):
         name = getattr(tower, "name", type(tower).__name__)
         tower = getattr(tower, "text", None)
@@ -86,7 +89,7 @@ def class_text_embeddings(tower: TextTower | Any, class_names: list[str], templa
         stats["from_cache"] = hit is not None
     if hit is not None:
         return hit
-    weights = zeroshot_weights(tower, class_names, templates)
+    weights = zeroshot_weights(tower, class_names, templates, device)
     if cache is not None:
         cache.store(fields, weights)
     return weights
