@@ -321,6 +321,8 @@ def plan(cfg: RunConfig, command: str) -> str:
         check_subset_name(subset, suite.class_splits, f"{where}: ")
     splits = [cfg.dataset.train_split] + ([cfg.dataset.test_split] if suite.queries == "test" else [])
     episodes = len(suite.classes) * len(suite.shots) * len(suite.seeds)
+    free = sum(not s.gen.method("gen").needs_support for s in grid.specs)  # all that runs at 0 shots
+    heads = len(suite.classes) * len(suite.seeds) * sum(free if str(n) == "0" else len(grid.specs) for n in suite.shots)
     processes = cfg.trainer.processes * cfg.trainer.num_nodes
     lines = [
         f"bench {command} (dry run: nothing loaded)",
@@ -331,7 +333,7 @@ def plan(cfg: RunConfig, command: str) -> str:
         + (f", {suite.ways}-way" if getattr(suite, "ways", None) else "")
         + (f", validation {suite.validation} per class" if getattr(suite, "validation", None) else ""),
         f"  methods   {len(grid.specs)}: {', '.join(s.name for s in grid.specs)}",
-        f"  heads     {episodes * len(grid.specs)}",
+        f"  heads     {heads}",
         f"  processes {processes} ({cfg.trainer.accelerator}, strategy {cfg.trainer.resolved_strategy()})",
         f"  output    {Path(cfg.out_dir) / (cfg.name or slug(f'{suite.name}-{cfg.backbone.name}'))}",
     ]
