@@ -219,3 +219,12 @@ def test_an_image_only_hf_model_has_no_text_tower_and_keeps_cls_pooling():
         class_text_embeddings(backbone, NAMES, TEMPLATES, None)
     with pytest.raises(BenchError, match="pooling does not apply"):
         build_backbone("hf:tiny-clip", weights=None, config=TINY_HF_CLIP, pooling="mean")
+
+
+def test_dry_run_names_the_prompts_and_counts_0_shot_heads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--dry-run", "backbone.name=openclip:ViT-B-32", "methods=[zeroshot,qi2018]",
+                 "task.shots=[0,1]", "wandb.mode=disabled"]) == 0
+    out = capsys.readouterr().out
+    # digits-base-novel: 2 class subsets x 3 seeds x (1 head at 0 shots + 2 at 1 shot)
+    assert "heads     18" in out and "1 prompt template (digits) per class for zeroshot" in out
