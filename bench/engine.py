@@ -101,7 +101,9 @@ def imprint_episodes(
     fields = [{**spec.fields(), "training_free": training_free(spec), "selection": "", "selected": ""}
               for spec in specs]
     members = sorted({specs.index(m) for fam in select for m in fam.members})
-    support_free = [i for i, spec in enumerate(specs) if not spec.gen.method("gen").needs_support]
+    # at 0 shots: specs that read no support, nor its mean (center-l2 without a reference centres on it)
+    support_free = [i for i, spec in enumerate(specs) if not spec.gen.method("gen").needs_support and not (
+        reference is None and any(getattr(spec, s).method(s).needs_reference for s in ("norm_pre", "norm_inf")))]
     batches = plan_batches(eps, dim, len(specs), max_batch_bytes)[rank::world_size]
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, desc="imprint + evaluate", unit="episode", disable=not progress)

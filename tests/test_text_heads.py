@@ -228,3 +228,12 @@ def test_dry_run_names_the_prompts_and_counts_0_shot_heads(tmp_path, monkeypatch
     out = capsys.readouterr().out
     # digits-base-novel: 2 class subsets x 3 seeds x (1 head at 0 shots + 2 at 1 shot)
     assert "heads     18" in out and "1 prompt template (digits) per class for zeroshot" in out
+
+
+def test_0_shot_heads_refuse_what_needs_support():
+    text = F.normalize(torch.randn(3, 8), dim=-1)
+    empty = SupportSet(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long), classes=torch.arange(3), text=text)
+    for spec in ("qi2018", "none/zeroshot/none/center-l2/max"):
+        with pytest.raises(BenchError, match="need support samples"):
+            build_head_grid([spec], [empty])
+    assert torch.allclose(_zeroshot_proxies(text), text)

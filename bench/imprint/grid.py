@@ -106,7 +106,9 @@ def build_head_grid(
         raise BenchError(f"episodes in one batch have different embedding sizes {sorted(dims)}")
     need_center = any(_needs_center(s) for s in specs)
     if any(len(ep.embeddings) == 0 for ep in episodes):
-        needy = [s.name for s in specs if s.gen.method("gen").needs_support]
+        # center-l2 without a reference centres on the support mean, which 0 shots do not have
+        no_mean = any(ep.reference is None for ep in episodes if len(ep.embeddings) == 0)
+        needy = [s.name for s in specs if s.gen.method("gen").needs_support or (no_mean and _needs_center(s))]
         if needy:
             raise BenchError(f"methods {needy} need support samples, and an episode has none (0 shots); only "
                              "support-free methods (e.g. zeroshot) build heads at 0 shots")
