@@ -237,3 +237,21 @@ def test_0_shot_heads_refuse_what_needs_support():
         with pytest.raises(BenchError, match="need support samples"):
             build_head_grid([spec], [empty])
     assert torch.allclose(_zeroshot_proxies(text), text)
+
+
+def test_wandb_plots_start_at_the_0_shot_point(tmp_path, monkeypatch):
+    from bench.report.wandb_log import log_bench_run
+    from tests.helpers import make_rows, make_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rows = [r for r in make_rows(seeds=(0, 1)) if r["shots"] != "all"]  # numeric shots: x is the shot count
+    zero = [{**r, "shots": "0", "method": "zeroshot", "spec": "none/zeroshot/none/l2/max", "gen": "zeroshot"}
+            for r in rows if r["method"] == rows[0]["method"] and r["shots"] == rows[0]["shots"]]
+    rows = zero + rows
+    run_dir = make_run(tmp_path / "runs" / "wb", rows, config={"task": "tiny-suite"})
+    log_bench_run(rows, {"task": "tiny-suite"}, "wb", run_dir, mode="offline")
+    (folder,) = (run_dir / "wandb").glob("offline-run-*")
+    tables = [json.loads(p.read_text()) for p in (folder / "files" / "media" / "table").rglob("*acc_vs_shots*.json")]
+    assert tables, sorted(str(p) for p in (folder / "files").rglob("*.json"))
+    xs = {float(row[t["columns"].index("step")]) for t in tables for row in t["data"]}
+    assert sorted(xs) == [0.0, 1.0, 5.0]  # the zero-shot point is the first on the accuracy-vs-shots chart
