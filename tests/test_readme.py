@@ -31,7 +31,7 @@ TEXTS = {page: page.read_text() for page in pages()}
 
 # Needs what a test machine has not got: hub weights, a GPU, the user's own data.
 NEEDS_MORE = re.compile(r"timm:|openclip:|hf:|weights[:=] ?DEFAULT|accelerator=gpu|precision=bf16|/data/|"
-                        r"configs/examples/(imagefolder|hf)\.yaml|checkpoint:other|"
+                        r"configs/examples/(imagefolder|hf|clip)\.yaml|checkpoint:other|"
                         # zoos, encoder and generator fits take minutes; tests/test_weightspace.py and
                         # tests/test_generator.py run them on tiny zoos and tasks
                         r"^bench (zoo|weights|generator) |d2nwg:ckpt=")
@@ -74,10 +74,12 @@ def generated_tables() -> dict[str, str]:
     """The tables the code writes, by header line. In a fresh process: other test modules register
     methods of their own when collected."""
     code = ("import json; from bench.config import config_table; from bench.imprint import PRESET_TABLE; "
+            "from bench.report.schema import markdown; "
+            "schema_tables = lambda: [t + '\\n' for t in markdown().split('\\n\\n')[1:]]; "
             "from bench.imprint.registry import method_table; "
             "presets = ''.join(f'| `{n}` | `{s}` | {src} |\\n' for n, (s, src) in PRESET_TABLE.items()); "
             "print(json.dumps([method_table(), config_table(), '| preset | spec | source |\\n| --- | --- | --- |\\n' "
-            "+ presets]))")
+            "+ presets] + schema_tables()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return {t.splitlines()[0]: t.rstrip("\n") + "\n" for t in json.loads(out)}
 
@@ -85,7 +87,9 @@ def generated_tables() -> dict[str, str]:
 def test_method_config_and_preset_tables_come_from_the_code():
     expected = generated_tables()
     assert set(expected) == {"| stage | method | options | what it does |", "| key | accepted | default |",
-                             "| preset | spec | source |"}
+                             "| preset | spec | source |", "| run.json field | type | required | description |",
+                             "| run.json extraction.<split> field | type | required | description |",
+                             "| results column | type | required | description |"}
     found = {header: [] for header in expected}
     for page, text in TEXTS.items():
         for table in markdown_tables(text):
