@@ -343,8 +343,9 @@ def plan(cfg: RunConfig, command: str) -> str:
 
         name, templates = templates_for(cfg.text.templates, dataset, suite.name)
         many = "s" if len(templates) != 1 else ""
+        more = f" and {len(text_methods) - 3} more" if len(text_methods) > 3 else ""
         lines.append(f"  text      {len(templates)} prompt template{many} ({name}) per class for "
-                     f"{', '.join(text_methods)}")
+                     f"{', '.join(text_methods[:3])}{more}")
     lines += [f"  select    {f.name}@val, {f.name}@oracle over {len(f.members)} members: "
               f"{', '.join(m.name for m in f.members)}" for f in selection.families(cfg.select)]
     return "\n".join(lines)
