@@ -216,8 +216,8 @@ def check_text(cfg: RunConfig, grid: Grid) -> list[str]:
     specs = list(grid.specs) + [m for fam in selection.families(cfg.select) for m in fam.members]
     needs = list(dict.fromkeys(s.name for s in specs if get("gen", s.gen.name).needs_text))
     if needs:
-        family, _, _ = check_backbone(cfg.backbone.name, cfg.backbone.options())
-        if not family.text:
+        family, arg, options = check_backbone(cfg.backbone.name, cfg.backbone.options())
+        if family.has_text(arg, options) is False:  # None: known once built (a hub name), checked then
             raise BenchError(f"methods {needs} read class text embeddings, but backbone {cfg.backbone.name} has no "
                              "text tower; use openclip:<arch> or a CLIP/SigLIP hf model, or drop those methods")
     return needs

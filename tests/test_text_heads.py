@@ -255,3 +255,15 @@ def test_wandb_plots_start_at_the_0_shot_point(tmp_path, monkeypatch):
     assert tables, sorted(str(p) for p in (folder / "files").rglob("*.json"))
     xs = {float(row[t["columns"].index("step")]) for t in tables for row in t["data"]}
     assert sorted(xs) == [0.0, 1.0, 5.0]  # the zero-shot point is the first on the accuracy-vs-shots chart
+
+
+def test_an_image_only_hf_config_is_refused_in_the_dry_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    vit = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "intermediate_size": 64, "image_size": 32, "patch_size": 16}
+    for config, code in ((vit, 2), (TINY_HF_CLIP, 0)):
+        (tmp_path / "c.yaml").write_text(json.dumps({"backbone": {"name": "hf:m", "weights": None, "config": config},
+                                                     "methods": ["zeroshot"], "wandb": {"mode": "disabled"}}))
+        assert main(["run", "--dry-run", "-c", str(tmp_path / "c.yaml")]) == code
+        err = capsys.readouterr().err
+        assert ("hf:m has no text tower" in err) == (code == 2) and "Traceback" not in err

@@ -182,8 +182,25 @@ def _hf_text(transformers, model: nn.Module, name: str, tokenizer: str | None, r
     return TextTower(encode, f"hf:{source}:{type(tok).__name__}:{vocab}", fingerprint, model)
 
 
+def _hf_has_text(name: str, options: dict[str, Any]) -> bool | None:
+    """Whether hf:<name> is a vision-language model, from its model_type (the config mapping's or a
+    local folder's config.json) without building it; None for a hub name (known once loaded)."""
+    config = options.get("config") or {}
+    model_type = config.get("model_type")
+    if model_type is None and (Path(name) / "config.json").is_file():
+        model_type = json.loads((Path(name) / "config.json").read_text()).get("model_type")
+    if model_type is None:
+        return None
+    transformers = _need("hf")
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    cls_name = MODEL_MAPPING_NAMES.get(model_type)
+    cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
+    return None if cls is None else hasattr(cls, "get_text_features")
+
+
 @register_backbone("hf", form="hf:<name or folder>", summary="a Hugging Face transformers vision model "
-                   "(CLIP/SigLIP: projected image embedding and text tower)", text=True)
+                   "(CLIP/SigLIP: projected image embedding and text tower)", text=_hf_has_text)
 def _hf(name: str, weights: Any = "DEFAULT", pooling: str | None = None, config: dict | None = None,
         transform: dict | None = None, tokenizer: str | None = None) -> Backbone:
     """A Hugging Face transformers vision model: a hub name or local folder (``weights``

@@ -33,7 +33,12 @@ class Family:
     fn: Callable[..., Backbone]
     form: str  # how a name of this family is written, e.g. timm:<name>
     summary: str
-    text: bool = False  # may carry a text tower (Backbone.text): zero-shot methods are refused otherwise
+    # may carry a text tower (Backbone.text): zero-shot methods are refused otherwise. A callable
+    # (arg, options) -> bool | None decides per name without building (None: known only once built).
+    text: bool | Callable[[str, dict[str, Any]], bool | None] = False
+
+    def has_text(self, arg: str, options: dict[str, Any]) -> bool | None:
+        return self.text(arg, options) if callable(self.text) else self.text
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -46,7 +51,8 @@ FAMILIES: dict[str, Family] = {}
 
 
 def register_backbone(name: str, *, form: str | None = None, summary: str = "",
-                      text: bool = False) -> Callable[[Callable], Callable]:
+                      text: bool | Callable[[str, dict[str, Any]], bool | None] = False
+                      ) -> Callable[[Callable], Callable]:
     """Register ``fn(arg, **options) -> Backbone`` as the family ``name``; ``form`` shows how its
     names are written (default: the bare name); ``text``: its backbones may have a text tower."""
     if not name or any(c in name for c in ":/, "):
