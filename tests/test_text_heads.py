@@ -177,13 +177,14 @@ def test_a_run_gives_zeroshot_at_0_shots_and_tip_at_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_image_folder(tmp_path / "imgs", per_class=6)
     task = {"name": "pets-like", "dataset": f"imagefolder:{tmp_path / 'imgs'}", "classes": ["all"],
-            "shots": [0, 2], "queries": 2, "validation": 1, "seeds": [0, 1]}
+            "shots": [0, 2], "queries": 2, "validation": 1, "seeds": [0, 1],
+            "templates": ["a photo of a {c}.", "a {c}."]}  # the task's own prompts
     (tmp_path / "task.yaml").write_text(json.dumps(task))
     config = {"backbone": {"name": "openclip:bench-tiny-run", "weights": None, "config": TINY_CLIP},
               "task": str(tmp_path / "task.yaml"),
-              "methods": ["zeroshot", "tip", "tip-cache", "qi2018", "l2/kmeans:k=[1,2]/l2/l2/max"],
+              "methods": ["zeroshot", "tip", "tip-cache", "logreg", "dinov2-knn", "qi2018", "l2/kmeans:k=[1,2]/l2/l2/max"],
               "select": ["tip"],
-              "text": {"templates": ["a photo of a {c}.", "a {c}."], "class_names": {"0": "tabby cat"}},
+              "text": {"class_names": {"0": "tabby cat"}},
               "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "runs"), "name": "r",
               "wandb": {"mode": "disabled"}, "extract": {"batch_size": 8, "num_workers": 0}}
     (tmp_path / "run.yaml").write_text(json.dumps(config))
@@ -192,7 +193,9 @@ def test_a_run_gives_zeroshot_at_0_shots_and_tip_at_2(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     at = {s: {r["method"] for r in rows if r["shots"] == s} for s in ("0", "2")}
     assert at["0"] == {"zeroshot"}  # only the support-free head at 0 shots
-    assert {"zeroshot", "tip", "tip-cache", "qi2018", "tip@val", "tip@oracle"} <= at["2"]
+    assert {"zeroshot", "tip", "tip-cache", "logreg", "dinov2-knn", "qi2018", "tip@val", "tip@oracle"} <= at["2"]
+    free = {r["method"]: r["training_free"] for r in rows}
+    assert free["logreg"] == "False" and free["dinov2-knn"] == free["tip"] == "True"
     picked = [r for r in rows if r["method"] == "tip@val"]
     assert len(picked) == 2 and all(r["selected"].startswith("l2/tip/l2/l2/tip:") for r in picked)
     zs = [r for r in rows if r["method"] == "zeroshot"]

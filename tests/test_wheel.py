@@ -107,7 +107,7 @@ def test_a_suite_or_config_that_exists_here_wins_over_the_shipped_one(tmp_path, 
     (tmp_path / "configs" / "quickstart.yaml").write_text("methods: [qi2018]\n")
     assert load_config("configs/quickstart.yaml").methods == ["qi2018"]
     with pytest.raises(BenchError, match=r"config file configs/x.yaml does not exist here nor among the shipped "
-                                         r"configs \(configs/examples/hf.yaml, "):
+                                         r"configs \(configs/examples/clip.yaml, configs/examples/hf.yaml, "):
         load_config("configs/x.yaml")
     with pytest.raises(BenchError, match=r"^config file x.yaml does not exist$"):
         load_config("x.yaml")

@@ -93,6 +93,13 @@ class TaskSuite(BaseModel):
     ways: Annotated[Union[PositiveInt, None],
                     Field(description="N of N-way episodes: N classes of each subset drawn per seed (>= 2)")] = None
     version: Annotated[str, Field(description="the suite's version; bump it whenever its content changes")] = "1"
+    # Zero-shot prompts for text methods; a run config's `text:` section overrides them.
+    class_names: Annotated[Union[list[str], dict[int, str], None],
+                           Field(description="class names for zero-shot prompts: a list in class-id order, "
+                                             "a mapping id -> name, or null")] = None
+    templates: Annotated[Union[str, list[str], None],
+                         Field(description="zero-shot prompt templates: a set name (imagenet, cifar10, ...), "
+                                           "a list with {c} for the class name, or null")] = None
 
     @field_validator("version", mode="before")
     @classmethod
