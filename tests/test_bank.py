@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.data.synthetic import gaussian_mixture
-from bench.imprint import ImprintedHead, SupportSet, build_head, build_head_grid, expand_grid, score_heads
+from bench.imprint import SupportSet, build_head, build_head_grid, expand_grid, score_heads
 from bench.imprint import agg, gen, kmeans, sampling
 from bench.imprint.spec import StageSpec
 

@@ -3,7 +3,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from bench.data.synthetic import gaussian_mixture
-from bench.imprint import ImprintedHead, build_head
+from bench.imprint import build_head
 from bench.metrics import evaluate_head
 
 

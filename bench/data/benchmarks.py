@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bench import packaged
+from bench.data.tasks import read_tasks_file
 from bench.errors import BenchError
 from bench.validation import format_validation_error
 
@@ -85,14 +86,8 @@ class BenchmarkSuite(BaseModel):
         """``tasks/<name>.suite.yaml`` (the working directory's, else the shipped one), or a path."""
         path = Path(name_or_path)
         wanted = path if str(path).endswith(SUFFIX) else Path("tasks") / f"{name_or_path}{SUFFIX}"
-        found = packaged.locate(wanted, "tasks")
-        if found is None or not found.is_file():
-            raise BenchError(f"benchmark suite '{name_or_path}' not found (no file {wanted} here, nor shipped); "
-                             f"known: {', '.join(known_benchmarks()) or 'none'}")
-        try:
-            data = yaml.safe_load(found.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise BenchError(f"{found} is not valid YAML: {str(err).splitlines()[0]}") from err
+        found, data = read_tasks_file(wanted, f"benchmark suite '{name_or_path}'",
+                                      f"known: {', '.join(known_benchmarks()) or 'none'}")
         try:
             return cls.model_validate(data)
         except ValidationError as err:

@@ -28,8 +28,8 @@ from typing import Annotated, Any, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from bench import packaged
 from bench.data.episodes import Episode, draw_ways, sample_episode, select_classes
@@ -106,12 +106,6 @@ class TaskSuite(BaseModel):
     def _version_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
-    @field_validator("validation")
-    @classmethod
-    def _validation_share(cls, value: Any) -> Any:
-        if isinstance(value, float) and not 0 < value < 1:
-            raise ValueError(f"validation {value} must be a share in (0, 1) or a positive count per class")
-        return value
 
     @field_validator("ways")
     @classmethod
@@ -149,11 +143,11 @@ class TaskSuite(BaseModel):
                 raise ValueError(f"class subset {subset} must list each class id once, and at least one")
         return _once(value, "class subset(s)")
 
-    @field_validator("holdout")
+    @field_validator("holdout", "validation")
     @classmethod
-    def _holdout_share(cls, value: Any) -> Any:
+    def _share(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, float) and not 0 < value < 1:
-            raise ValueError(f"holdout {value} must be a share in (0, 1) or a positive count per class")
+            raise ValueError(f"{info.field_name} {value} must be a share in (0, 1) or a positive count per class")
         return value
 
     @field_validator("class_splits")
@@ -190,16 +184,7 @@ class TaskSuite(BaseModel):
         """
         path = Path(name_or_path)
         wanted = path if path.suffix in SUITE_SUFFIXES else Path("tasks") / f"{name_or_path}.yaml"
-        found = packaged.locate(wanted, "tasks")
-        if found is None or not found.is_file():
-            raise BenchError(f"task suite '{name_or_path}' not found (no file {wanted} here, nor shipped); "
-                             f"known suites: {', '.join(known_suites()) or 'none'}")
-        try:
-            data = yaml.safe_load(found.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise BenchError(f"{found} is not valid YAML: {str(err).splitlines()[0]}") from err
-        if not isinstance(data, dict):
-            raise BenchError(f"{found}: a task suite must be a YAML mapping")
+        found, data = read_tasks_file(wanted, f"task suite '{name_or_path}'", f"known suites: {', '.join(known_suites())}")
         return cls.build({**data, **(overrides or {})}, source=f"task suite {found}")
 
     def subsets(self, available: Sequence[int]) -> list[tuple[str, list[int]]]:
@@ -227,6 +212,22 @@ class TaskSuite(BaseModel):
                     yield label, sample_episode(labels, drawn, shots, self.queries, seed,
                                                 test_labels=test_labels, holdout=self.holdout, names=names,
                                                 validation=self.validation, ways=self.ways)
+
+
+def read_tasks_file(wanted: Path, what: str, known: str) -> tuple[Path, dict]:
+    """(the file found, its YAML mapping) for a path under ``tasks/``: the working directory's
+    copy, else the shipped one. ``what`` and ``known`` word the error when there is neither."""
+    found = packaged.locate(wanted, "tasks")
+    if found is None or not found.is_file():
+        raise BenchError(f"{what} not found (no file {wanted} here, nor shipped); {known}")
+    try:
+        data = yaml.safe_load(found.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise BenchError(f"{found} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(data, dict):
+        kind = what.split(" '")[0]  # "task suite" or "benchmark suite"
+        raise BenchError(f"{found}: a {kind} must be a YAML mapping")
+    return found, data
 
 
 def known_suites() -> list[str]:
