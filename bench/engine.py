@@ -29,7 +29,7 @@ from bench.imprint import MethodSpec, Reference, SupportSet, build_head_grid, sc
 from bench.imprint.gen import class_positions
 from bench.metrics import HeadGridMetrics, flatten_metrics
 from bench.naming import head_path
-from bench.selection import Family, selection_rows, training_free, validation_accuracy
+from bench.selection import MEMBER, Family, selection_rows, training_free, validation_accuracy
 
 FLOAT_BYTES = 4
 
@@ -85,6 +85,7 @@ def imprint_episodes(
     progress: bool = True,
     select: Sequence[Family] = (),
     text: torch.Tensor | None = None,
+    listed: int | None = None,
 ) -> list[dict[str, Any]]:
     """Imprint and evaluate every spec on this rank's share of the episodes.
 
@@ -98,8 +99,11 @@ def imprint_episodes(
     """
     eps = [ep for _, ep in episodes]
     dim = int(pool.embeddings.shape[1])
-    fields = [{**spec.fields(), "training_free": training_free(spec), "selection": "", "selected": ""}
-              for spec in specs]
+    # Specs after the first ``listed`` are select families' members the run did not list itself:
+    # their rows stay in the results, marked, and reports leave them out (bench.selection.MEMBER).
+    fields = [{**spec.fields(), "training_free": training_free(spec),
+               "selection": MEMBER if listed is not None and i >= listed else "", "selected": ""}
+              for i, spec in enumerate(specs)]
     members = sorted({specs.index(m) for fam in select for m in fam.members})
     # at 0 shots: specs that read no support, nor its mean (center-l2 without a reference centres on it)
     support_free = [i for i, spec in enumerate(specs) if not spec.gen.method("gen").needs_support and not (

@@ -300,7 +300,7 @@ def imprint_stage(
         reference=reference_stats(cfg, emb, grid),
         max_batch_bytes=int(cfg.imprint.max_batch_bytes), rank=rank, world_size=world,
         heads_dir=out_dir if cfg.save_heads and out_dir is not None else None, progress=rank == 0, select=fams,
-        text=emb.text,
+        text=emb.text, listed=len(grid.specs),
     )
     return gather_rows(rows, fabric), grid.dropped, world
 
@@ -390,7 +390,7 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
         write_run_record(out_dir, cfg, emb, world_size, dropped, started=started, complete=True,
                          rows=len(rows), seconds=seconds)
         result.report = write_run_report(out_dir)
-        result.wandb = log_bench_run(rows, cfg.to_dict(), name, out_dir, cfg.wandb.mode, cfg.wandb.project,
+        result.wandb = log_bench_run(selection.shown(rows), cfg.to_dict(), name, out_dir, cfg.wandb.mode, cfg.wandb.project,
                                      cfg.wandb.entity)
     fabric.barrier()
     return result
@@ -460,7 +460,7 @@ def report(result: RunResult) -> str:
     what was dropped or noticed, and where the results, the report and the W&B run went."""
     from bench.report.terminal import summary_text
 
-    lines = [summary_text(result.rows)]
+    lines = [summary_text(selection.shown(result.rows))]
     if result.dropped:
         lines.append("methods dropped from the grid: " + "; ".join(f"{s} ({r})" for s, r in result.dropped))
     lines += [f"note: {note}" for note in result.notes]

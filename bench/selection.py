@@ -27,8 +27,17 @@ from bench.imprint import MethodSpec, expand_grid, score_heads
 from bench.imprint.gen import class_positions
 from bench.imprint.presets import FAMILIES
 from bench.imprint.registry import get
+from bench.report.schema import MEMBER
 
 SELECTIONS = ("validation", "oracle")
+# A family member the run did not list among its methods gets selection MEMBER in its own rows:
+# results.csv keeps them, tables, figures and W&B charts leave them out (16 Tip-Adapter settings
+# would otherwise crowd every table around the one row the family stands for).
+
+
+def shown(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows a report shows: all but the unlisted family members' (see :data:`MEMBER`)."""
+    return [r for r in rows if r.get("selection") != MEMBER]
 
 
 @dataclass(frozen=True)

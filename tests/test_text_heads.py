@@ -194,6 +194,11 @@ def test_a_run_gives_zeroshot_at_0_shots_and_tip_at_2(tmp_path, monkeypatch):
     at = {s: {r["method"] for r in rows if r["shots"] == s} for s in ("0", "2")}
     assert at["0"] == {"zeroshot"}  # only the support-free head at 0 shots
     assert {"zeroshot", "tip", "tip-cache", "logreg", "dinov2-knn", "qi2018", "tip@val", "tip@oracle"} <= at["2"]
+    # the tip family's 16 settings are in the results, marked as members; the report shows the family's rows only
+    members = {r["method"] for r in rows if r["selection"] == "member"}
+    assert len(members) == 15 and all(m.startswith("l2/tip/l2/l2/tip:") for m in members)  # the 16th is `tip`
+    report = (tmp_path / "runs" / "r" / "report" / "report.md").read_text()
+    assert "tip@val" in report and not any(m in report for m in members)
     free = {r["method"]: r["training_free"] for r in rows}
     assert free["logreg"] == "False" and free["dinov2-knn"] == free["tip"] == "True"
     picked = [r for r in rows if r["method"] == "tip@val"]

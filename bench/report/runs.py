@@ -13,7 +13,7 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.report.results import KEY_COLUMNS
-from bench.report.schema import SCHEMA_VERSION, UNVERSIONED, run_schema_version
+from bench.report.schema import MEMBER, SCHEMA_VERSION, UNVERSIONED, run_schema_version
 
 METHOD_STAGES = ("norm_pre", "gen", "norm_post", "norm_inf", "agg")
 METHOD_COLUMNS = ("spec", *METHOD_STAGES)
@@ -118,6 +118,8 @@ def read_results(path: Path) -> pd.DataFrame:
     if missing:
         raise BenchError(f"{path} lacks the column(s) {missing}; it was not written by bench run")
     frame["seed"] = frame["seed"].astype(int)
+    if "selection" in frame.columns:  # select families' unlisted members: in the results, not in reports
+        frame = frame[frame["selection"].fillna("") != MEMBER].reset_index(drop=True)
     return frame
 
 

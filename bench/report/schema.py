@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 SCHEMA_VERSION = 2
+# `selection` of a select family member's own rows when the run did not list that member itself
+# (bench.selection): results keep them, reports leave them out.
+MEMBER = "member"
 UNVERSIONED = 1  # the version of a run.json that does not say
 
 
@@ -89,7 +92,8 @@ RESULT_COLUMNS: dict[str, Field] = {
     "norm_inf": Field((str,), "NORM_inf stage name"),
     "agg": Field((str,), "AGG stage name"),
     "training_free": Field((bool,), "false for gradient-based reference heads (logreg)", required=False),
-    "selection": Field((str,), "'' for plain rows, 'validation' or 'oracle' for a family's selected row",
+    "selection": Field((str,), "'' for plain rows, 'validation' or 'oracle' for a family's selected row, 'member' for a family "
+                                    "member the run did not list (kept here, left out of reports)",
                        required=False),
     "selected": Field((str,), "the family member a selection row took ('' otherwise)", required=False),
     "validation_acc": Field(NUM, "validation accuracy of the selected member (selection rows)", required=False),
