@@ -25,7 +25,7 @@ from bench.data.sources import known_sources
 from bench.data.tasks import TaskSuite
 from bench.errors import BenchError
 from bench.imprint.presets import PRESETS, TEXT_PRESETS, split_top
-from bench.validation import format_validation_error
+from bench.validation import format_validation_error, read_yaml_mapping
 
 # Every preset but the text ones (the quickstart's backbone has none), plus a k-means grid.
 QUICKSTART_METHODS = [*(p for p in PRESETS if p not in TEXT_PRESETS), "l2/kmeans:k=[2,5,10]/l2/l2/max"]
@@ -300,13 +300,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 shipped = ", ".join("configs/" + c for c in packaged.listing("configs"))
                 where = f" here nor among the shipped configs ({shipped})"
             raise BenchError(f"config file {path} does not exist{where}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise BenchError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from err
-        if not isinstance(loaded, dict):
-            raise BenchError(f"config file {p} must hold a YAML mapping")
-        data = loaded
+        data = read_yaml_mapping(p, "config file")
     for item in overrides or []:
         key, eq, raw = item.partition("=")
         key = key.strip()

@@ -9,9 +9,13 @@ from the field's description.
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ValidationError
+
+from bench.errors import BenchError
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -68,3 +72,15 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], what: 
     lines = list(seen.values())
     more = f" (and {len(lines) - 1} more bad value(s))" if len(lines) > 1 else ""
     return lines[0] + more if lines else str(err)
+
+
+def read_yaml_mapping(path: Path, what: str, mapping: bool = True) -> Any:
+    """A YAML file's content (``{}`` when empty) with one-line errors naming ``what`` and the file:
+    invalid YAML, and (with ``mapping``) anything but a mapping at the top."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise BenchError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if mapping and not isinstance(data, dict):
+        raise BenchError(f"{what} {path} must hold a YAML mapping")
+    return data

@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from bench import packaged
 from bench.errors import BenchError
 from bench.runtime import write_text_atomic
+from bench.validation import read_yaml_mapping
 
 LOCK_NAME = "SUITES.lock"
 DEFAULT_VERSION = "1"  # TaskSuite.version's default
@@ -32,10 +32,7 @@ def suite_files(root: Path) -> list[Path]:
 
 def fingerprint(path: Path) -> dict[str, str]:
     """A suite file's version and the sha256 of its content without the version."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise BenchError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    data = read_yaml_mapping(path, "suite file", mapping=False)
     version = DEFAULT_VERSION
     if isinstance(data, dict):
         data = dict(data)

@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Sequence, Union
 
 import numpy as np
-import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
 from bench import packaged
 from bench.data.episodes import Episode, draw_ways, sample_episode, select_classes
 from bench.errors import BenchError
-from bench.validation import format_validation_error
+from bench.validation import format_validation_error, read_yaml_mapping
 
 TASKS_DIR = packaged.folder("tasks")  # the shipped suites (the repository's tasks/, packaged)
 SUITE_SUFFIXES = (".yaml", ".yml", ".json")  # JSON is YAML, so a .json suite file reads the same way
@@ -220,14 +219,7 @@ def read_tasks_file(wanted: Path, what: str, known: str) -> tuple[Path, dict]:
     found = packaged.locate(wanted, "tasks")
     if found is None or not found.is_file():
         raise BenchError(f"{what} not found (no file {wanted} here, nor shipped); {known}")
-    try:
-        data = yaml.safe_load(found.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise BenchError(f"{found} is not valid YAML: {str(err).splitlines()[0]}") from err
-    if not isinstance(data, dict):
-        kind = what.split(" '")[0]  # "task suite" or "benchmark suite"
-        raise BenchError(f"{found}: a {kind} must be a YAML mapping")
-    return found, data
+    return found, read_yaml_mapping(found, what.split(" '")[0])  # "task suite" or "benchmark suite"
 
 
 def known_suites() -> list[str]:
