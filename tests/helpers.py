@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,20 @@ def rank_envs(env: dict[str, str], world_size: int = 2) -> list[dict[str, str]]:
         port = sock.getsockname()[1]
     return [{**env, "LOCAL_RANK": str(r), "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             for r in range(world_size)]
+
+def one_and_two_processes(forks, tmp_path: Path, first: str, common: list[str]) -> None:
+    """``bench <first> common name=one`` on one process, then ``bench imprint common name=two`` from the
+    same cache on two ranks started as a cluster launcher starts them (both forked); W&B off and
+    the user's thread settings dropped, so each rank takes its share of the cores."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BENCH_USER_OMP_NUM_THREADS")}
+    env["WANDB_MODE"] = "disabled"
+    one = forks.bench([first, *common, "name=one"], cwd=tmp_path, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ranks = [forks.start(["imprint", *common, "name=two", "trainer.devices=2"], module="bench.cli", cwd=tmp_path,
+                         env=rank_env) for rank_env in rank_envs(env)]
+    for rank in ranks:
+        assert rank.wait() == 0, rank.stderr[-3000:]
+
 
 # name -> (spec, gen.k or None, accuracy at shots 1, 5, all)
 METHODS = {

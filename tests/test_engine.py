@@ -19,7 +19,7 @@ from bench.imprint import ImprintedHead, expand_grid
 from bench.metrics import HeadGridMetrics, head_metrics
 from bench.module import ImprintingModule, trainer_for_imprinting
 from bench.naming import head_path
-from tests.helpers import copy_cache, rank_envs
+from tests.helpers import copy_cache, one_and_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET_METHODS = "[qi2018,hosoda2024,janson2022,westerhoff2025,simpleshot,ncm,knn,ls-oracle,dinov2-knn,logreg]"
@@ -128,16 +128,8 @@ def test_every_preset_is_bit_identical_on_one_and_two_processes(tmp_path, forks,
     cache = copy_cache(quickstart_cache, tmp_path / "cache")
     common = ["-c", str(ROOT / "configs" / "quickstart.yaml"), f"methods={PRESET_METHODS}",
               f"cache_dir={cache}", f"out_dir={tmp_path / 'runs'}", "save_heads=true"]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BENCH_USER_OMP_NUM_THREADS")}
-    env["WANDB_MODE"] = "disabled"
-    one = forks.bench(["run", *common, "name=one"], cwd=tmp_path, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    # the two ranks started as a cluster launcher starts them (both forked); Lightning's own launch
-    # of the same stage: test_extract's killed DDP extraction
-    ranks = [forks.start(["imprint", *common, "name=two", "trainer.devices=2"], module="bench.cli", cwd=tmp_path,
-                         env=rank_env) for rank_env in rank_envs(env)]
-    for rank in ranks:
-        assert rank.wait() == 0, rank.stderr[-3000:]
+    # Lightning's own launch of the same stage: test_extract's killed DDP extraction
+    one_and_two_processes(forks, tmp_path, "run", common)
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     record = json.loads((two / "run.json").read_text())
     assert record["complete"] and record["world_size"] == 2

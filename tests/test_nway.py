@@ -88,23 +88,15 @@ def test_nway_rows_are_identical_on_one_and_two_processes(tmp_path, forks, quick
     `bench imprint` on 1 process and on 2 gives the same rows, and every shot count of a seed
     is scored on the same classes."""
     import csv
-    import os
     from pathlib import Path
 
-    from tests.helpers import copy_cache, rank_envs
+    from tests.helpers import copy_cache, one_and_two_processes
 
     cache = copy_cache(quickstart_cache, tmp_path / "cache")
     common = ["-c", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), "methods=[ncm,knn]",
               f"cache_dir={cache}", f"out_dir={tmp_path / 'runs'}", "task.ways=5", "task.shots=[1,5]",
               "task.seeds=[0,1,2]", "task.classes=[all]", "task.validation=2"]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BENCH_USER_OMP_NUM_THREADS")}
-    env["WANDB_MODE"] = "disabled"
-    one = forks.bench(["imprint", *common, "name=one"], cwd=tmp_path, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    ranks = [forks.start(["imprint", *common, "name=two", "trainer.devices=2"], module="bench.cli", cwd=tmp_path,
-                         env=rank_env) for rank_env in rank_envs(env)]
-    for rank in ranks:
-        assert rank.wait() == 0, rank.stderr[-3000:]
+    one_and_two_processes(forks, tmp_path, "imprint", common)
 
     def rows(name):
         with open(tmp_path / "runs" / name / "results.csv") as f:
