@@ -380,7 +380,8 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
     clock = time.perf_counter()
     rows, dropped, world_size = imprint_stage(cfg, emb, out_dir, grid, fabric)
     if not rows:  # never a run that says complete with nothing in it
-        raise BenchError("the run produced no result rows: check the task's classes, shots and seeds")
+        raise BenchError("the run produced no result rows: check the task's classes, shots and seeds (at 0 shots "
+                         "only methods that need no support, such as zeroshot, give rows)")
     seconds["imprint"] = time.perf_counter() - clock
     result = RunResult(rows, out_dir, dropped=dropped, notes=emb.notes)
     if fabric.global_rank == 0:

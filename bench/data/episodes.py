@@ -200,9 +200,11 @@ def sample_episode(
             short.append(f"{label}: no test samples")
     if short:
         raise BenchError(
-            f"not enough samples for shots={shots}, queries={queries}: "
+            f"not enough samples for shots={shots}, queries={queries}"
+            + (f", validation={validation}" if validation else "") + ": "
             + "; ".join(short)
-            + ". Lower shots/queries or drop these classes."
+            + (". Lower shots/queries/validation or drop these classes." if validation
+               else ". Lower shots/queries or drop these classes.")
         )
 
     support, query, val = [], [], []
