@@ -324,6 +324,8 @@ def _generate(
     grouped = [eps[j].grouped[pre_key] for j in ids]
     coupled = get("gen", name).coupled
     chunks = [[i] for i in range(len(ids))] if coupled else _chunks(grouped, max_elements)
+    if get("gen", name).seeded:  # twins share one support tensor: run on it, not on a stacked copy
+        chunks = [part for chunk in chunks for part in _split_twins(chunk, [eps[j] for j in ids])]
     results: list[GenResult] = []
     for chunk in chunks:
         start = _tick(device)
@@ -383,6 +385,19 @@ def _stack(grouped) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ms)
 
 
+def _split_twins(chunk: list[int], eps: list[_Prepared]) -> list[list[int]]:
+    """A chunk of identical episodes (every seed of ``shots=all``) as one chunk per episode.
+
+    A seeded generator runs once per seed even on twins; stacking their shared support would
+    copy it once per seed (a 50 MB copy for 5 seeds of 10 classes x 500 x 512) and push the
+    batch out of cache, while each seed alone reads the one shared tensor. Rows do not depend
+    on their batch, so the results are the same.
+    """
+    if len(chunk) > 1 and len({eps[i].same_as for i in chunk}) == 1:
+        return [[i] for i in chunk]
+    return [chunk]
+
+
 def _chunks(grouped, max_elements: int) -> list[list[int]]:
     """Consecutive runs of episodes whose padded batch stays under ``max_elements``."""
     chunks: list[list[int]] = []
@@ -421,13 +436,17 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
     """Each head's (N, C) class scores, equal to ``head(queries)``.
 
     Query normalisations and query-proxy matrices are computed once for all heads that share
-    them (the same NORM_inf and centre; the same proxies and matrix kind).
+    them (the same NORM_inf and centre; the same proxies and matrix kind), and so are the class
+    scores of heads whose AGG reads the same matrix with the same proxy labels and bias (e.g.
+    every seed of ``shots=all`` for an unseeded GEN, or ``kmeans:k=1`` beside ``mean``); such
+    heads get the same (read-only) tensor.
     """
     check_embeddings(queries, "query embeddings")
     normed: dict[tuple, torch.Tensor] = {}
     matrices: dict[tuple, torch.Tensor] = {}
     terms: dict[tuple, dict[str, torch.Tensor]] = {}  # the query side of a distance, once per query set
     plans: dict[tuple, tuple] = {}  # what a spec's stages say, read from the registries once per spec
+    reduced: dict[tuple, torch.Tensor] = {}  # (AGG, matrix, proxy labels, classes, bias) -> class scores
     out = []
     for head in heads:
         buffers = head._buffers  # read once: nn.Module attribute lookups add up over thousands of heads
@@ -439,8 +458,8 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
         if plan_key not in plans:
             inf = spec.norm_inf
             plans[plan_key] = (str(inf), inf.method("norm_inf").needs_reference, inf.kwargs("norm_inf"),
-                               agg_mod.matrix_kind(spec.agg, head.unit_inputs))
-        inf_text, needs_center, inf_opts, matrix_kind = plans[plan_key]
+                               agg_mod.matrix_kind(spec.agg, head.unit_inputs), str(spec.agg))
+        inf_text, needs_center, inf_opts, matrix_kind, agg_text = plans[plan_key]
         center = center if center.numel() else None
         qkey = (inf_text, _identity(center) if needs_center else None)
         if qkey not in normed:
@@ -449,6 +468,11 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
         # Keyed by the head's own buffer, which outlives this call; a dtype-converted copy
         # could be freed and its address reused by another head's copy.
         mkey = (matrix_kind, qkey, _identity(proxies))
+        labels, num_classes = buffers["proxy_labels"], len(buffers["classes"])
+        rkey = (agg_text, mkey, _identity(labels), num_classes, _identity(bias) if bias.numel() else None)
+        if rkey in reduced:  # the same AGG over the same inputs: the same scores
+            out.append(reduced[rkey])
+            continue
         if mkey not in matrices:
             tkey = (matrix_kind, qkey)
             if tkey not in terms:
@@ -457,7 +481,8 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
         matrix = matrices[mkey]
         if bias.numel():
             matrix = matrix + bias.to(matrix.dtype)
-        out.append(agg_mod.reduce(spec.agg, matrix, matrix_kind, buffers["proxy_labels"], len(buffers["classes"])))
+        reduced[rkey] = agg_mod.reduce(spec.agg, matrix, matrix_kind, labels, num_classes)
+        out.append(reduced[rkey])
     return out
 
 
