@@ -100,11 +100,10 @@ def _mnn_problem(spec) -> str | None:
 def agg_mnn(matrix: torch.Tensor, kind: str, proxy_labels: torch.Tensor, num_classes: int, m: int = 1,
             weight: str = "uniform", metric: str = "euclidean") -> torch.Tensor:
     m = min(m, matrix.shape[1])
-    if kind == "dot":  # unit cosine: nearest = most similar, distance = 1 - similarity
-        near_s, near_i = _nearest(matrix, m, largest=True)
-        near_d = 1 - near_s
-    else:
-        near_d, near_i = _nearest(matrix, m, largest=False)
+    # unit cosine ("dot"): nearest = most similar, distance = 1 - similarity
+    near_d, near_i = _nearest(matrix, m, largest=kind == "dot")
+    if kind == "dot" and weight == "distance":  # uniform votes never read the distances
+        near_d = 1 - near_d
     return vote(near_d, proxy_labels[near_i], num_classes, weight)
 
 
@@ -113,9 +112,13 @@ def vote(near_d: torch.Tensor, labels: torch.Tensor, num_classes: int, weight: s
 
     ``uniform``: each neighbour gives one vote; ties between classes go to the class whose
     nearest voting proxy ranks first, through a bonus below 1 that never outweighs a vote.
-    ``distance``: each neighbour votes 1 / (distance + eps).
+    ``distance``: each neighbour votes 1 / (distance + eps). Only ``distance`` reads ``near_d``'s
+    values.
     """
     m = near_d.shape[1]
+    if m == 1:  # one voter per query: its vote plus the first-rank bonus 1/2, written directly
+        value = 1.5 if weight == "uniform" else 1.0 / (near_d + 1e-8)
+        return near_d.new_zeros(len(near_d), num_classes).scatter_(1, labels, value)
     votes = torch.ones_like(near_d) if weight == "uniform" else 1.0 / (near_d + 1e-8)
     scores = near_d.new_zeros(len(near_d), num_classes).scatter_add_(1, labels, votes)
     if weight == "uniform":

@@ -119,12 +119,19 @@ def build_head_grid(
 
     gens: dict[tuple, dict[int, GenResult | None]] = {}  # GEN key -> episode -> result
     pre_specs: dict[str, StageSpec] = {}
+    keys: list[list[tuple[tuple, int]]] = []  # per spec, per episode: (GEN key, owner episode)
     for spec in specs:
         pre_specs[str(spec.norm_pre)] = spec.norm_pre
         _ensure_grouped(spec.norm_pre, eps, device)
+        by_count: dict[int, tuple] = {}  # the key depends on the episode only through its largest class
+        keys.append([])
         for j, ep in enumerate(eps):
-            key = _gen_key(spec, ep)
-            gens.setdefault(key, {}).setdefault(_gen_owner(key, j, eps), None)
+            if ep.max_count not in by_count:
+                by_count[ep.max_count] = _gen_key(spec, ep)
+            key = by_count[ep.max_count]
+            owner = _gen_owner(key, j, eps)
+            keys[-1].append((key, owner))
+            gens.setdefault(key, {}).setdefault(owner, None)
     stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (NORM_pre, episodes) -> batch
     # One NORM_pre at a time, so only that NORM_pre's support batches are held.
     for key, done in sorted(gens.items(), key=lambda item: item[0][0]):
@@ -137,15 +144,13 @@ def build_head_grid(
     out: list[list[ImprintedHead]] = []
     proxies_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     k_lists: dict[tuple, list[int]] = {}  # (GEN key, owner) -> effective k per class
-    for spec in specs:
+    for spec, spec_keys in zip(specs, keys):
         row = []
         uses_center = _needs_center(spec)
         unit_pre, unit_post = spec.norm_pre.method("norm_pre").unit, spec.norm_post.method("norm_post").unit
         post_opts, post_spec_text = spec.norm_post.kwargs("norm_post"), str(spec.norm_post)
         pre_text = str(spec.norm_pre)
-        for j, ep in enumerate(eps):
-            key = _gen_key(spec, ep)
-            owner = _gen_owner(key, j, eps)  # the episode whose GEN result this head reuses
+        for ep, (key, owner) in zip(eps, spec_keys):  # owner: the episode whose GEN result this head reuses
             res = gens[key][owner]
             # Support samples that NORM_pre l2-normalised are unit rows: a second l2 is skipped.
             unit_samples = unit_pre and get("gen", key[1]).sample_proxies
@@ -325,7 +330,7 @@ def _generate(
     coupled = get("gen", name).coupled
     chunks = [[i] for i in range(len(ids))] if coupled else _chunks(grouped, max_elements)
     if get("gen", name).seeded:  # twins share one support tensor: run on it, not on a stacked copy
-        chunks = [part for chunk in chunks for part in _split_twins(chunk, [eps[j] for j in ids])]
+        chunks = [part for chunk in chunks for part in _split_twins(chunk, [eps[j] for j in ids], grouped)]
     results: list[GenResult] = []
     for chunk in chunks:
         start = _tick(device)
@@ -385,17 +390,22 @@ def _stack(grouped) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ms)
 
 
-def _split_twins(chunk: list[int], eps: list[_Prepared]) -> list[list[int]]:
-    """A chunk of identical episodes (every seed of ``shots=all``) as one chunk per episode.
+def _split_twins(chunk: list[int], eps: list[_Prepared], grouped) -> list[list[int]]:
+    """A chunk of identical episodes (every seed of ``shots=all``) as one chunk per episode,
+    when their support is large.
 
     A seeded generator runs once per seed even on twins; stacking their shared support would
     copy it once per seed (a 50 MB copy for 5 seeds of 10 classes x 500 x 512) and push the
-    batch out of cache, while each seed alone reads the one shared tensor. Rows do not depend
-    on their batch, so the results are the same.
+    batch out of cache, while each seed alone reads the one shared tensor. A small support is
+    still stacked: there, per-call overhead costs more than the copy. Rows do not depend on
+    their batch, so the results are the same either way.
     """
-    if len(chunk) > 1 and len({eps[i].same_as for i in chunk}) == 1:
+    if len(chunk) > 1 and len({eps[i].same_as for i in chunk}) == 1 and grouped[chunk[0]][0].numel() >= _SPLIT_TWINS:
         return [[i] for i in chunk]
     return [chunk]
+
+
+_SPLIT_TWINS = 1 << 20  # values per episode (4 MB of float32) from which twins run apart
 
 
 def _chunks(grouped, max_elements: int) -> list[list[int]]:

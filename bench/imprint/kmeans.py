@@ -57,18 +57,19 @@ def kmeanspp(
     u = rng if isinstance(rng, torch.Tensor) else rng.rand((_kmeanspp_draws(k),), "cpu")
     u = u.to(x.device)
     rows = torch.arange(b, device=x.device)
-    first = inverse_cdf(mask.to(x.dtype), u[:, :1])[:, 0]
-    centres = [x[rows, first]]
-    closest = sq_dist(x, centres[0][:, None], x_sq)[..., 0] * mask
+    first = inverse_cdf(mask.to(x.dtype), u[:, :1])  # (B, 1)
+    chosen = [first]
+    closest = sq_dist(x, x[rows[:, None], first], x_sq)[..., 0] * mask
+    # Padded samples start at distance 0 and distances are clamped at 0, so the minimum
+    # keeps them at 0 without masking again; centres are gathered once, at the end.
     for i in range(1, k):
         lo = 1 + (i - 1) * trials
         cand = inverse_cdf(closest, u[:, lo : lo + trials])  # (B, T)
-        d_cand = sq_dist(x, x[rows[:, None], cand], x_sq)  # (B, S, T)
-        new_closest = torch.minimum(closest[..., None], d_cand) * mask[..., None]
-        best = new_closest.sum(1).argmin(1)  # (B,)
-        centres.append(x[rows, cand[rows, best]])
-        closest = new_closest[rows, :, best]
-    return torch.stack(centres, 1)
+        new_closest = torch.minimum(closest[..., None], sq_dist(x, x[rows[:, None], cand], x_sq))  # (B, S, T)
+        best = new_closest.sum(1).argmin(1, keepdim=True)  # (B, 1)
+        chosen.append(cand.gather(1, best))
+        closest = new_closest.gather(2, best[:, None].expand(b, new_closest.shape[1], 1))[..., 0]
+    return x[rows[:, None], torch.cat(chosen, 1)]
 
 
 def _lloyd(
