@@ -64,15 +64,21 @@ def class_positions(classes: torch.Tensor, labels: torch.Tensor, what: str = "la
     return pos
 
 
-def group_by_class(
-    x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scatter flat (N, D) embeddings into a padded (C, S, D) batch, in ``classes`` order.
+@dataclass(frozen=True)
+class ClassLayout:
+    """Where each support sample goes in the padded (C, S, D) batch: computed once per episode
+    and shared by every NORM_pre, whose outputs differ only in values."""
 
-    Samples keep their input order within a class, so the padded batch is a deterministic
-    function of the inputs.
-    """
-    pos = class_positions(classes, y)
+    positions: torch.Tensor  # (N,) each sample's class position in ``classes``
+    counts: torch.Tensor  # (C,) samples per class
+    s_max: int
+    balanced: bool  # every class has s_max samples
+    order: torch.Tensor | None  # stable class order of the samples; None if already class by class
+
+
+def class_layout(y: torch.Tensor, classes: torch.Tensor, what: str = "labels") -> ClassLayout:
+    """The layout of labels ``y`` over ``classes``; a class without samples is an error."""
+    pos = class_positions(classes, y, what)
     counts = torch.bincount(pos, minlength=len(classes))
     if (counts == 0).any():
         empty = classes[counts == 0].tolist()
@@ -81,17 +87,32 @@ def group_by_class(
             "provide support for them"
         )
     s_max = int(counts.max())
-    if bool((counts == s_max).all()):
+    balanced = bool((counts == s_max).all())
+    in_order = balanced and bool((pos[1:] >= pos[:-1]).all())
+    return ClassLayout(pos, counts, s_max, balanced, None if in_order else torch.argsort(pos, stable=True))
+
+
+def group_by_class(
+    x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor, layout: ClassLayout | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter flat (N, D) embeddings into a padded (C, S, D) batch, in ``classes`` order.
+
+    Samples keep their input order within a class, so the padded batch is a deterministic
+    function of the inputs. ``layout`` (from :func:`class_layout` on the same ``y`` and
+    ``classes``) skips recomputing where samples go.
+    """
+    lay = class_layout(y, classes) if layout is None else layout
+    c, s_max = len(classes), lay.s_max
+    if lay.balanced:
         # Balanced episodes (the usual case): grouping is a reshape, after a gather unless
         # the samples already come class by class.
-        in_order = bool((pos[1:] >= pos[:-1]).all())
-        out = (x if in_order else x[torch.argsort(pos, stable=True)]).reshape(len(classes), s_max, x.shape[-1])
-        return out, torch.ones(len(classes), s_max, dtype=torch.bool, device=x.device)
-    order = torch.argsort(pos, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(len(y), device=y.device) - starts[pos[order]]
-    out = x.new_zeros(len(classes), s_max, x.shape[-1])
-    mask = torch.zeros(len(classes), s_max, dtype=torch.bool, device=x.device)
+        out = (x if lay.order is None else x[lay.order]).reshape(c, s_max, x.shape[-1])
+        return out, torch.ones(c, s_max, dtype=torch.bool, device=x.device)
+    order, pos = lay.order, lay.positions
+    starts = torch.cumsum(lay.counts, 0) - lay.counts
+    slot = torch.arange(len(pos), device=pos.device) - starts[pos[order]]
+    out = x.new_zeros(c, s_max, x.shape[-1])
+    mask = torch.zeros(c, s_max, dtype=torch.bool, device=x.device)
     out[pos[order], slot] = x[order]
     mask[pos[order], slot] = True
     return out, mask

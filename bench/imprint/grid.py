@@ -26,7 +26,7 @@ import torch
 from bench.errors import BenchError
 from bench.imprint import agg as agg_mod
 from bench.imprint import norm as norm_mod
-from bench.imprint.gen import GenContext, GenResult, class_positions, effective_gen, generate, group_by_class
+from bench.imprint.gen import ClassLayout, GenContext, GenResult, class_layout, effective_gen, generate, group_by_class
 from bench.imprint.head import ImprintedHead, check_embeddings
 from bench.imprint.presets import resolve
 from bench.imprint.registry import get
@@ -45,6 +45,7 @@ class _Prepared:
     reference: Reference | None
     center: torch.Tensor | None  # the center-l2 mean: the reference's, else the support's
     max_count: int
+    layout: ClassLayout | None  # where each sample goes when grouped by class (None at 0 shots)
     grouped: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     seconds: dict[tuple, float] = field(default_factory=dict)  # stage key -> time it took
     same_as: int = -1  # index of the first episode with identical inputs (itself if none)
@@ -67,8 +68,10 @@ def _prepare(ep: SupportSet, need_center: bool) -> _Prepared:
     center = None
     if need_center:
         center = x.mean(0) if reference is None else reference.mean
-    counts = torch.bincount(class_positions(classes, labels, "support labels"), minlength=len(classes))
-    return _Prepared(ep, labels, classes, reference, center, int(counts.max()))
+    if len(labels) == 0:  # 0 shots: nothing to lay out
+        return _Prepared(ep, labels, classes, reference, center, 0, None)
+    layout = class_layout(labels, classes, "support labels")
+    return _Prepared(ep, labels, classes, reference, center, layout.s_max, layout)
 
 
 def _gen_key(spec: MethodSpec, ep: _Prepared) -> tuple[str, str, tuple]:
@@ -314,7 +317,7 @@ def _ensure_grouped(norm_pre: StageSpec, eps: list[_Prepared], device) -> None:
             start = _tick(device)
             x = norm_mod.apply_vector_norm(norm_pre.name, ep.support.embeddings, ep.center,
                                            **norm_pre.kwargs("norm_pre"))
-            ep.grouped[key] = group_by_class(x, ep.labels, ep.classes)
+            ep.grouped[key] = group_by_class(x, ep.labels, ep.classes, ep.layout)
             ep.seconds[("pre", key)] = _tick(device) - start
 
 

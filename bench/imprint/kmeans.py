@@ -86,30 +86,45 @@ def _lloyd(
     live = torch.arange(len(x), device=x.device)  # the original row of each batch row
     stopped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     labels = None
+    slots = _SlotIndex(mask, k)
     for _ in range(iters):
         # ||x||^2 is constant per sample, so the nearest centre needs only ||c||^2 - 2 x.c.
         near = torch.baddbmm(sq_norms(centres)[:, None, :], x, centres.transpose(1, 2), alpha=-2)
         new_labels = near.argmin(-1)
-        sums, counts = _cluster_sums(x, mask, new_labels, k)
+        sums, counts = _cluster_sums(x, mask, new_labels, k, slots)
         new = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
         same = (new_labels == labels).all(1) if labels is not None else torch.zeros_like(stopped)
         new = torch.where(same[:, None, None], centres, new)  # unchanged labels: centres are final
         done = same | (((new - centres) ** 2).sum((1, 2)) <= tol_abs)
-        final[live[~stopped]] = new[~stopped]
+        running = ~stopped
+        final[live[running]] = new[running]
         stopped |= done
         centres, labels = new, new_labels
-        if bool(stopped.all()):
+        halted = int(stopped.sum())  # one sync per iteration decides both the stop and the shrink
+        if halted == len(stopped):
             break
-        if 2 * int(stopped.sum()) >= len(stopped):
+        if 2 * halted >= len(stopped):
             keep = ~stopped
             live, x, mask, centres, labels, tol_abs, stopped = (
                 t[keep] for t in (live, x, mask, centres, labels, tol_abs, stopped)
             )
+            slots = _SlotIndex(mask, k)
     return final
 
 
+class _SlotIndex:
+    """What :func:`_cluster_sums` needs from the batch's shape and mask alone, made once per
+    batch rather than once per Lloyd iteration: each row's first slot and the padding."""
+
+    def __init__(self, mask: torch.Tensor, k: int) -> None:
+        b = len(mask)
+        self.base = torch.arange(b, device=mask.device)[:, None] * k
+        self.padding = ~mask
+        self.spare = b * k  # padding goes to this extra slot, dropped after summing
+
+
 def _cluster_sums(
-    x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, k: int
+    x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, k: int, slots: _SlotIndex | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the sum (B, k, D) and count (B, k, 1) of the samples assigned to each centre.
 
@@ -122,8 +137,8 @@ def _cluster_sums(
     if x.device.type != "cpu":
         onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype) * mask[..., None]
         return onehot.transpose(1, 2) @ x, onehot.sum(1)[..., None]
-    slot = labels + torch.arange(b, device=x.device)[:, None] * k
-    slot = slot.masked_fill(~mask, b * k).flatten()
+    slots = _SlotIndex(mask, k) if slots is None else slots
+    slot = (labels + slots.base).masked_fill_(slots.padding, slots.spare).flatten()
     sums = x.new_zeros(b * k + 1, d).index_add_(0, slot, x.reshape(b * s, d))
     counts = torch.bincount(slot, minlength=b * k + 1).to(x.dtype)
     return sums[:-1].view(b, k, d), counts[:-1].view(b, k, 1)
