@@ -100,5 +100,10 @@ def devices() -> list[str]:
 
 
 def parameter_count(model: torch.nn.Module) -> int:
-    """Parameters of a model, each shared tensor once (``parameters()`` already skips repeats)."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of a backbone's image tower, each shared tensor once.
+
+    A model that wraps a joint vision-language model says which parameters are its image tower
+    (``image_parameters``); the text tower is not counted, whichever family built the backbone.
+    """
+    params = model.image_parameters() if hasattr(model, "image_parameters") else model.parameters()
+    return sum(p.numel() for p in {id(p): p for p in params}.values())

@@ -65,15 +65,38 @@ def test_zeroshot_head_equals_the_direct_computation_open_clip(tmp_path):
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
 
 
-def test_zeroshot_head_equals_the_direct_computation_hf_clip(tmp_path):
+def test_backbone_parameters_count_the_image_tower_alone_in_both_families(tmp_path):
+    """run.json's backbone_parameters: the image tower, not the joint model, for open_clip and HF CLIP alike."""
+    from bench.provenance import parameter_count
+
+    clip = build_backbone("openclip:bench-tiny-test", weights=None, config=TINY_CLIP)
+    joint = clip.text.model
+    assert parameter_count(clip.model) == sum(p.numel() for p in joint.visual.parameters())
+    assert parameter_count(clip.model) < sum(p.numel() for p in joint.parameters())
+    hf = build_backbone("hf:tiny-clip", weights=None, config=TINY_HF_CLIP, tokenizer=tiny_tokenizer(tmp_path / "tok"))
+    model = hf.model.model  # the image embedder wraps the whole joint model
+    image = [*model.vision_model.parameters(), *model.visual_projection.parameters()]
+    assert parameter_count(hf.model) == sum(p.numel() for p in image)
+    assert parameter_count(hf.model) < sum(p.numel() for p in model.parameters())
+
+
+def tiny_tokenizer(folder):
+    """A word-level tokenizer for TINY_HF_CLIP's 16 tokens, saved where transformers loads it offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     words = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "a", "photo", "of", "the", "blurry", "art", *NAMES, "."]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
-                            eos_token="[EOS]").save_pretrained(tmp_path / "tok")
+                            eos_token="[EOS]").save_pretrained(folder)
+    return str(folder)
+
+
+def test_zeroshot_head_equals_the_direct_computation_hf_clip(tmp_path):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    tiny_tokenizer(tmp_path / "tok")
     torch.manual_seed(0)
     backbone = build_backbone("hf:tiny-clip", weights=None, config=TINY_HF_CLIP, tokenizer=str(tmp_path / "tok"))
     torch.manual_seed(0)

@@ -156,6 +156,13 @@ class _HFImageFeatures(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return _features(self.model.get_image_features(pixel_values=pixel_values))
 
+    def image_parameters(self) -> list[nn.Parameter]:
+        """The image tower's parameters: every part of the joint model but the text side
+        (``text_model``, ``text_projection``) and the logit scale and bias, which are no part's.
+        Counted as the backbone's size, so a CLIP counts as its open_clip twin does (``visual``)."""
+        return [p for name, child in self.model.named_children() if not name.startswith("text")
+                for p in child.parameters()]
+
 
 def _hf_text(transformers, model: nn.Module, name: str, tokenizer: str | None, random_config: bool,
              fingerprint: str) -> TextTower:

@@ -55,7 +55,8 @@ RUN_FIELDS: dict[str, Field] = {
     "task": Field((dict,), "the resolved task suite, its version included", required=False),
     "cache_entries": Field((list,), "embedding cache entries read (pool, then test split)", required=False),
     "backbone_sha256": Field((str,), "sha256 of the backbone's weights", required=False),
-    "backbone_parameters": Field((int,), "parameter count of the backbone's model", required=False),
+    "backbone_parameters": Field((int,), "parameter count of the backbone's image tower (a "
+                                  "vision-language model's text tower is not counted)", required=False),
     "extraction": Field((dict,), "per split: from_cache, images, seconds, images_per_second, peak_memory_bytes, "
                                   "peak_memory (what was measured), device; see EXTRACTION_FIELDS", required=False),
     "classes": Field((dict,), "class id -> class name, as the pool numbers them", required=False),
