@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,13 +128,18 @@ def dataset_of(cfg: RunConfig, suite: TaskSuite) -> str:
     return suite.dataset
 
 
-def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite | None = None) -> Embeddings:
-    """Embeddings of the task's dataset: the pool (train split) and, if needed, the test split."""
+def extract_stage(cfg: RunConfig, require_cached: bool = False, suite: TaskSuite | None = None,
+                  text_methods: Sequence[str] = ()) -> Embeddings:
+    """Embeddings of the task's dataset: the pool (train split) and, if needed, the test split.
+    ``text_methods`` (from :func:`check_text`) need the backbone's text tower, which a hub model
+    shows only once loaded: they are refused then, before any image is embedded."""
     load_plugins(cfg.plugins)  # `bench extract` and `bench diagnose` come here first
     suite = suite or cfg.task.resolve()
     dataset = dataset_of(cfg, suite)
     torch.manual_seed(cfg.seed)  # random-init backbones (weights: null) are seeded by the config
     backbone = build_backbone(cfg.backbone.name, **cfg.backbone.options())
+    if text_methods and backbone.text is None:
+        raise BenchError(no_text_tower(list(text_methods), cfg.backbone.name))
     cache = EmbeddingCache(cfg.cache_dir)
     splits = [cfg.dataset.train_split] + ([cfg.dataset.test_split] if suite.queries == "test" else [])
     # Every split is opened before any is embedded, so a missing split stops the run at once.
@@ -218,9 +224,13 @@ def check_text(cfg: RunConfig, grid: Grid) -> list[str]:
     if needs:
         family, arg, options = check_backbone(cfg.backbone.name, cfg.backbone.options())
         if family.has_text(arg, options) is False:  # None: known once built (a hub name), checked then
-            raise BenchError(f"methods {needs} read class text embeddings, but backbone {cfg.backbone.name} has no "
-                             "text tower; use openclip:<arch> or a CLIP/SigLIP hf model, or drop those methods")
+            raise BenchError(no_text_tower(needs, cfg.backbone.name))
     return needs
+
+
+def no_text_tower(methods: list[str], backbone: str) -> str:
+    return (f"methods {methods} read class text embeddings, but backbone {backbone} has no text tower; use "
+            "openclip:<arch> or a CLIP/SigLIP hf model, or drop those methods")
 
 
 def text_embeddings(cfg: RunConfig, emb: Embeddings, device: torch.device | None = None) -> torch.Tensor:
@@ -362,7 +372,7 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
     dataset_of(cfg, suite)
     grid = expand_grid(cfg.methods)  # a typo in the grid should stop us before any extraction
     check_reference(cfg, grid)
-    check_text(cfg, grid)
+    text_methods = check_text(cfg, grid)
     selection.check_selection(selection.families(cfg.select), getattr(suite, "validation", None))
     name = cfg.name or slug(f"{suite.name}-{cfg.backbone.name}")
     out_dir = Path(cfg.out_dir) / name
@@ -375,7 +385,7 @@ def run(cfg: RunConfig, require_cached: bool = False) -> RunResult:
         write_run_record(out_dir, cfg, None, fabric.world_size, grid.dropped, started=started, complete=False)
     fabric.barrier()  # no rank writes a head before the previous run's are gone
     clock = time.perf_counter()
-    emb = extract_stage(cfg, require_cached=require_cached, suite=suite)
+    emb = extract_stage(cfg, require_cached=require_cached, suite=suite, text_methods=text_methods)
     seconds = {"extract": time.perf_counter() - clock}
     clock = time.perf_counter()
     rows, dropped, world_size = imprint_stage(cfg, emb, out_dir, grid, fabric)

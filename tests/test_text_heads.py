@@ -196,6 +196,29 @@ def test_a_backbone_without_text_is_refused_before_any_work(tmp_path, monkeypatc
     assert not (tmp_path / "c").exists()  # nothing extracted
 
 
+LATE_TEXT_PLUGIN = """
+import torch
+from bench.backbones import frozen_backbone, register_backbone
+
+# like a hub model: whether it has a text tower is known only once it is built (text=None)
+@register_backbone("test-late-text", summary="raw pixels; text tower unknown until built",
+                   text=lambda arg, options: None)
+def late(arg: str = "", transform: dict | None = None):
+    return frozen_backbone("test-late-text", torch.nn.Flatten(), transform or {"size": 8, "channels": 1}, 64, "pixels")
+"""
+
+
+def test_a_backbone_known_to_lack_text_only_once_built_is_refused_before_extraction(tmp_path, monkeypatch, capsys):
+    """A hub model shows its text tower only once loaded: the run stops then, before embedding an image."""
+    (tmp_path / "late_text.py").write_text(LATE_TEXT_PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "plugins=[late_text.py]", "backbone=test-late-text", "methods=[qi2018,zeroshot]",
+                 f"cache_dir={tmp_path / 'c'}", f"out_dir={tmp_path / 'runs'}", "wandb.mode=disabled"])
+    err = capsys.readouterr().err
+    assert code == 2 and "test-late-text has no text tower" in err and "Traceback" not in err
+    assert not list((tmp_path / "c").rglob("*.safetensors"))  # nothing was embedded
+
+
 def test_a_run_gives_zeroshot_at_0_shots_and_tip_at_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_image_folder(tmp_path / "imgs", per_class=6)
