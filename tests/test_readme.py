@@ -144,16 +144,16 @@ def commands() -> list[tuple[str, ...]]:
     return list(dict.fromkeys(found))  # a command written on several pages runs once, where it first appears
 
 
-def test_every_bench_command_in_the_readme_and_docs_runs(commands, tmp_path):
+def test_every_bench_command_in_the_readme_and_docs_runs(commands, tmp_path, forks):
+    """Each command in its own process, one after another in one folder, as a user runs them
+    (forked from the session's server, which imported the package once: tests/forkserver.py)."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("OMP_NUM_THREADS", None)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     (tmp_path / "tasks").symlink_to(ROOT / "tasks")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fork_commands.py")], input=json.dumps(commands),
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(proc.stdout)
-    assert [tuple(r["argv"]) for r in results] == commands
-    failures = [f"bench {shlex.join(r['argv'])}\n  -> exit {r['code']}: {r['stderr'].strip()[-600:]}"
-                for r in results if r["code"] != 0]
+    failures = []
+    for argv in commands:
+        proc = forks.bench(list(argv), cwd=tmp_path, env=env, timeout=240)
+        if proc.returncode != 0:
+            failures.append(f"bench {shlex.join(argv)}\n  -> exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
     assert not failures, "\n".join(failures)
