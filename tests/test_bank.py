@@ -210,3 +210,38 @@ def test_kmeans_without_the_scoring_pass_gives_the_same_centres():
     assert torch.equal(centres, scored[0])
     # several restarts need the inertia to choose, so they score regardless
     assert kmeans.kmeans_batched(batch, mask, 3, rng=7, n_init=2, score=False)[2] is not None
+
+
+def test_heads_that_share_scores_get_their_own_copies_and_near_equal_options_do_not_share(data):
+    xs, ys, xq, _ = data
+    specs = ["qi2018", "l2/kmeans:k=1/l2/l2/max", "l2/all/none/l2/lse:t=0.5", "l2/all/none/l2/lse:t=0.50000004"]
+    heads = [row[0] for row in build_head_grid(specs, _episodes(xs, ys, 5, seeds=(0,)))]
+    scores = score_heads(heads, xq)
+    for head, s in zip(heads, scores):
+        assert torch.equal(s, head(xq)), head.spec.name
+    assert torch.equal(scores[0], scores[1])  # kmeans k=1 is the mean: one reduction ...
+    scores[0].zero_()  # ... but each head holds its own tensor
+    assert torch.equal(scores[1], heads[1](xq))
+    assert not torch.equal(scores[2], scores[3])
+
+
+def test_twins_with_a_large_support_run_apart_and_give_the_heads_built_alone():
+    """Seeded GENs run each twin (every seed of shots=all) on the shared support, not a stacked copy,
+    from 2**20 values per episode; each head still equals the head built alone."""
+    x, y = gaussian_mixture(num_classes=5, dim=512, per_class=420, modes=3, seed=4)
+    assert x.numel() >= 1 << 20
+    eps = [SupportSet(x, y, seed=seed) for seed in (0, 1, 2)]
+    specs = ["l2/kmeans:k=5/l2/l2/max", "westerhoff2025", "qi2018"]
+    grid = build_head_grid(specs, eps)
+    for spec, row in zip(specs, grid):
+        for head, ep in zip(row, eps):
+            assert torch.equal(head.proxies, build_head(spec, ep.embeddings, ep.labels, seed=ep.seed).proxies), spec
+    assert not torch.equal(grid[0][0].proxies, grid[0][1].proxies)  # each seed its own k-means
+
+
+def test_an_episode_without_classes_is_refused():
+    from bench.errors import BenchError
+
+    with pytest.raises(BenchError, match="an episode has no classes"):
+        build_head_grid(["zeroshot"], [SupportSet(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
+                                                  classes=torch.zeros(0, dtype=torch.long))])

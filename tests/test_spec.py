@@ -85,3 +85,12 @@ def test_grid_expands_lists_and_drops_nonsense_with_reasons():
 def test_grid_with_only_nonsense_is_an_error():
     with pytest.raises(BenchError, match="no valid method"):
         expand_grid("none/ls/none/none/mnn")
+
+
+def test_options_that_differ_in_the_seventh_digit_keep_distinct_names():
+    """Grids key shared stages by a stage's canonical string: two values that print alike under %g
+    would share one head's scores (found by review: lse:t=0.5 and t=0.50000004)."""
+    a, b = MethodSpec.parse("l2/all/none/l2/lse:t=0.5"), MethodSpec.parse("l2/all/none/l2/lse:t=0.50000004")
+    assert str(a) != str(b) and MethodSpec.parse(str(b)) == b
+    assert str(MethodSpec.parse("l2/all/none/l2/lse:t=1000004")).endswith("t=1000004.0")
+    assert str(MethodSpec.parse("l2/all/none/l2/lse:t=3")) == "l2/all/none/l2/lse:t=3"  # short forms stay short

@@ -78,6 +78,19 @@ def test_backbone_parameters_count_the_image_tower_alone_in_both_families(tmp_pa
     image = [*model.vision_model.parameters(), *model.visual_projection.parameters()]
     assert parameter_count(hf.model) == sum(p.numel() for p in image)
     assert parameter_count(hf.model) < sum(p.numel() for p in model.parameters())
+    # BLIP-2 has both feature methods, but its Q-Former and language model are no image tower
+    from transformers import AutoConfig, AutoModel
+
+    from bench.backbones.families import _HFImageFeatures
+
+    layer = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    blip2 = AutoModel.from_config(AutoConfig.for_model(
+        model_type="blip-2", num_query_tokens=2, vision_config={**layer, "image_size": 32, "patch_size": 16},
+        qformer_config={**layer, "encoder_hidden_size": 16, "vocab_size": 20},
+        text_config={"model_type": "opt", "hidden_size": 16, "ffn_dim": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": 20, "word_embed_proj_dim": 16,
+                     "max_position_embeddings": 32}))
+    assert parameter_count(_HFImageFeatures(blip2)) == sum(p.numel() for p in blip2.vision_model.parameters())
 
 
 def tiny_tokenizer(folder):

@@ -157,11 +157,15 @@ class _HFImageFeatures(nn.Module):
         return _features(self.model.get_image_features(pixel_values=pixel_values))
 
     def image_parameters(self) -> list[nn.Parameter]:
-        """The image tower's parameters: every part of the joint model but the text side
-        (``text_model``, ``text_projection``) and the logit scale and bias, which are no part's.
-        Counted as the backbone's size, so a CLIP counts as its open_clip twin does (``visual``)."""
-        return [p for name, child in self.model.named_children() if not name.startswith("text")
-                for p in child.parameters()]
+        """The image tower's parameters, counted as the backbone's size (a CLIP counts as its
+        open_clip twin's ``visual`` does): the parts named for images (CLIP's ``vision_model`` and
+        ``visual_projection``, BLIP's ``vision_proj``, FLAVA's ``image_model``), not a language
+        model, Q-Former or logit scale beside them; a model without such names counts every part
+        but its text side."""
+        parts = dict(self.model.named_children())
+        image = [c for n, c in parts.items() if n.startswith(("vision", "visual", "image"))]
+        image = image or [c for n, c in parts.items() if not n.startswith("text")]
+        return [p for child in image for p in child.parameters()]
 
 
 def _hf_text(transformers, model: nn.Module, name: str, tokenizer: str | None, random_config: bool,

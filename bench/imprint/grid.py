@@ -60,6 +60,8 @@ def _prepare(ep: SupportSet, need_center: bool) -> _Prepared:
         raise BenchError(f"support labels have shape {tuple(labels.shape)}; expected ({len(x)},)")
     classes = torch.unique(labels) if ep.classes is None else torch.unique(torch.as_tensor(ep.classes))
     classes = classes.to(x.device)
+    if len(classes) == 0:
+        raise BenchError("an episode has no classes: give its support samples or its class list")
     reference = ep.reference_stats
     if reference is not None:
         if reference.mean.shape != (x.shape[1],):
@@ -332,7 +334,7 @@ def _generate(
     grouped = [eps[j].grouped[pre_key] for j in ids]
     coupled = get("gen", name).coupled
     chunks = [[i] for i in range(len(ids))] if coupled else _chunks(grouped, max_elements)
-    if get("gen", name).seeded:  # twins share one support tensor: run on it, not on a stacked copy
+    if get("gen", name).seeded and device.type == "cpu":  # twins: run on their one support tensor
         chunks = [part for chunk in chunks for part in _split_twins(chunk, [eps[j] for j in ids], grouped)]
     results: list[GenResult] = []
     for chunk in chunks:
@@ -400,8 +402,9 @@ def _split_twins(chunk: list[int], eps: list[_Prepared], grouped) -> list[list[i
     A seeded generator runs once per seed even on twins; stacking their shared support would
     copy it once per seed (a 50 MB copy for 5 seeds of 10 classes x 500 x 512) and push the
     batch out of cache, while each seed alone reads the one shared tensor. A small support is
-    still stacked: there, per-call overhead costs more than the copy. Rows do not depend on
-    their batch, so the results are the same either way.
+    still stacked: there, per-call overhead costs more than the copy. On CPU a row does not
+    depend on its batch, so the results are the same either way; on CUDA a batched product's
+    bits can depend on the batch size, so there twins stay stacked as they always were.
     """
     if len(chunk) > 1 and len({eps[i].same_as for i in chunk}) == 1 and grouped[chunk[0]][0].numel() >= _SPLIT_TWINS:
         return [[i] for i in chunk]
@@ -451,8 +454,8 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
     Query normalisations and query-proxy matrices are computed once for all heads that share
     them (the same NORM_inf and centre; the same proxies and matrix kind), and so are the class
     scores of heads whose AGG reads the same matrix with the same proxy labels and bias (e.g.
-    every seed of ``shots=all`` for an unseeded GEN, or ``kmeans:k=1`` beside ``mean``); such
-    heads get the same (read-only) tensor.
+    every seed of ``shots=all`` for an unseeded GEN, or ``kmeans:k=1`` beside ``mean``); each
+    such head gets its own copy, so a caller may change one head's scores in place.
     """
     check_embeddings(queries, "query embeddings")
     normed: dict[tuple, torch.Tensor] = {}
@@ -483,8 +486,8 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
         mkey = (matrix_kind, qkey, _identity(proxies))
         labels, num_classes = buffers["proxy_labels"], len(buffers["classes"])
         rkey = (agg_text, mkey, _identity(labels), num_classes, _identity(bias) if bias.numel() else None)
-        if rkey in reduced:  # the same AGG over the same inputs: the same scores
-            out.append(reduced[rkey])
+        if rkey in reduced:  # the same AGG over the same inputs: the same scores (a copy costs far less)
+            out.append(reduced[rkey].clone())
             continue
         if mkey not in matrices:
             tkey = (matrix_kind, qkey)

@@ -22,7 +22,10 @@ from bench.imprint.registry import REGISTRY, REQUIRED, STAGES, Method, get
 
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:g}"
+        # %g's 6 digits when they give the value back, else repr's shortest exact form: two specs
+        # whose options differ in the 7th digit must not share a name (grids key stages by it)
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
