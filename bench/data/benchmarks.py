@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bench import packaged
-from bench.data.tasks import read_tasks_file
+from bench.data.tasks import VersionText, read_tasks_file
 from bench.errors import BenchError
 from bench.validation import format_validation_error
 
@@ -63,14 +63,9 @@ class BenchmarkSuite(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(description="the benchmark suite's name")]
-    version: Annotated[str, Field(description="bump whenever the content changes")] = "1"
+    version: Annotated[VersionText, Field(description="bump whenever the content changes")] = "1"
     description: Annotated[str, Field(description="what the suite is and where it comes from")] = ""
     members: Annotated[list[Member], Field(description="the task suites, each with its dataset section")]
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
     @field_validator("members")
     @classmethod

@@ -27,8 +27,18 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Sequence, Union
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from bench import packaged
 from bench.data.episodes import Episode, draw_ways, sample_episode, select_classes
@@ -69,6 +79,14 @@ def _once(values: list, what: str) -> list:
     return values
 
 
+
+def _number_as_text(value: Any) -> Any:
+    # YAML reads `version: 1` as an int and `version: 1.1` as a float; a version is text
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+VersionText = Annotated[str, BeforeValidator(_number_as_text)]
+
 class TaskSuite(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -91,7 +109,7 @@ class TaskSuite(BaseModel):
                                             "choose settings on")] = None
     ways: Annotated[Union[PositiveInt, None],
                     Field(description="N of N-way episodes: N classes of each subset drawn per seed (>= 2)")] = None
-    version: Annotated[str, Field(description="the suite's version; bump it whenever its content changes")] = "1"
+    version: Annotated[VersionText, Field(description="the suite's version; bump it whenever its content changes")] = "1"
     # Zero-shot prompts for text methods; a run config's `text:` section overrides them.
     class_names: Annotated[Union[list[str], dict[int, str], None],
                            Field(description="class names for zero-shot prompts: a list in class-id order, "
@@ -99,11 +117,6 @@ class TaskSuite(BaseModel):
     templates: Annotated[Union[str, list[str], None],
                          Field(description="zero-shot prompt templates: a set name (imagenet, cifar10, ...), "
                                            "a list with {c} for the class name, or null")] = None
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
     @field_validator("ways")

@@ -44,11 +44,15 @@ class _Prepared:
     classes: torch.Tensor
     reference: Reference | None
     center: torch.Tensor | None  # the center-l2 mean: the reference's, else the support's
-    max_count: int
     layout: ClassLayout | None  # where each sample goes when grouped by class (None at 0 shots)
     grouped: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     seconds: dict[tuple, float] = field(default_factory=dict)  # stage key -> time it took
     same_as: int = -1  # index of the first episode with identical inputs (itself if none)
+
+    @property
+    def max_count(self) -> int:
+        """The largest class's sample count (0 at 0 shots)."""
+        return 0 if self.layout is None else self.layout.s_max
 
 
 def _prepare(ep: SupportSet, need_center: bool) -> _Prepared:
@@ -71,9 +75,9 @@ def _prepare(ep: SupportSet, need_center: bool) -> _Prepared:
     if need_center:
         center = x.mean(0) if reference is None else reference.mean
     if len(labels) == 0:  # 0 shots: nothing to lay out
-        return _Prepared(ep, labels, classes, reference, center, 0, None)
+        return _Prepared(ep, labels, classes, reference, center, None)
     layout = class_layout(labels, classes, "support labels")
-    return _Prepared(ep, labels, classes, reference, center, layout.s_max, layout)
+    return _Prepared(ep, labels, classes, reference, center, layout)
 
 
 def _gen_key(spec: MethodSpec, ep: _Prepared) -> tuple[str, str, tuple]:

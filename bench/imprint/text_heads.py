@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from bench.errors import BenchError
-from bench.imprint.gen import GenContext, GenResult
+from bench.imprint.gen import GenContext, GenResult, _one_per_class
 from bench.imprint.registry import Option, register_agg, register_gen
 
 CLIP_LOGIT_SCALE = 100.0  # CLIP's learned temperature, fixed at 100 in Tip-Adapter's logits
@@ -45,9 +45,7 @@ def _text(ctx: GenContext | None, x: torch.Tensor, name: str) -> torch.Tensor:
                       "so it also runs at 0 shots",
               reference="Radford et al. 2021 (CLIP)")
 def gen_zeroshot(x: torch.Tensor, mask: torch.Tensor, ctx: GenContext | None = None) -> GenResult:
-    text = _text(ctx, x, "zeroshot")
-    ones = torch.ones(len(text), 1, dtype=torch.bool, device=text.device)
-    return GenResult(text[:, None], ones, ones.sum(1))
+    return _one_per_class(_text(ctx, x, "zeroshot"))
 
 
 def _tip_problem(spec) -> str | None:
