@@ -86,7 +86,8 @@ def _lloyd(
     live = torch.arange(len(x), device=x.device)  # the original row of each batch row
     stopped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     labels = None
-    slots = _SlotIndex(mask, k)
+    on_cpu = x.device.type == "cpu"  # CUDA sums clusters by a one-hot product, without slots
+    slots = _SlotIndex(mask, k) if on_cpu else None
     for _ in range(iters):
         # ||x||^2 is constant per sample, so the nearest centre needs only ||c||^2 - 2 x.c.
         near = torch.baddbmm(sq_norms(centres)[:, None, :], x, centres.transpose(1, 2), alpha=-2)
@@ -108,7 +109,7 @@ def _lloyd(
             live, x, mask, centres, labels, tol_abs, stopped = (
                 t[keep] for t in (live, x, mask, centres, labels, tol_abs, stopped)
             )
-            slots = _SlotIndex(mask, k)
+            slots = _SlotIndex(mask, k) if on_cpu else None
     return final
 
 
