@@ -233,10 +233,19 @@ def no_text_tower(methods: list[str], backbone: str) -> str:
             "openclip:<arch> or a CLIP/SigLIP hf model, or drop those methods")
 
 
+def run_templates(cfg: RunConfig, suite: TaskSuite, dataset: str) -> tuple[str, list[str]]:
+    """(set name, prompt templates) a run uses: the run config's text section first, then the task's
+    own, then the set for the dataset or task name (bench.text.templates_for)."""
+    from bench.text import templates_for
+
+    choice = cfg.text.templates if cfg.text.templates is not None else getattr(suite, "templates", None)
+    return templates_for(choice, dataset, suite.name)
+
+
 def text_embeddings(cfg: RunConfig, emb: Embeddings, device: torch.device | None = None) -> torch.Tensor:
     """(classes, D) zero-shot class weights for every pool class (templates averaged; see
     bench.text), cached under ``cache_dir/text`` keyed by model, tokenizer, class names and templates."""
-    from bench.text import class_text_embeddings, templates_for
+    from bench.text import class_text_embeddings
 
     tower = emb.backbone.text
     if tower is None:
@@ -257,8 +266,7 @@ def text_embeddings(cfg: RunConfig, emb: Embeddings, device: torch.device | None
         if unknown:
             raise BenchError(f"text.class_names names class ids {unknown}, but the pool's ids are 0..{count - 1}")
         names = [override.get(i, name) for i, name in enumerate(names)]
-    choice = cfg.text.templates if cfg.text.templates is not None else getattr(emb.suite, "templates", None)
-    _, templates = templates_for(choice, emb.dataset, emb.suite.name)
+    _, templates = run_templates(cfg, emb.suite, emb.dataset)
     with torch.no_grad():
         return class_text_embeddings(tower, names, templates, cfg.cache_dir, device=device)
 
@@ -349,9 +357,7 @@ def plan(cfg: RunConfig, command: str) -> str:
     ]
     lines += [f"  dropped   {text}: {why}" for text, why in grid.dropped]
     if text_methods:
-        from bench.text import templates_for
-
-        name, templates = templates_for(cfg.text.templates, dataset, suite.name)
+        name, templates = run_templates(cfg, suite, dataset)
         many = "s" if len(templates) != 1 else ""
         more = f" and {len(text_methods) - 3} more" if len(text_methods) > 3 else ""
         lines.append(f"  text      {len(templates)} prompt template{many} ({name}) per class for "

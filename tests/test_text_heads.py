@@ -295,6 +295,13 @@ def test_dry_run_names_the_prompts_and_counts_0_shot_heads(tmp_path, monkeypatch
     out = capsys.readouterr().out
     # digits-base-novel: 2 class subsets x 3 seeds x (1 head at 0 shots + 2 at 1 shot)
     assert "heads     18" in out and "1 prompt template (digits) per class for zeroshot" in out
+    # a task's own templates are the ones the run uses, and the dry run says so
+    task = {"name": "own-prompts", "dataset": "digits", "classes": ["all"], "shots": [0], "queries": "test",
+            "seeds": [0], "templates": ["a photo of a {c}.", "a {c}."]}
+    (tmp_path / "task.yaml").write_text(json.dumps(task))
+    assert main(["run", "--dry-run", "backbone.name=openclip:ViT-B-32", "methods=[zeroshot]",
+                 f"task={tmp_path / 'task.yaml'}", "wandb.mode=disabled"]) == 0
+    assert "2 prompt templates (custom) per class for zeroshot" in capsys.readouterr().out
 
 
 def test_0_shot_heads_refuse_what_needs_support():
