@@ -98,9 +98,11 @@ def test_effective_generator_rules():
     assert gen.effective_gen("none", {"k": 5}, 1) == ("none", {"k": 5})  # ignores the support
 
 
-def test_kmeans_rows_do_not_depend_on_chunking_or_batch_company():
-    x, y = gaussian_mixture(num_classes=6, dim=16, per_class=40, modes=3, seed=5)
+@pytest.mark.parametrize("dim", [16, 64])  # seeding without and with the rows' Gram matrix
+def test_kmeans_rows_do_not_depend_on_chunking_or_batch_company(dim):
+    x, y = gaussian_mixture(num_classes=6, dim=dim, per_class=40, modes=3, seed=5)
     batch, mask = gen.group_by_class(x, y, torch.arange(6))
+    assert kmeans.seeding_gram_pays(40, dim, 4) == (dim == 64)
     rng = sampling.RowRandom([(0, 3), (1, 3)])
     whole = kmeans.kmeans_batched(batch, mask, 4, rng=rng, chunk_elements=1 << 30)
     chunked = kmeans.kmeans_batched(batch, mask, 4, rng=sampling.RowRandom([(0, 3), (1, 3)]), chunk_elements=1)
@@ -245,3 +247,35 @@ def test_an_episode_without_classes_is_refused():
     with pytest.raises(BenchError, match="an episode has no classes"):
         build_head_grid(["zeroshot"], [SupportSet(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
                                                   classes=torch.zeros(0, dtype=torch.long))])
+
+
+def test_seeding_from_the_gram_matrix_picks_the_centres_of_direct_seeding():
+    """k-means++ reads distances to its candidates from the rows' Gram matrix when that pays; on
+    data without near ties both ways draw the same centres, and a Gram computed once and passed
+    in (as the grid shares it over seeds and k) gives what each call computing its own gives."""
+    x, y = gaussian_mixture(num_classes=4, dim=48, per_class=30, modes=6, mode_spread=6.0, seed=1)
+    batch, mask = gen.group_by_class(x, y, torch.arange(4))
+    mask[2, 25:] = False  # a padded class
+    batch[2, 25:] = 0
+    u = sampling.RowRandom([(3, 4)]).rand((kmeans._kmeanspp_draws(6),), "cpu")
+    direct = kmeans.kmeanspp(batch, mask, 6, u)
+    assert torch.equal(kmeans.kmeanspp(batch, mask, 6, u, gram=kmeans.support_gram(batch)), direct)
+    assert kmeans.seeding_gram_pays(30, 48, 6)
+    own = kmeans.kmeans_batched(batch, mask, 6, rng=3, chunk_elements=1)
+    shared = kmeans.kmeans_batched(batch, mask, 6, rng=3, gram=kmeans.support_gram(batch))
+    assert all(torch.equal(a, b) for a, b in zip(own, shared))
+
+
+def test_gen_context_derives_once_per_support_batch():
+    calls = []
+
+    def count(t):
+        calls.append(t)
+        return t.sum()
+
+    ctx = gen.GenContext(classes=torch.arange(2), memo={})
+    x, other = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)
+    assert ctx.derived("total", count, x) == 24 and ctx.derived("total", count, x) == 24
+    assert ctx.derived("total", count, other) == 0  # another batch is not served the first one's value
+    assert len(calls) == 2
+    assert gen.GenContext(classes=torch.arange(2)).derived("total", count, x) == 24  # no memo: computed

@@ -17,12 +17,12 @@ equals ``all`` for that class, and :class:`GenResult.effective_k` records it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from bench.errors import BenchError
-from bench.imprint.kmeans import kmeans_batched, kmeanspp, sq_dist, sq_norms
+from bench.imprint.kmeans import kmeans_batched, kmeanspp, seeding_gram_pays, sq_dist, sq_norms, support_gram
 from bench.imprint.registry import Option, get, register_gen
 from bench.imprint.sampling import RowRandom, sample_weighted
 from bench.imprint.support import Reference
@@ -52,6 +52,18 @@ class GenContext:
     validation: tuple[torch.Tensor, torch.Tensor] | None = None
     # (C, D) text embeddings, one row per row of `classes` (zero-shot and Tip-Adapter GENs)
     text: torch.Tensor | None = None
+    # what GEN calls on the same support batch share (see `derived`); the grid keeps one per batch
+    memo: dict | None = field(default=None, compare=False, repr=False)
+
+    def derived(self, name: str, fn, x: torch.Tensor) -> torch.Tensor:
+        """``fn(x)``, computed once for all GEN calls on the support batch ``x`` that share this
+        context's memo (e.g. k-means++'s Gram matrix for every k and every seed of one support)."""
+        if self.memo is None:
+            return fn(x)
+        held = self.memo.get(name)
+        if held is None or held[0] is not x:
+            held = self.memo[name] = (x, fn(x))
+        return held[1]
 
 
 def class_positions(classes: torch.Tensor, labels: torch.Tensor, what: str = "labels") -> torch.Tensor:
@@ -164,9 +176,12 @@ def gen_all(x: torch.Tensor, mask: torch.Tensor) -> GenResult:
               summary="k-means++ then Lloyd per class; k >= the class size is `all`, k = 1 the mean",
               reference="Westerhoff et al. 2025")
 def gen_kmeans(x: torch.Tensor, mask: torch.Tensor, *, rng: RowRandom | int, k: int, n_init: int = 1,
-               iters: int = 100) -> GenResult:
+               iters: int = 100, ctx: GenContext | None = None) -> GenResult:
     k_run = min(k, x.shape[1])
-    centres, _, _ = kmeans_batched(x, mask, k_run, n_init=n_init, iters=iters, rng=rng, score=False)
+    gram = None
+    if ctx is not None and seeding_gram_pays(x.shape[1], x.shape[2], k_run):
+        gram = ctx.derived("gram", support_gram, x)  # one Gram for every k and seed of this support
+    centres, _, _ = kmeans_batched(x, mask, k_run, n_init=n_init, iters=iters, rng=rng, score=False, gram=gram)
     pmask = torch.ones(centres.shape[:2], dtype=torch.bool, device=x.device)
     return _finish(x, mask, k, centres, pmask)
 

@@ -141,7 +141,7 @@ def build_head_grid(
             owner = _gen_owner(key, j, eps)
             keys[-1].append((key, owner))
             gens.setdefault(key, {}).setdefault(owner, None)
-    stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (NORM_pre, episodes) -> batch
+    stacks: dict[tuple, tuple] = {}  # (NORM_pre, twin groups) -> (batch, mask, memo of what GENs derive)
     # One NORM_pre at a time, so only that NORM_pre's support batches are held.
     for key, done in sorted(gens.items(), key=lambda item: item[0][0]):
         if stacks and next(iter(stacks))[0] != key[0]:
@@ -332,8 +332,9 @@ def _generate(
     device, source: tuple[str | None, str | None],
 ) -> list[GenResult]:
     """Run one GEN stage for episodes ``ids``, batching them unless the generator couples
-    classes. ``stacks`` caches each padded batch of support, so GEN stages with the same
-    NORM_pre and episodes share one copy instead of each concatenating its own."""
+    classes. ``stacks`` caches each padded batch of support with a memo of what GENs derive
+    from it, so GEN stages with the same NORM_pre and episodes share one copy (and e.g. one
+    Gram matrix for k-means++) instead of each making their own."""
     pre_key, name, opts = key
     grouped = [eps[j].grouped[pre_key] for j in ids]
     coupled = get("gen", name).coupled
@@ -343,10 +344,11 @@ def _generate(
     results: list[GenResult] = []
     for chunk in chunks:
         start = _tick(device)
-        skey = (pre_key, tuple(ids[i] for i in chunk))
-        if skey not in stacks:
-            stacks[skey] = _stack([grouped[i] for i in chunk])
         members = [eps[ids[i]] for i in chunk]
+        # keyed by twin group, so twins (one support tensor) share the batch and its memo
+        skey = (pre_key, tuple(ep.same_as for ep in members))
+        if skey not in stacks:
+            stacks[skey] = (*_stack([grouped[i] for i in chunk]), {})
         ctx = GenContext(
             classes=torch.cat([ep.classes for ep in members]),
             norm_pre=str(norm_pre),
@@ -355,8 +357,9 @@ def _generate(
             backbone=source[1],
             validation=_validation(members[0], norm_pre) if coupled else None,  # coupled: one episode
             text=_text(members) if get("gen", name).needs_text else None,
+            memo=stacks[skey][2],
         )
-        results += _generate_batched(name, stacks[skey], [grouped[i] for i in chunk],
+        results += _generate_batched(name, stacks[skey][:2], [grouped[i] for i in chunk],
                                      [ep.support.seed for ep in members], dict(opts), ctx)
         per_episode = (_tick(device) - start) / len(chunk)
         for ep in members:
