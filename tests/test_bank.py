@@ -266,6 +266,15 @@ def test_seeding_from_the_gram_matrix_picks_the_centres_of_direct_seeding():
     assert all(torch.equal(a, b) for a, b in zip(own, shared))
 
 
+def test_gram_matrix_by_blocks_equals_the_whole_product():
+    g = torch.Generator().manual_seed(0)
+    for cols in (40, 301):  # whole below 128 columns, in blocks above
+        a = torch.randn(257, cols, generator=g, dtype=torch.float64).numpy()
+        out = gen._gram(a)
+        assert (out == out.T).all()
+        assert torch.allclose(torch.from_numpy(out), torch.from_numpy(a.T @ a), rtol=1e-13, atol=1e-11)
+
+
 def test_gen_context_derives_once_per_support_batch():
     calls = []
 

@@ -9,6 +9,8 @@ different numbers of proxies need no padding here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -52,11 +54,16 @@ def max_of_similarity(sim: torch.Tensor, proxy_labels: torch.Tensor, num_classes
     n, p = sim.shape
     if p % num_classes == 0:
         k = p // num_classes
-        grid = torch.arange(num_classes, device=proxy_labels.device).repeat_interleave(k)
-        if torch.equal(proxy_labels, grid):  # class-major, k per class: a reshape suffices
-            return sim.view(n, num_classes, k).amax(-1)
+        if torch.equal(proxy_labels, _class_major(num_classes, k, proxy_labels.device)):
+            return sim.view(n, num_classes, k).amax(-1)  # class-major, k per class: a reshape suffices
     out = sim.new_full((n, num_classes), float("-inf"))
     return out.scatter_reduce(1, proxy_labels.expand_as(sim), sim, reduce="amax")
+
+
+@functools.lru_cache(maxsize=64)
+def _class_major(num_classes: int, k: int, device: torch.device) -> torch.Tensor:
+    # read-only; made once per layout, as a grid scores hundreds of heads with the same one
+    return torch.arange(num_classes, device=device).repeat_interleave(k)
 
 
 @register_agg("max", matrix=lambda opts, unit: "dot", linear_ok=True,

@@ -284,7 +284,8 @@ def gen_ls(x: torch.Tensor, mask: torch.Tensor, *, lam: float = 1e-3) -> GenResu
     """
     c = x.shape[0]
     if x.device.type == "cpu":
-        w = torch.from_numpy(_ls_cpu(x[mask].detach().double().numpy(), mask.sum(1).numpy(), lam))
+        flat = x.reshape(-1, x.shape[-1]) if bool(mask.all()) else x[mask]  # balanced: no masked copy
+        w = torch.from_numpy(_ls_cpu(flat.detach().double().numpy(), mask.sum(1).numpy(), lam))
     else:
         w = _ls_torch(x[mask].double(), mask, lam)
     return _one_per_class((w / c).to(x.dtype))
@@ -298,7 +299,8 @@ def _ls_cpu(flat, counts, lam: float):
     flops) and a Cholesky solve. The system is symmetric positive definite (a Gram matrix plus a
     positive ridge), so Cholesky is exact here. BLAS runs on one thread: a second BLAS thread
     pool competing with torch's own made the stage 3x slower on 2 cores, and one thread gives
-    the same bits whatever the process's thread count.
+    the same bits whatever the process's thread count. The Gram matrix, most of the work, is
+    split in two fixed halves instead (:func:`_gram`), so it still uses two cores.
     """
     import numpy as np
     from scipy.linalg import cho_factor, cho_solve
@@ -310,7 +312,7 @@ def _ls_cpu(flat, counts, lam: float):
     with blas_threads(1):
         ridge = lam * float(np.einsum("ij,ij->", flat, flat)) / n / d + 1e-12
         if n < d:  # the (samples x samples) form, as in _ls_dual
-            kernel = flat @ flat.T
+            kernel = _gram(flat.T)
             kernel /= n
             kernel[np.diag_indices(n)] += ridge
             avg = np.zeros((n, len(counts)))
@@ -321,10 +323,46 @@ def _ls_cpu(flat, counts, lam: float):
         else:
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
             means = np.add.reduceat(flat, starts, axis=0) / counts[:, None]
-        second = flat.T @ flat
+        second = _gram(flat)
         second /= n
         second[np.diag_indices(d)] += ridge
         return solve(second, means.T).T
+
+
+def _gram(a):
+    """``a.T @ a`` for a float64 (n, m) array, as blocks [[A, B], [B^T, C]] over the columns' two
+    halves: A and C (symmetric products) here, B (a general product, as many multiply-adds as
+    A and C together) on a second thread. numpy's BLAS runs one thread per call (see
+    :func:`_ls_cpu`), so this uses two cores without a second BLAS thread pool, and the split
+    is fixed, so the bits do not depend on the machine's core count. Small matrices stay whole.
+    """
+    import numpy as np
+
+    m = a.shape[1]
+    if m < 128:
+        return a.T @ a
+    h = m // 2
+    left, right = a[:, :h], a[:, h:]
+    cross = _worker().submit(np.matmul, left.T, right)
+    out = np.empty((m, m))
+    out[:h, :h] = left.T @ left
+    out[h:, h:] = right.T @ right
+    b = cross.result()
+    out[:h, h:], out[h:, :h] = b, b.T
+    return out
+
+
+def _worker():
+    """One background thread for BLAS calls that release the GIL (:func:`_gram`)."""
+    global _WORKER
+    if _WORKER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WORKER = ThreadPoolExecutor(1, thread_name_prefix="bench-blas")
+    return _WORKER
+
+
+_WORKER = None
 
 
 def blas_threads(count: int):
