@@ -55,10 +55,11 @@ class _Prepared:
         return 0 if self.layout is None else self.layout.s_max
 
 
-def _prepare(ep: SupportSet, need_center: bool) -> _Prepared:
-    if ep.embeddings.ndim != 2 or len(ep.embeddings):  # an empty (0, D) support is a 0-shot episode
-        check_embeddings(ep.embeddings, "support embeddings")
+def _prepare(ep: SupportSet) -> _Prepared:
+    """Labels, classes and layout; the embeddings are checked by :func:`_check_and_center`."""
     x = ep.embeddings
+    if x.ndim != 2:
+        check_embeddings(x, "support embeddings")  # raises the clear error
     labels = torch.as_tensor(ep.labels, device=x.device).long()
     if labels.shape != (len(x),):
         raise BenchError(f"support labels have shape {tuple(labels.shape)}; expected ({len(x)},)")
@@ -71,13 +72,24 @@ def _prepare(ep: SupportSet, need_center: bool) -> _Prepared:
         if reference.mean.shape != (x.shape[1],):
             raise BenchError(f"the reference mean has shape {tuple(reference.mean.shape)}; expected ({x.shape[1]},)")
         reference = reference.to(x)
-    center = None
-    if need_center:
-        center = x.mean(0) if reference is None else reference.mean
     if len(labels) == 0:  # 0 shots: nothing to lay out
-        return _Prepared(ep, labels, classes, reference, center, None)
+        return _Prepared(ep, labels, classes, reference, None, None)
     layout = class_layout(labels, classes, "support labels")
-    return _Prepared(ep, labels, classes, reference, center, layout)
+    return _Prepared(ep, labels, classes, reference, None, layout)
+
+
+def _check_and_center(eps: list[_Prepared], need_center: bool) -> None:
+    """Check each distinct support's embeddings and compute its centre once; twins (found by
+    :func:`_link_identical`, which never pairs supports holding NaN) share both."""
+    for j, ep in enumerate(eps):
+        if ep.same_as != j:
+            ep.center = eps[ep.same_as].center
+            continue
+        x = ep.support.embeddings
+        if len(x):  # an empty (0, D) support is a 0-shot episode
+            check_embeddings(x, "support embeddings")
+        if need_center:
+            ep.center = x.mean(0) if ep.reference is None else ep.reference.mean
 
 
 def _gen_key(spec: MethodSpec, ep: _Prepared) -> tuple[str, str, tuple]:
@@ -122,8 +134,9 @@ def build_head_grid(
             raise BenchError(f"methods {needy} need support samples, and an episode has none (0 shots); only "
                              "support-free methods (e.g. zeroshot) build heads at 0 shots")
     device = episodes[0].embeddings.device
-    eps = [_prepare(ep, need_center) for ep in episodes]
+    eps = [_prepare(ep) for ep in episodes]
     _link_identical(eps)
+    _check_and_center(eps, need_center)
     source = (dataset, backbone)
 
     gens: dict[tuple, dict[int, GenResult | None]] = {}  # GEN key -> episode -> result
@@ -266,7 +279,7 @@ def _tick(device: torch.device) -> float:
 
 
 def _link_identical(eps: list[_Prepared]) -> None:
-    """Point each episode at the first one with identical inputs, sharing its centre.
+    """Point each episode at the first one with identical inputs.
 
     A sum per episode narrows the candidates, so only likely twins are compared in full and
     the cost stays one pass over each episode's embeddings, far less than any stage it saves.
@@ -286,7 +299,7 @@ def _link_identical(eps: list[_Prepared]) -> None:
         if twin is None:
             heads.append(j)
         else:
-            ep.same_as, ep.center, ep.grouped = twin, eps[twin].center, eps[twin].grouped
+            ep.same_as, ep.grouped = twin, eps[twin].grouped
 
 
 def _same_inputs(a: _Prepared, b: _Prepared) -> bool:

@@ -127,9 +127,9 @@ def _lloyd(
         near = torch.baddbmm(sq_norms(centres)[:, None, :], x, centres.transpose(1, 2), alpha=-2)
         new_labels = near.argmin(-1)
         sums, counts = _cluster_sums(x, mask, new_labels, k, slots)
-        new = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
         same = (new_labels == labels).all(1) if labels is not None else torch.zeros_like(stopped)
-        new = torch.where(same[:, None, None], centres, new)  # unchanged labels: centres are final
+        # unchanged labels: centres are final; an empty cluster keeps its centre
+        new = torch.where((counts > 0) & ~same[:, None, None], sums / counts.clamp_min(1), centres)
         done = same | (((new - centres) ** 2).sum((1, 2)) <= tol_abs)
         newly = done & ~stopped
         stopped |= done
