@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.errors import BenchError
-from bench.imprint.kmeans import kmeans_batched, kmeanspp, seeding_gram_pays, sq_dist, sq_norms, support_gram
+from bench.imprint.kmeans import (kmeans_batched, kmeanspp, row_stats, seeding_gram_pays, sq_dist, sq_norms,
+                                  support_gram)
 from bench.imprint.registry import Option, get, register_gen
 from bench.imprint.sampling import RowRandom, sample_weighted
 from bench.imprint.support import Reference
@@ -178,10 +179,13 @@ def gen_all(x: torch.Tensor, mask: torch.Tensor) -> GenResult:
 def gen_kmeans(x: torch.Tensor, mask: torch.Tensor, *, rng: RowRandom | int, k: int, n_init: int = 1,
                iters: int = 100, ctx: GenContext | None = None) -> GenResult:
     k_run = min(k, x.shape[1])
-    gram = None
-    if ctx is not None and seeding_gram_pays(x.shape[1], x.shape[2], k_run):
-        gram = ctx.derived("gram", support_gram, x)  # one Gram for every k and seed of this support
-    centres, _, _ = kmeans_batched(x, mask, k_run, n_init=n_init, iters=iters, rng=rng, score=False, gram=gram)
+    gram = stats = None
+    if ctx is not None:  # what every k and seed of this support share, computed once
+        stats = ctx.derived("kmeans_stats", lambda t: row_stats(t, mask), x)
+        if seeding_gram_pays(x.shape[1], x.shape[2], k_run):
+            gram = ctx.derived("gram", support_gram, x)
+    centres, _, _ = kmeans_batched(x, mask, k_run, n_init=n_init, iters=iters, rng=rng, score=False, gram=gram,
+                                   stats=stats)
     pmask = torch.ones(centres.shape[:2], dtype=torch.bool, device=x.device)
     return _finish(x, mask, k, centres, pmask)
 

@@ -105,6 +105,17 @@ def support_gram(x: torch.Tensor) -> torch.Tensor:
     return x @ x.transpose(1, 2)
 
 
+def row_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a padded batch, the samples' squared norms (B, S) and the mean per-feature
+    variance (B,) that k-means' tolerance is relative to."""
+    w = mask.to(x.dtype)
+    x_sq = sq_norms(x)
+    n = w.sum(1)
+    mean = (w[:, None, :] @ x)[:, 0] / n[:, None]
+    # mean per-feature variance = (E||x||^2 - ||E x||^2) / D, without another pass over x
+    return x_sq, ((x_sq * w).sum(1) / n - sq_norms(mean)).clamp_min(0) / x.shape[-1]
+
+
 def _lloyd(
     x: torch.Tensor, mask: torch.Tensor, centres: torch.Tensor, iters: int, tol_abs: torch.Tensor
 ) -> torch.Tensor:
@@ -195,6 +206,7 @@ def kmeans_batched(
     chunk_elements: int | None = None,
     score: bool = True,
     gram: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Lloyd's k-means on every row of a padded batch at once.
 
@@ -207,7 +219,8 @@ def kmeans_batched(
     their previous centre.
 
     Seeding reads the rows' Gram matrix where :func:`seeding_gram_pays`; pass ``gram``
-    (:func:`support_gram` of ``x``) to reuse one computed before, e.g. for several k.
+    (:func:`support_gram` of ``x``) and ``stats`` (:func:`row_stats`) to reuse ones computed
+    before, e.g. for several k or seeds of one support.
 
     Rows are clustered in chunks of about ``chunk_elements`` values (default: 2**24 on CPU, 64 MB
     of float32, which bounds the copies while keeping per-op overhead low: on 2 cores, k=20 over
@@ -221,6 +234,7 @@ def kmeans_batched(
     if n_init > 1:
         x, mask = x.repeat_interleave(n_init, 0), mask.repeat_interleave(n_init, 0)
         gram = None if gram is None else gram.repeat_interleave(n_init, 0)
+        stats = None if stats is None else tuple(t.repeat_interleave(n_init, 0) for t in stats)
     draws = rng.rand((_kmeanspp_draws(k),), "cpu")
     if chunk_elements is None:
         chunk_elements = 1 << 24 if x.device.type == "cpu" else 1 << 62
@@ -231,7 +245,8 @@ def kmeans_batched(
         rows = slice(i, i + step)
         # a Gram not given is computed per chunk, while the chunk is in cache
         chunk_gram = None if not use_gram else support_gram(x[rows]) if gram is None else gram[rows]
-        parts.append(_kmeans_rows(x[rows], mask[rows], k, draws[rows], iters, tol, score, chunk_gram))
+        chunk_stats = row_stats(x[rows], mask[rows]) if stats is None else tuple(t[rows] for t in stats)
+        parts.append(_kmeans_rows(x[rows], mask[rows], k, draws[rows], iters, tol, score, chunk_gram, chunk_stats))
     cols = list(zip(*parts))
     centres = torch.cat(cols[0])
     labels, inertia = (torch.cat(cols[1]), torch.cat(cols[2])) if score else (None, None)
@@ -241,17 +256,12 @@ def kmeans_batched(
     return centres[pick], labels[pick], inertia[pick]
 
 
-def _kmeans_rows(x, mask, k, draws, iters, tol, score, gram=None) -> tuple:
+def _kmeans_rows(x, mask, k, draws, iters, tol, score, gram, stats) -> tuple:
     """Seed (from ``gram`` if given), iterate and (if ``score``) score one chunk of rows while
-    it is still in cache."""
-    w = mask.to(x.dtype)
-    x_sq = sq_norms(x)
-    n = w.sum(1)
-    mean = (w[:, None, :] @ x)[:, 0] / n[:, None]
-    # mean per-feature variance = (E||x||^2 - ||E x||^2) / D, without another pass over x
-    tol_abs = tol * ((x_sq * w).sum(1) / n - sq_norms(mean)).clamp_min(0) / x.shape[-1]
-    centres = _lloyd(x, mask, kmeanspp(x, mask, k, draws, x_sq, gram), iters, tol_abs)
+    it is still in cache; ``stats`` is the chunk's :func:`row_stats`."""
+    x_sq, variance = stats
+    centres = _lloyd(x, mask, kmeanspp(x, mask, k, draws, x_sq, gram), iters, tol * variance)
     if not score:
         return centres, None, None
     best_d, labels = sq_dist(x, centres, x_sq).min(-1)
-    return centres, labels, (best_d * w).sum(1)
+    return centres, labels, (best_d * mask.to(x.dtype)).sum(1)
