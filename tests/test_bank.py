@@ -288,3 +288,28 @@ def test_gen_context_derives_once_per_support_batch():
     assert ctx.derived("total", count, other) == 0  # another batch is not served the first one's value
     assert len(calls) == 2
     assert gen.GenContext(classes=torch.arange(2)).derived("total", count, x) == 24  # no memo: computed
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_gram_blocks_work_in_a_forked_child():
+    """The block product's helper thread does not survive a fork; a child makes its own rather
+    than waiting forever on the parent's."""
+    import os
+
+    a = torch.randn(300, 200, dtype=torch.float64).numpy()
+    expected = gen._gram(a)  # the parent has started its helper thread
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the product completes and is right
+        try:
+            os._exit(0 if (gen._gram(a) == expected).all() else 1)
+        except BaseException:
+            os._exit(2)
+    for _ in range(200):  # up to 20 s, then the child is stuck: fail instead of hanging
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        __import__("time").sleep(0.1)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung waiting for the parent's helper thread")

@@ -357,13 +357,16 @@ def _gram(a):
 
 
 def _worker():
-    """One background thread for BLAS calls that release the GIL (:func:`_gram`)."""
+    """One background thread for BLAS calls that release the GIL (:func:`_gram`), made anew in
+    a forked child, where the parent's thread does not exist and would never run the work."""
     global _WORKER
-    if _WORKER is None:
+    import os
+
+    if _WORKER is None or _WORKER[0] != os.getpid():
         from concurrent.futures import ThreadPoolExecutor
 
-        _WORKER = ThreadPoolExecutor(1, thread_name_prefix="bench-blas")
-    return _WORKER
+        _WORKER = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="bench-blas"))
+    return _WORKER[1]
 
 
 _WORKER = None
