@@ -62,26 +62,25 @@ def kmeanspp(
     u = u.to(x.device)
     rows = torch.arange(b, device=x.device)
 
-    def to_samples(idx: torch.Tensor) -> torch.Tensor:  # (B, T, S) squared distances of samples idx (B, T)
-        if gram is None:  # candidates on the left: MKL's product is faster that way round for few of them
-            c = x[rows[:, None], idx]
-            near = torch.baddbmm(sq_norms(c)[..., None], c, x.transpose(1, 2), alpha=-2)
-        else:  # the same ||c||^2 - 2 c.x from the Gram's (symmetric) rows
-            near = x_sq.gather(1, idx)[..., None] - 2 * gram[rows[:, None], idx]
-        return near.add_(x_sq[:, None, :]).clamp_min_(0)
+    def to_samples(idx: torch.Tensor) -> torch.Tensor:  # (B, S, T) squared distances to samples idx (B, T)
+        if gram is None:
+            return sq_dist(x, x[rows[:, None], idx], x_sq)
+        # the same ||c||^2 - 2 x.c + ||x||^2 as sq_dist, with x.c from the Gram's (symmetric) rows
+        near = (x_sq.gather(1, idx)[..., None] - 2 * gram[rows[:, None], idx]).add_(x_sq[:, None, :])
+        return near.clamp_min_(0).transpose(1, 2)
 
     first = inverse_cdf(mask.to(x.dtype), u[:, :1])  # (B, 1)
     chosen = [first]
-    closest = to_samples(first)[:, 0] * mask
+    closest = to_samples(first)[..., 0] * mask
     # Padded samples start at distance 0 and distances are clamped at 0, so the minimum
     # keeps them at 0 without masking again; centres are gathered once, at the end.
     for i in range(1, k):
         lo = 1 + (i - 1) * trials
         cand = inverse_cdf(closest, u[:, lo : lo + trials])  # (B, T)
-        new_closest = torch.minimum(closest[:, None, :], to_samples(cand))  # (B, T, S)
-        best = new_closest.sum(2).argmin(1, keepdim=True)  # (B, 1)
+        new_closest = torch.minimum(closest[..., None], to_samples(cand))  # (B, S, T)
+        best = new_closest.sum(1).argmin(1, keepdim=True)  # (B, 1)
         chosen.append(cand.gather(1, best))
-        closest = new_closest.gather(1, best[..., None].expand(b, 1, s))[:, 0]
+        closest = new_closest.gather(2, best[:, None].expand(b, new_closest.shape[1], 1))[..., 0]
     return x[rows[:, None], torch.cat(chosen, 1)]
 
 
@@ -135,11 +134,9 @@ def _lloyd(
     slots = _SlotIndex(mask, k) if on_cpu else None
     halted = 0
     for _ in range(iters):
-        # ||x||^2 is constant per sample, so the nearest centre needs only ||c||^2 - 2 c.x; with
-        # the centres on the left, MKL's product runs 10-30% faster for k of 5-20 (same bits
-        # from k = 20), and the (B, S, k) copy that argmin reads fastest costs little.
-        near = torch.baddbmm(sq_norms(centres)[..., None], centres, x.transpose(1, 2), alpha=-2)
-        new_labels = near.transpose(1, 2).contiguous().argmin(-1)
+        # ||x||^2 is constant per sample, so the nearest centre needs only ||c||^2 - 2 x.c.
+        near = torch.baddbmm(sq_norms(centres)[:, None, :], x, centres.transpose(1, 2), alpha=-2)
+        new_labels = near.argmin(-1)
         sums, counts = _cluster_sums(x, mask, new_labels, k, slots)
         same = (new_labels == labels).all(1) if labels is not None else torch.zeros_like(stopped)
         # unchanged labels: centres are final; an empty cluster keeps its centre
