@@ -313,3 +313,27 @@ def test_gram_blocks_work_in_a_forked_child():
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung waiting for the parent's helper thread")
+
+
+def test_an_episode_gets_the_same_heads_whatever_episodes_share_its_batch():
+    """Episodes of different class sizes are never padded into one batch, so an episode's heads do
+    not depend on its neighbours, nor on how a run's episodes are split over processes (padding
+    changes a product's bits, and the way k-means++ seeds)."""
+    specs = ["none/kmeans:k=3/none/none/max", "l2/kmeans:k=5/l2/l2/max", "l2/kmeans:k=2/l2/l2/max", "qi2018"]
+    differing = []
+    for it in range(24):
+        g = torch.Generator().manual_seed(it)
+        dim = (16, 64, 256)[it % 3]
+
+        def episode(shots, seed):
+            modes = torch.randn(10, 3, dim, generator=g) * 2
+            x = torch.cat([modes[c][torch.randint(0, 3, (shots,), generator=g)] + 0.5 * torch.randn(shots, dim, generator=g)
+                           for c in range(10)])
+            return SupportSet(x, torch.arange(10).repeat_interleave(shots), seed=seed)
+
+        small, big = episode((4, 5, 6, 8, 12)[it % 5], it), episode((40, 90)[it % 2], it + 1)
+        grid = build_head_grid(specs, [small, big])
+        for spec, row in zip(specs, grid):
+            if not torch.equal(row[0].proxies, build_head_grid([spec], [small])[0][0].proxies):
+                differing.append((it, spec))
+    assert differing == []

@@ -354,7 +354,7 @@ def _generate(
     chunks = [[i] for i in range(len(ids))] if coupled else _chunks(grouped, max_elements)
     if get("gen", name).seeded and device.type == "cpu":  # twins: run on their one support tensor
         chunks = [part for chunk in chunks for part in _split_twins(chunk, [eps[j] for j in ids], grouped)]
-    results: list[GenResult] = []
+    results: dict[int, GenResult] = {}  # by position in ids: chunks group episodes by width
     for chunk in chunks:
         start = _tick(device)
         members = [eps[ids[i]] for i in chunk]
@@ -372,12 +372,13 @@ def _generate(
             text=_text(members) if get("gen", name).needs_text else None,
             memo=stacks[skey][2],
         )
-        results += _generate_batched(name, stacks[skey][:2], [grouped[i] for i in chunk],
-                                     [ep.support.seed for ep in members], dict(opts), ctx)
+        batch = _generate_batched(name, stacks[skey][:2], [grouped[i] for i in chunk],
+                                  [ep.support.seed for ep in members], dict(opts), ctx)
+        results.update(zip(chunk, batch))
         per_episode = (_tick(device) - start) / len(chunk)
         for ep in members:
             ep.seconds[("gen", key)] = per_episode
-    return results
+    return [results[i] for i in range(len(ids))]
 
 
 def _validation(ep: _Prepared, norm_pre: StageSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -435,19 +436,29 @@ _SPLIT_TWINS = 1 << 20  # values per episode (4 MB of float32) from which twins 
 
 
 def _chunks(grouped, max_elements: int) -> list[list[int]]:
-    """Consecutive runs of episodes whose padded batch stays under ``max_elements``."""
-    chunks: list[list[int]] = []
-    rows = width = 0
+    """Runs of episodes of one padded width (their largest class) whose batch stays under
+    ``max_elements``, in order within each width.
+
+    Episodes of different widths never share a batch: padding a class further can change the
+    bits of a product that sums over its samples, and which way k-means++ seeds
+    (:func:`~bench.imprint.kmeans.seeding_gram_pays` reads the width), so an episode's heads
+    would depend on the other episodes beside it, and on how episodes are split over processes.
+    """
+    by_width: dict[int, list[int]] = {}
     for i, (b, _) in enumerate(grouped):
-        new_rows, new_width = rows + b.shape[0], max(width, b.shape[1])
-        if chunks and new_rows * new_width * b.shape[2] > max_elements:
-            chunks.append([i])
-            rows, width = b.shape[0], b.shape[1]
-        else:
-            if not chunks:
-                chunks.append([])
-            chunks[-1].append(i)
-            rows, width = new_rows, new_width
+        by_width.setdefault(b.shape[1], []).append(i)
+    chunks: list[list[int]] = []
+    for members in by_width.values():
+        current: list[int] = []
+        rows = 0
+        for i in members:
+            b = grouped[i][0]
+            if current and (rows + b.shape[0]) * b.shape[1] * b.shape[2] > max_elements:
+                chunks.append(current)
+                current, rows = [], 0
+            current.append(i)
+            rows += b.shape[0]
+        chunks.append(current)
     return chunks
 
 
