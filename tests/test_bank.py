@@ -241,8 +241,11 @@ def test_twins_with_a_large_support_run_apart_and_give_the_heads_built_alone():
     assert not torch.equal(grid[0][0].proxies, grid[0][1].proxies)  # each seed its own k-means
 
 
-def test_an_episode_without_classes_is_refused():
+def test_an_episode_without_classes_or_dimensions_is_refused():
     from bench.errors import BenchError
+
+    with pytest.raises(BenchError, match="have no dimensions"):
+        build_head_grid(["ls-oracle"], [SupportSet(torch.zeros(4, 0), torch.tensor([0, 0, 1, 1]))])
 
     with pytest.raises(BenchError, match="an episode has no classes"):
         build_head_grid(["zeroshot"], [SupportSet(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),

@@ -25,6 +25,8 @@ def check_embeddings(x: torch.Tensor, what: str, dim: int | None = None) -> None
         raise BenchError(f"{what} must be a 2-D (samples, dim) tensor, got shape {tuple(x.shape)}")
     if len(x) == 0:
         raise BenchError(f"{what} is empty; the episode selected no samples")
+    if x.shape[1] == 0:
+        raise BenchError(f"{what} have no dimensions (shape {tuple(x.shape)}); check the backbone's output")
     if dim is not None and x.shape[1] != dim:
         raise BenchError(
             f"{what} have {x.shape[1]} dims but the head was built on {dim}-dim embeddings; "

@@ -2,7 +2,10 @@
 
 A row is one class of one episode: (samples, dim) with a mask of real samples. Rows are
 clustered together, but each row stops on its own and draws from its own episode's generator,
-so a row's centres do not depend on the other rows in its batch or on how rows are chunked.
+so a row's centres do not depend on the other rows in its batch or on how rows are chunked,
+as long as the batch's padded width stays the same (padding a row further can change a
+product's bits and, through :func:`seeding_gram_pays`, how it is seeded; the grid never
+pads an episode beyond its own largest class).
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def seeding_gram_pays(samples: int, dim: int, k: int) -> bool:
     candidates' rows. So it pays for S up to about 10 * (k - 1) * trials alone, and more when
     several seedings (seeds of one support, several k) share it; S <= D keeps it no larger
     than the data. A fixed rule of the shapes, so a row's centres never depend on whether a
-    Gram was shared.
+    Gram was shared; S is the padded width, which the grid keeps to the episode's own.
     """
     trials = 2 + int(math.log(k)) if k > 1 else 0
     return samples <= min(dim, 10 * (k - 1) * trials)
@@ -225,7 +228,7 @@ def kmeans_batched(
     Rows are clustered in chunks of about ``chunk_elements`` values (default: 2**24 on CPU, 64 MB
     of float32, which bounds the copies while keeping per-op overhead low: on 2 cores, k=20 over
     50 rows of 500 x 512 ran 1.4x faster than in 2**22 chunks; unlimited on GPU).
-    Every row's result is independent of how rows are chunked or batched.
+    Every row's result is independent of how rows of one padded width are chunked or batched.
     """
     b = len(x)
     rng = RowRandom.of(rng, b).repeat(n_init)
