@@ -159,6 +159,28 @@ def test_distance_metrics(metric, expected):
     assert torch.allclose(agg.distances(q, p, metric)[0], torch.tensor(expected))
 
 
+@pytest.mark.parametrize("proxies", [1, 6, 7, 10, 15, 16, 40])
+def test_inner_products_and_distances_for_every_proxy_count(proxies):
+    # 7-15 proxies run through a product padded to 16 columns: every count must give the plain
+    # product's values in the (N, P) shape, and AGGs must read the narrowed matrix correctly
+    g = torch.Generator().manual_seed(proxies)
+    q, p = torch.randn(33, 24, generator=g), torch.randn(proxies, 24, generator=g)
+    dots = agg.inner_products(q, p)
+    assert dots.shape == (33, proxies)
+    assert torch.allclose(dots, q @ p.T, atol=1e-5)
+    shifted = agg.inner_products(q, p, p.pow(2).sum(1), alpha=-2)
+    assert torch.allclose(shifted, p.pow(2).sum(1) - 2 * q @ p.T, atol=1e-4)
+    assert torch.allclose(agg.distances(q, p, "euclidean"), torch.cdist(q, p), atol=1e-4)
+    assert torch.allclose(agg.distances(q, p, "cosine"),
+                          1 - torch.nn.functional.cosine_similarity(q[:, None], p[None], dim=-1), atol=1e-5)
+    labels = torch.arange(proxies) % 3
+    best = torch.stack([(q @ p[labels == c].T).amax(1) if (labels == c).any() else torch.full((33,), -math.inf)
+                        for c in range(3)], 1)
+    assert torch.allclose(agg.aggregate(StageSpec.parse("agg", "max"), q, p, labels, 3), best, atol=1e-5)
+    nearest = labels[torch.cdist(q, p).argmin(1)]
+    assert torch.equal(agg.aggregate(StageSpec.parse("agg", "mnn"), q, p, labels, 3).argmax(1), nearest)
+
+
 def test_mnn_uniform_vote_and_tie_break():
     q = torch.tensor([[0.0]])
     p = torch.tensor([[1.0], [-2.0], [3.0], [-4.0], [10.0]])
