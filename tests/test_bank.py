@@ -269,6 +269,22 @@ def test_seeding_from_the_gram_matrix_picks_the_centres_of_direct_seeding():
     assert all(torch.equal(a, b) for a, b in zip(own, shared))
 
 
+def test_seeding_reports_each_samples_nearest_centre_for_lloyds_first_step():
+    """Lloyd's first assignment is read from seeding's distances: on data without near ties it
+    is the nearest centre by direct distances, both with and without the Gram matrix, and the
+    k-means result equals that of Lloyd assigning by its own product from the seeds."""
+    x, y = gaussian_mixture(num_classes=3, dim=40, per_class=60, modes=5, mode_spread=5.0, seed=4)
+    batch, mask = gen.group_by_class(x, y, torch.arange(3))
+    u = sampling.RowRandom([(7, 3)]).rand((kmeans._kmeanspp_draws(5),), "cpu")
+    for gram in (None, kmeans.support_gram(batch)):
+        centres, nearest = kmeans.kmeanspp(batch, mask, 5, u, gram=gram, nearest=True)
+        assert torch.equal(centres, kmeans.kmeanspp(batch, mask, 5, u, gram=gram))
+        assert torch.equal(nearest, torch.cdist(batch, centres).argmin(-1))
+        tol = torch.full((3,), 1e-6)
+        assert torch.equal(kmeans._lloyd(batch, mask, centres, 50, tol, nearest),
+                           kmeans._lloyd(batch, mask, centres, 50, tol))
+
+
 def test_gram_matrix_by_blocks_equals_the_whole_product():
     g = torch.Generator().manual_seed(0)
     for cols in (40, 301):  # whole below 128 columns, in blocks above

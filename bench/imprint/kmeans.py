@@ -48,8 +48,13 @@ def kmeanspp(
     rng: RowRandom | torch.Tensor,
     x_sq: torch.Tensor | None = None,
     gram: torch.Tensor | None = None,
-) -> torch.Tensor:
+    nearest: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Greedy k-means++ seeding (as in scikit-learn), batched: returns centres (B, k, D).
+
+    ``nearest=True`` also returns which centre each sample is nearest (B, S), read from the
+    distances seeding computes anyway (the earlier centre on a tie), so Lloyd's first
+    assignment needs no product of its own.
 
     ``rng`` may be the uniforms themselves, (B, :func:`_kmeanspp_draws`) float64: a row's
     draws then depend only on its own position in its episode, so rows can be seeded in
@@ -75,6 +80,7 @@ def kmeanspp(
     first = inverse_cdf(mask.to(x.dtype), u[:, :1])  # (B, 1)
     chosen = [first]
     closest = to_samples(first)[..., 0] * mask
+    owner = torch.zeros(b, s, dtype=torch.long, device=x.device) if nearest else None
     # Padded samples start at distance 0 and distances are clamped at 0, so the minimum
     # keeps them at 0 without masking again; centres are gathered once, at the end.
     for i in range(1, k):
@@ -83,8 +89,12 @@ def kmeanspp(
         new_closest = torch.minimum(closest[..., None], to_samples(cand))  # (B, S, T)
         best = new_closest.sum(1).argmin(1, keepdim=True)  # (B, 1)
         chosen.append(cand.gather(1, best))
-        closest = new_closest.gather(2, best[:, None].expand(b, new_closest.shape[1], 1))[..., 0]
-    return x[rows[:, None], torch.cat(chosen, 1)]
+        now = new_closest.gather(2, best[:, None].expand(b, s, 1))[..., 0]
+        if nearest:  # strictly nearer than every earlier centre: this one
+            owner.masked_fill_(now < closest, i)
+        closest = now
+    centres = x[rows[:, None], torch.cat(chosen, 1)]
+    return (centres, owner) if nearest else centres
 
 
 def seeding_gram_pays(samples: int, dim: int, k: int) -> bool:
@@ -120,13 +130,15 @@ def row_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def _lloyd(
-    x: torch.Tensor, mask: torch.Tensor, centres: torch.Tensor, iters: int, tol_abs: torch.Tensor
+    x: torch.Tensor, mask: torch.Tensor, centres: torch.Tensor, iters: int, tol_abs: torch.Tensor,
+    first_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lloyd iterations with a per-row stop, as if every row ran alone.
 
     A row stops when no assignment changes or its centres move less than ``tol_abs``; its
     centres are final from then on. Once half the rows still in the batch have stopped, they
     leave it, so work shrinks as rows converge while the copy that shrinking costs stays rare.
+    ``first_labels`` (B, S): the first assignment, when seeding already knows it.
     """
     k = centres.shape[1]
     final = centres.clone()
@@ -136,10 +148,12 @@ def _lloyd(
     on_cpu = x.device.type == "cpu"  # CUDA sums clusters by a one-hot product, without slots
     slots = _SlotIndex(mask, k) if on_cpu else None
     halted = 0
-    for _ in range(iters):
-        # ||x||^2 is constant per sample, so the nearest centre needs only ||c||^2 - 2 x.c.
-        near = torch.baddbmm(sq_norms(centres)[:, None, :], x, centres.transpose(1, 2), alpha=-2)
-        new_labels = near.argmin(-1)
+    for it in range(iters):
+        if it == 0 and first_labels is not None:
+            new_labels = first_labels
+        else:  # ||x||^2 is constant per sample, so the nearest centre needs only ||c||^2 - 2 x.c.
+            near = torch.baddbmm(sq_norms(centres)[:, None, :], x, centres.transpose(1, 2), alpha=-2)
+            new_labels = near.argmin(-1)
         sums, counts = _cluster_sums(x, mask, new_labels, k, slots)
         same = (new_labels == labels).all(1) if labels is not None else torch.zeros_like(stopped)
         # unchanged labels: centres are final; an empty cluster keeps its centre
@@ -263,7 +277,8 @@ def _kmeans_rows(x, mask, k, draws, iters, tol, score, gram, stats) -> tuple:
     """Seed (from ``gram`` if given), iterate and (if ``score``) score one chunk of rows while
     it is still in cache; ``stats`` is the chunk's :func:`row_stats`."""
     x_sq, variance = stats
-    centres = _lloyd(x, mask, kmeanspp(x, mask, k, draws, x_sq, gram), iters, tol * variance)
+    seeds, nearest = kmeanspp(x, mask, k, draws, x_sq, gram, nearest=True)
+    centres = _lloyd(x, mask, seeds, iters, tol * variance, nearest)
     if not score:
         return centres, None, None
     best_d, labels = sq_dist(x, centres, x_sq).min(-1)
