@@ -356,3 +356,59 @@ def test_an_episode_gets_the_same_heads_whatever_episodes_share_its_batch():
             if not torch.equal(row[0].proxies, build_head_grid([spec], [small])[0][0].proxies):
                 differing.append((it, spec))
     assert differing == []
+
+
+def test_a_rows_sum_does_not_depend_on_its_batch_or_thread_count():
+    """Class means and k-means' tolerance sum each row's samples; in a batched (1 x S) @ (S x D)
+    product MKL's kernel depends on the batch size, so a class's mean had other bits in a grid
+    than alone. Row sums must equal a sub-batch's, on 1 and 2 threads, padded or not."""
+    from bench.imprint.rows import row_sums
+
+    g = torch.Generator().manual_seed(5)
+    before = torch.get_num_threads()
+    try:
+        for _ in range(40):
+            b, s, d = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((2, 40), (1, 60), (2, 700)))
+            x = torch.randn(b, s, d, generator=g)
+            mask = torch.rand(b, s, generator=g) < 0.8
+            mask[:, 0] = True
+            x[~mask] = 0.0
+            cut = int(torch.randint(1, b, (1,), generator=g))
+            sums = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for m in (None, mask):
+                    whole, part = row_sums(x, m), row_sums(x[cut:], None if m is None else m[cut:])
+                    assert torch.equal(whole[cut:], part), (b, s, d, cut, threads)
+                    sums.append(whole)
+            assert all(torch.equal(sums[0], other) for other in sums[1:])
+            assert torch.allclose(sums[0], (x * mask[..., None]).sum(1), atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_mean_heads_in_a_grid_equal_heads_built_alone_at_shapes_where_batching_changed_them():
+    # 7 classes of uneven size x 334 dims: episodes 0 and 2 share one padded width (15), so the
+    # grid batches their 14 classes, a shape where the batched product gave the mean other bits
+    # than for episode 2's 7 classes alone (found by a review's fuzzing)
+    x, y = gaussian_mixture(num_classes=7, dim=334, per_class=20, modes=2, seed=9)
+    sizes = [[9, 14, 14, 12, 12, 15, 13], [5, 4, 7, 4, 5, 2, 4], [12, 15, 6, 1, 12, 14, 7]]
+    eps = []
+    for seed, counts in enumerate(sizes):
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(20, generator=g)[:n]]
+                         for c, n in enumerate(counts)])
+        eps.append(SupportSet(x[idx], y[idx], seed=seed))
+    specs = ["l2/mean/l2/l2/max", "l2/mean/none/none/max", "none/mean/none/none/mnn",
+             "center-l2/mean/none/center-l2/mnn", "l2/kmeans:k=3/l2/l2/max"]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            grid = build_head_grid(specs, eps)
+            for i, spec in enumerate(specs):
+                for j, ep in enumerate(eps):
+                    alone = build_head(spec, ep.embeddings, ep.labels, seed=ep.seed)
+                    assert torch.equal(grid[i][j].proxies, alone.proxies), (spec, j, threads)
+    finally:
+        torch.set_num_threads(before)

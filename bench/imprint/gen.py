@@ -25,6 +25,7 @@ from bench.errors import BenchError
 from bench.imprint.kmeans import (kmeans_batched, kmeanspp, row_stats, seeding_gram_pays, sq_dist, sq_norms,
                                   support_gram)
 from bench.imprint.registry import Option, get, register_gen
+from bench.imprint.rows import row_sums
 from bench.imprint.sampling import RowRandom, sample_weighted
 from bench.imprint.support import Reference
 
@@ -159,9 +160,7 @@ def _positive_k(k: int) -> dict[str, Option]:
 @register_gen("mean", single_proxy=True, one_sample_identity=True, summary="the class mean",
               reference="Qi et al. 2018")
 def gen_mean(x: torch.Tensor, mask: torch.Tensor) -> GenResult:
-    w = mask.to(x.dtype)
-    # A batched matmul avoids a (C, S, D) temporary, which costs more than the sum itself.
-    return _one_per_class((w[:, None, :] @ x)[:, 0] / w.sum(1, keepdim=True))
+    return _one_per_class(row_sums(x, mask) / mask.sum(1, keepdim=True).to(x.dtype))
 
 
 @register_gen("all", sample_proxies=True, summary="every support sample is a proxy (with `max` or "
@@ -454,7 +453,7 @@ def geometric_median(x: torch.Tensor, mask: torch.Tensor, iters: int = 200, tol:
     """
     w = mask.to(x.dtype)
     rows = torch.arange(len(x), device=x.device)
-    y = (w[:, None, :] @ x)[:, 0] / w.sum(1, keepdim=True)
+    y = row_sums(x, mask) / w.sum(1, keepdim=True)
     spread = ((x - y[:, None]).norm(dim=-1) * w).sum(1) / w.sum(1)
     done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(iters):
@@ -467,7 +466,7 @@ def geometric_median(x: torch.Tensor, mask: torch.Tensor, iters: int = 200, tol:
         y = torch.where(is_median[:, None], nearest, y)
         done |= is_median
         inv = w / (x - y[:, None]).norm(dim=-1).clamp_min(1e-12 * (1 + spread[:, None]))
-        new = (inv[:, None, :] @ x)[:, 0] / inv.sum(1, keepdim=True)
+        new = row_sums(x, weights=inv) / inv.sum(1, keepdim=True)
         step = (new - y).norm(dim=-1)
         y = torch.where(done[:, None], y, new)
         done |= step <= tol * spread.clamp_min(1e-30)

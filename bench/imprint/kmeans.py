@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from bench.imprint.rows import row_sums
 from bench.imprint.sampling import RowRandom, inverse_cdf
 
 
@@ -124,7 +125,7 @@ def row_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     w = mask.to(x.dtype)
     x_sq = sq_norms(x)
     n = w.sum(1)
-    mean = (w[:, None, :] @ x)[:, 0] / n[:, None]
+    mean = row_sums(x, mask) / n[:, None]
     # mean per-feature variance = (E||x||^2 - ||E x||^2) / D, without another pass over x
     return x_sq, ((x_sq * w).sum(1) / n - sq_norms(mean)).clamp_min(0) / x.shape[-1]
 
