@@ -181,6 +181,29 @@ def test_inner_products_and_distances_for_every_proxy_count(proxies):
     assert torch.equal(agg.aggregate(StageSpec.parse("agg", "mnn"), q, p, labels, 3).argmax(1), nearest)
 
 
+def test_a_querys_scores_do_not_depend_on_the_queries_beside_it_or_the_thread_count():
+    """Engines score queries in chunks (a tail of a few rows, a DDP share), on 1 or N threads;
+    each query's row of every matrix must be the same bits in any chunk and on any thread count
+    (MKL uses other kernels for 1-3 queries, for 5-11 on 2 threads, and for one proxy)."""
+    g = torch.Generator().manual_seed(11)
+    before = torch.get_num_threads()
+    try:
+        for proxies in (1, 2, 5, 10, 16, 35):
+            q, p = torch.randn(40, 96, generator=g), torch.randn(proxies, 96, generator=g)
+            for kind in ("dot", "euclidean", "cosine"):
+                rows = []
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    full = agg.pair_matrix(kind, q, p)
+                    rows.append(full)
+                    for start, stop in ((0, 1), (3, 5), (10, 17), (20, 40), (33, 40), (0, 12)):
+                        assert torch.equal(agg.pair_matrix(kind, q[start:stop], p), full[start:stop]), \
+                            (proxies, kind, threads, start, stop)
+                assert torch.equal(rows[0], rows[1]), (proxies, kind)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_mnn_uniform_vote_and_tie_break():
     q = torch.tensor([[0.0]])
     p = torch.tensor([[1.0], [-2.0], [3.0], [-4.0], [10.0]])

@@ -53,20 +53,37 @@ def inner_products(queries: torch.Tensor, proxies: torch.Tensor, add: torch.Tens
                    alpha: float = 1.0) -> torch.Tensor:
     """(N, P) ``queries @ proxies.T``, or ``add + alpha * queries @ proxies.T`` with ``add`` (P,).
 
-    On CPU, 7 to 15 proxies are padded with zero rows to 16 and the extra columns dropped: MKL
-    runs products with 7-15 output columns 1.2-2.9x slower than with 16 (one proxy per class
-    of 10 classes is 10 columns). Every product of those shapes is padded, so a head's scores
-    are the same bits whether it is scored alone or in a grid.
+    On CPU, some small products are padded with zero rows, and the extra rows and columns
+    dropped, because MKL computes them with other kernels:
+    - fewer than 16 queries: 1-3 queries get other bits than in a larger batch (a query's scores
+      would depend on the queries beside it: a chunk's tail, a DDP share), and 5-11 queries bits
+      that depend on the thread count (1 or N processes would differ);
+    - one proxy: its scores depend on the number of queries (a matrix-vector product);
+    - 7 to 15 proxies: 1.2-2.9x slower than 16 (one proxy per class of 10 classes is 10 columns).
+    Every product of those shapes is padded the same way, so a head's scores are the same bits
+    alone or in a grid, on any thread count and in any chunk of queries.
     """
-    p = len(proxies)
-    if _PAD_FROM <= p < _PAD_TO and proxies.device.type == "cpu":
-        proxies = torch.cat([proxies, proxies.new_zeros(_PAD_TO - p, proxies.shape[1])])
-        add = None if add is None else torch.cat([add, add.new_zeros(_PAD_TO - p)])
-        return inner_products(queries, proxies, add, alpha)[:, :p]
+    n, p = len(queries), len(proxies)
+    width = _padded_width(p)
+    if queries.device.type != "cpu" or (n >= _MIN_QUERIES and width == p):
+        return _product(queries, proxies, add, alpha)
+    if n < _MIN_QUERIES:
+        queries = torch.cat([queries, queries.new_zeros(_MIN_QUERIES - n, queries.shape[1])])
+    if width > p:
+        proxies = torch.cat([proxies, proxies.new_zeros(width - p, proxies.shape[1])])
+        add = None if add is None else torch.cat([add, add.new_zeros(width - p)])
+    return _product(queries, proxies, add, alpha)[:n, :p]
+
+
+def _padded_width(p: int) -> int:
+    return 2 if p == 1 else 16 if 7 <= p < 16 else p
+
+
+def _product(queries, proxies, add, alpha):
     return queries @ proxies.T if add is None else torch.addmm(add, queries, proxies.T, alpha=alpha)
 
 
-_PAD_FROM, _PAD_TO = 7, 16
+_MIN_QUERIES = 16
 
 
 def max_of_similarity(sim: torch.Tensor, proxy_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
