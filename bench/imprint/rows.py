@@ -20,9 +20,10 @@ def row_sums(x: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.T
     gave a row other bits in a sub-batch. CUDA keeps that product, the form checked there for
     grid-equals-alone (on an H200, 440 heads).
     """
-    if x.device.type != "cpu":
-        w = weights if weights is not None else mask.to(x.dtype)
-        return (w[:, None, :] @ x)[:, 0]
+    if weights is None and mask is not None and x.device.type != "cpu":
+        weights = mask.to(x.dtype)
+    if weights is not None and x.device.type != "cpu":
+        return (weights[:, None, :] @ x)[:, 0]
     if weights is not None:
         return (x * weights[..., None]).sum(1)
     if mask is not None and not bool(mask.all()):
