@@ -203,6 +203,25 @@ def test_cluster_sums_leave_out_padding_and_match_a_loop():
             assert counts[b, c, 0] == members.sum()
 
 
+def test_lloyd_rows_that_stop_early_keep_their_centres_while_the_batch_runs_on():
+    """A row that stops on its tolerance while its assignments still change stays in the batch
+    (rows leave only once half have stopped) and keeps iterating there; its result must be
+    where it stopped, as when it runs alone, also when the other rows end the run together."""
+    g = torch.Generator().manual_seed(3)
+    easy = torch.cat([torch.randn(20, 8, generator=g) * 0.1 + 5 * i for i in range(3)])  # 3 clear clusters
+    hard = torch.randn(60, 8, generator=g)  # no structure: many iterations
+    x = torch.stack([easy, hard, hard])  # two equal hard rows converge in the same iteration
+    mask = torch.ones(3, 60, dtype=torch.bool)
+    seeds = torch.stack([easy[[0, 1, 2]], hard[:3], hard[:3]])  # one cluster's samples: far from converged
+    tol = torch.tensor([1e9, 0.0, 0.0])  # row 0 stops after one update; rows 1 and 2 end together
+    batched = kmeans._lloyd(x, mask, seeds, 100, tol)
+    for row in range(3):
+        alone = kmeans._lloyd(x[row:row + 1], mask[row:row + 1], seeds[row:row + 1], 100, tol[row:row + 1])
+        assert torch.equal(batched[row], alone[0]), row
+    # run on, row 0's centres would have moved on from where it stopped
+    assert not torch.equal(batched[0], kmeans._lloyd(x[:1], mask[:1], seeds[:1], 100, torch.zeros(1))[0])
+
+
 def test_kmeans_without_the_scoring_pass_gives_the_same_centres():
     x, y = gaussian_mixture(num_classes=4, dim=16, per_class=30, modes=3, seed=2)
     batch, mask = gen.group_by_class(x, y, torch.arange(4))

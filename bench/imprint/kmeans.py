@@ -155,8 +155,14 @@ def _lloyd(
         else:  # ||x||^2 is constant per sample, so the nearest centre needs only ||c||^2 - 2 x.c.
             near = torch.baddbmm(sq_norms(centres)[:, None, :], x, centres.transpose(1, 2), alpha=-2)
             new_labels = near.argmin(-1)
-        sums, counts = _cluster_sums(x, mask, new_labels, k, slots)
         same = (new_labels == labels).all(1) if labels is not None else torch.zeros_like(stopped)
+        if labels is not None and bool((same | stopped).all()):
+            # Every running row kept its assignment, so each stops on its current centres: skip
+            # the cluster sums, which these rows would discard (usually the last iteration).
+            running = ~stopped
+            final[live[running]] = centres[running]
+            return final
+        sums, counts = _cluster_sums(x, mask, new_labels, k, slots)
         # unchanged labels: centres are final; an empty cluster keeps its centre
         new = torch.where((counts > 0) & ~same[:, None, None], sums / counts.clamp_min(1), centres)
         done = same | (((new - centres) ** 2).sum((1, 2)) <= tol_abs)
