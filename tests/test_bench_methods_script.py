@@ -24,3 +24,25 @@ def test_bench_methods_small_grid(tmp_path):
         assert result["kmeans"]["methods"] == ["l2/kmeans:k=3/l2/l2/max"]
         kmeans_ref = sum(r["ref_time_s"] for r in result["rows"] if r["method"] == "l2/kmeans:k=3/l2/l2/max")
         assert abs(result["kmeans"]["ref_time_s"] - kmeans_ref) < 1e-12
+
+
+def test_timing_rounds_keep_each_cells_best_and_refuse_changed_results():
+    import pytest
+
+    from bench.benchmarks.methods import best_of_rounds
+
+    order, times = [], iter([{"a": 3.0, "b": 1.0}, {"a": 2.0, "b": 5.0}, {"a": 4.0, "b": 0.5}])
+
+    def side(name, seq):
+        def run():
+            order.append(name)
+            return {"acc": 1.0}, next(seq)
+        return run
+
+    other = iter([{"c": 1.0}] * 3)
+    out = best_of_rounds({"x": side("x", times), "y": side("y", other)}, 3)
+    assert out["x"][1] == {"a": 2.0, "b": 0.5}  # each cell's best round, not one round's times
+    assert order == ["x", "y"] * 3  # the sides take turns in every round
+    changing = iter([({"acc": 1.0}, {"a": 1.0}), ({"acc": 0.5}, {"a": 1.0})])
+    with pytest.raises(SystemExit, match="accuracies changed between timing rounds 1 and 2"):
+        best_of_rounds({"z": lambda: next(changing)}, 2)

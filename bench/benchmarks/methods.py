@@ -14,8 +14,11 @@ randomness (k-means seeding) and speed differences from batching over classes.
 The library is timed two ways: as a grid (``build_head_grid`` + ``score_heads``: every method
 and seed of a shot count at once, each shared stage computed once), which is how the library
 runs a grid, and one method at a time (``build_heads`` + ``predict`` per method), which shows
-what batching alone gives. Both must predict the same labels. Every cell is timed
-``--repeats`` times on each side and the best time kept.
+what batching alone gives. Both must predict the same labels. Timing runs in ``--repeats``
+rounds, each timing every cell once on every side (reference, one at a time, grid, k-means
+grid) in turn, and each cell keeps its best round: a shared machine's load drifts over seconds,
+and timing the sides back to back in every round lets the drift hit all of them alike, where
+timing each side's repeats together would fold a slow minute into one side only.
 
 Prints accuracy side by side and the speed ratios (reference time / library time), overall and
 per shot count, and the k-means grid alone (the k-means specs as one grid against the
@@ -156,10 +159,11 @@ def _cells(episodes):
     return sorted({key[0] for key in episodes}, key=str)
 
 
-def run_library(specs, pool_x, pool_y, test_x, test_y, episodes, device, repeats=1):
+def run_library(specs, pool_x, pool_y, test_x, test_y, episodes, device):
     """One method at a time: all seeds of a (method, shots) cell imprinted in one batched call.
 
-    Times are the best of ``repeats`` runs, split evenly over the cell's episodes.
+    Returns accuracies and times per (method, shots, seed); a cell's time is split evenly over
+    its episodes.
     """
     px, py, tx = pool_x.to(device), pool_y.to(device), test_x.to(device)
     acc, times = {}, {}
@@ -167,56 +171,71 @@ def run_library(specs, pool_x, pool_y, test_x, test_y, episodes, device, repeats
         eps = [(key, ep) for key, ep in episodes.items() if key[0] == shots]
         support = [SupportSet(px[ep.support], py[ep.support], seed=ep.seed) for _, ep in eps]
         for spec in specs:
-            best = float("inf")
-            for _ in range(repeats):
-                start = _now(device)
-                heads = build_heads(spec, support)
-                preds = [head.predict(tx).cpu() for head in heads]
-                best = min(best, _now(device) - start)
+            start = _now(device)
+            heads = build_heads(spec, support)
+            preds = [head.predict(tx).cpu() for head in heads]
+            took = _now(device) - start
             for (key, _), pred in zip(eps, preds):
-                times[(spec.name, *key)] = best / len(eps)
+                times[(spec.name, *key)] = took / len(eps)
                 acc[(spec.name, *key)] = float((pred == test_y).float().mean())
     return acc, times
 
 
-def run_library_grid(specs, pool_x, pool_y, test_x, test_y, episodes, device, repeats=1):
+def run_library_grid(specs, pool_x, pool_y, test_x, test_y, episodes, device):
     """The whole grid of one shot count at once: every spec on every seed, sharing stages.
 
-    Returns accuracies per (method, shots, seed) and the best-of-``repeats`` time per shot count.
+    Returns accuracies per (method, shots, seed) and the time per shot count.
     """
     px, py, tx = pool_x.to(device), pool_y.to(device), test_x.to(device)
     acc, times = {}, {}
     for shots in _cells(episodes):
         eps = [(key, ep) for key, ep in episodes.items() if key[0] == shots]
         support = [SupportSet(px[ep.support], py[ep.support], seed=ep.seed) for _, ep in eps]
-        best = float("inf")
-        for _ in range(repeats):
-            start = _now(device)
-            grid = build_head_grid(specs, support)
-            flat = [head for row in grid for head in row]
-            preds = [h.classes[s.argmax(1)].cpu() for h, s in zip(flat, score_heads(flat, tx))]
-            best = min(best, _now(device) - start)
-        times[shots] = best
+        start = _now(device)
+        grid = build_head_grid(specs, support)
+        flat = [head for row in grid for head in row]
+        preds = [h.classes[s.argmax(1)].cpu() for h, s in zip(flat, score_heads(flat, tx))]
+        times[shots] = _now(device) - start
         for i, spec in enumerate(specs):
             for j, (key, _) in enumerate(eps):
                 acc[(spec.name, *key)] = float((preds[i * len(eps) + j] == test_y).float().mean())
     return acc, times
 
 
-def run_reference(specs, pool_x, pool_y, test_x, test_y, episodes, repeats=1):
+def run_reference(specs, pool_x, pool_y, test_x, test_y, episodes):
+    """The reference on every (method, shots, seed): accuracies and times."""
     px, py, tx, ty = (t.numpy() for t in (pool_x, pool_y, test_x, test_y))
     acc, times = {}, {}
     for key, ep in episodes.items():
         xs, ys = px[ep.support], py[ep.support]
         for spec in specs:
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                pred = ref_predict(spec, xs, ys, tx, list(ep.classes), ep.seed)
-                best = min(best, time.perf_counter() - start)
-            times[(spec.name, *key)] = best
+            start = time.perf_counter()
+            pred = ref_predict(spec, xs, ys, tx, list(ep.classes), ep.seed)
+            times[(spec.name, *key)] = time.perf_counter() - start
             acc[(spec.name, *key)] = float((pred == ty).mean())
     return acc, times
+
+
+def best_of_rounds(sides: dict, rounds: int) -> dict:
+    """Run each side (name -> callable returning (accuracies, times)) once per round, the sides
+    one after another in every round, and keep each time key's best round.
+
+    Returns name -> (accuracies, best times). Every side is seeded, so its accuracies cannot
+    change between rounds; a change is an error, since the rounds would not time the same work.
+    """
+    out = {}
+    for r in range(rounds):
+        for name, run in sides.items():
+            acc, times = run()
+            if name not in out:
+                out[name] = (acc, dict(times))
+                continue
+            if acc != out[name][0]:
+                raise SystemExit(f"{name}: accuracies changed between timing rounds 1 and {r + 1}")
+            best = out[name][1]
+            for key, t in times.items():
+                best[key] = min(best[key], t)
+    return out
 
 
 def _now(device) -> float:
@@ -254,7 +273,8 @@ def main(argv=None):
     ap.add_argument("--mode-spread", type=float, default=1.0)
     ap.add_argument("--noise", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (both sides run on the same cores)")
-    ap.add_argument("--repeats", type=int, default=3, help="time each cell this many times, keep the best")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timing rounds: every side times every cell once a round; each cell keeps its best")
     ap.add_argument("--out", default="bench_methods.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -263,7 +283,7 @@ def main(argv=None):
     for data in datasets:
         print(f"\n=== {data} ===")
         results[data] = compare(args, data)
-    print(f"\nsummary: reference time / library time, CPU, {args.threads} threads, best of {args.repeats} runs")
+    print(f"\nsummary: reference time / library time, CPU, {args.threads} threads, best of {args.repeats} rounds")
     print(f"  {'data':<8} {'grid':>7} {'k-means grid':>13} {'one at a time':>14} {'largest accuracy gap':>21}")
     for data, r in results.items():
         o = r["overall"]
@@ -302,9 +322,18 @@ def compare(args, data: str) -> dict:
     run_reference(specs, pool_x, pool_y, test_x, test_y, warm)
 
     r = args.repeats
-    ref = run_reference(specs, pool_x, pool_y, test_x, test_y, episodes, r)
-    lib = run_library(specs, pool_x, pool_y, test_x, test_y, episodes, cpu, r)
-    grid_acc, grid_times = run_library_grid(specs, pool_x, pool_y, test_x, test_y, episodes, cpu, r)
+    kmeans_specs = [spec for spec in specs if spec.gen.name == "kmeans"]
+    data_args = (pool_x, pool_y, test_x, test_y, episodes)
+    sides = {
+        "reference": lambda: run_reference(specs, *data_args),
+        "one at a time": lambda: run_library(specs, *data_args, cpu),
+        "grid": lambda: run_library_grid(specs, *data_args, cpu),
+    }
+    if kmeans_specs:  # the k-means specs as a grid of their own, against the reference's k-means rows
+        sides["k-means grid"] = lambda: run_library_grid(kmeans_specs, *data_args, cpu)
+    timed = best_of_rounds(sides, r)
+    ref, lib = timed["reference"], timed["one at a time"]
+    grid_acc, grid_times = timed["grid"]
     rows = summarise(specs, shots, seeds, lib, ref, grid_acc)
     mismatch = [(row["method"], row["shots"]) for row in rows if row["grid_acc"] != row["lib_acc"]]
     if mismatch:  # the grid shares stages but must not change a prediction
@@ -318,10 +347,9 @@ def compare(args, data: str) -> dict:
         cells = [f"{100 * by[(spec.name, s)]['lib_acc']:5.1f}/{100 * by[(spec.name, s)]['ref_acc']:5.1f}" for s in shots]
         print(f"{spec.name:<{name_w}} " + " ".join(f"{c:>13}" for c in cells))
 
-    kmeans_specs = [spec for spec in specs if spec.gen.name == "kmeans"]
     kmeans = None
-    if kmeans_specs:  # the k-means specs as a grid of their own, against the reference's k-means rows
-        _, km_times = run_library_grid(kmeans_specs, pool_x, pool_y, test_x, test_y, episodes, cpu, r)
+    if kmeans_specs:
+        km_times = timed["k-means grid"][1]
         km_ref = sum(row["ref_time_s"] for row in rows if row["method"] in {s.name for s in kmeans_specs})
         kmeans = dict(methods=[s.name for s in kmeans_specs], grid_time_s=sum(km_times.values()),
                       ref_time_s=km_ref, speedup=km_ref / sum(km_times.values()))
@@ -336,7 +364,7 @@ def compare(args, data: str) -> dict:
     lib_total = sum(row["lib_time_s"] for row in rows)
     ref_total = sum(row["ref_time_s"] for row in rows)
     worst = max(rows, key=lambda row: abs(row["acc_diff_points"]))
-    print(f"\nspeed (reference time / library time), CPU, best of {r} runs each:")
+    print(f"\nspeed (reference time / library time), CPU, best of {r} interleaved rounds:")
     print("  grid = the library runs the whole grid at once (build_head_grid + score_heads);")
     print("  one at a time = the library builds and scores each method separately")
     for s, v in per_shot.items():
@@ -361,7 +389,7 @@ def compare(args, data: str) -> dict:
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         run_library_grid(specs, pool_x, pool_y, test_x, test_y, warm, dev)
-        _, gpu_times = run_library_grid(specs, pool_x, pool_y, test_x, test_y, episodes, dev, r)
+        gpu_times = best_of_rounds({"gpu": lambda: run_library_grid(specs, *data_args, dev)}, r)["gpu"][1]
         gpu_total = sum(gpu_times.values())
         result["gpu"] = dict(device=torch.cuda.get_device_name(), grid_time_s=gpu_total,
                              speedup_vs_reference=ref_total / gpu_total)
