@@ -431,3 +431,16 @@ def test_mean_heads_in_a_grid_equal_heads_built_alone_at_shapes_where_batching_c
                     assert torch.equal(grid[i][j].proxies, alone.proxies), (spec, j, threads)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_grid_names_the_method_whose_proxies_overflow_and_keeps_finite_ones_whose_sum_overflows():
+    from bench import BenchError
+
+    big = torch.full((4, 3), 3e38)  # finite float32, but two of them sum to Inf
+    big[2:] *= -1
+    labels = torch.tensor([0, 0, 1, 1])
+    # 'all' keeps the samples (finite, though their sum overflows); the mean's sum overflows to Inf
+    heads = build_head_grid(["none/all/none/none/max"], [SupportSet(big, labels)])
+    assert torch.isfinite(heads[0][0].proxies).all()
+    with pytest.raises(BenchError, match="method 'janson2022' produced NaN or Inf proxies"):
+        build_head_grid(["none/all/none/none/max", "janson2022"], [SupportSet(big, labels)])

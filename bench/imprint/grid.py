@@ -165,6 +165,10 @@ def build_head_grid(
 
     out: list[list[ImprintedHead]] = []
     proxies_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    flat_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (GEN key, owner) -> (proxies, labels)
+    class_major: dict[tuple[int, int], torch.Tensor] = {}  # (classes, proxies per class) -> labels, per grid
+    sums: dict[torch.dtype, list[torch.Tensor]] = {}  # each new proxy matrix's sum, checked at once below
+    checks = []
     k_lists: dict[tuple, list[int]] = {}  # (GEN key, owner) -> effective k per class
     for spec, spec_keys in zip(specs, keys):
         row = []
@@ -182,17 +186,15 @@ def build_head_grid(
             pkey = (key, post_text, owner)
             if pkey not in proxies_cache:
                 start = _tick(device)
-                slots = torch.arange(len(ep.classes), device=device)[:, None]
-                if bool(res.mask.all()):  # every slot holds a proxy: a view, not a masked copy
-                    flat = res.proxies.reshape(-1, res.proxies.shape[-1])
-                    labels = slots.expand_as(res.mask).reshape(-1)
-                else:
-                    flat = res.proxies[res.mask]
-                    labels = slots.expand_as(res.mask)[res.mask]
+                if (key, owner) not in flat_cache:  # NORM_post variants of one GEN result share it
+                    flat_cache[(key, owner)] = _flatten(res, len(ep.classes), class_major)
+                flat, labels = flat_cache[(key, owner)]
                 opts = post_opts if post != "none" else {}
                 proxies = norm_mod.apply_proxy_norm(post, flat, reference_weights, **opts)
                 bias = None if res.bias is None else res.bias[res.mask]
-                _check_finite(proxies, bias, spec)
+                total = proxies.sum() if bias is None else proxies.sum() + bias.sum()
+                sums.setdefault(total.dtype, []).append(total)
+                checks.append((proxies, bias, spec))
                 proxies_cache[pkey] = (proxies, labels, bias)
                 eps[owner].seconds[("post", pkey)] = _tick(device) - start
             proxies, labels, bias = proxies_cache[pkey]
@@ -219,14 +221,32 @@ def build_head_grid(
             center = ep.center if uses_center else None
             row.append(ImprintedHead(spec, proxies, labels, ep.classes, center, meta, bias))
         out.append(row)
+    # A sum holding NaN or Inf is NaN or Inf, so one reduction over the sums clears every proxy
+    # (and bias); only then are the matrices checked one by one, to name the method.
+    if not all(bool(torch.isfinite(torch.stack(group)).all()) for group in sums.values()):
+        for proxies, bias, spec in checks:
+            _check_finite(proxies, bias, spec)
     return out
 
 
+def _flatten(res: GenResult, num_classes: int, class_major: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GEN result's proxies as one (P, D) matrix, class by class, and each proxy's class.
+
+    With every slot filled (the usual case) the matrix is a view, and the labels 0,..,0,1,..
+    are one tensor per (classes, proxies per class) shared by the grid's heads, as their
+    proxies already are, instead of one per head.
+    """
+    if bool(res.mask.all()):
+        shape = tuple(res.mask.shape)
+        if shape not in class_major:
+            class_major[shape] = torch.arange(num_classes, device=res.mask.device).repeat_interleave(shape[1])
+        return res.proxies.reshape(-1, res.proxies.shape[-1]), class_major[shape]
+    slots = torch.arange(num_classes, device=res.mask.device)[:, None]
+    return res.proxies[res.mask], slots.expand_as(res.mask)[res.mask]
+
+
 def _check_finite(proxies: torch.Tensor, bias: torch.Tensor | None, spec: MethodSpec) -> None:
-    # A sum holding NaN or Inf is NaN or Inf, so a finite sum clears every value in one
-    # reduction; only a non-finite sum (or finite values that overflowed) needs the full pass.
-    if bool(torch.isfinite(proxies.sum())) and (bias is None or bool(torch.isfinite(bias.sum()))):
-        return
+    """Refuse a method whose proxies or bias hold NaN or Inf (values whose sum overflowed pass)."""
     if not torch.isfinite(proxies).all() or (bias is not None and not torch.isfinite(bias).all()):
         raise BenchError(
             f"method '{spec.name}' produced NaN or Inf proxies, so its scores would be meaningless; "
