@@ -69,13 +69,15 @@ def kmeanspp(
     trials = 2 + int(math.log(k))
     u = rng if isinstance(rng, torch.Tensor) else rng.rand((_kmeanspp_draws(k),), "cpu")
     u = u.to(x.device)
-    rows = torch.arange(b, device=x.device)
+    rows = torch.arange(b, device=x.device)[:, None]
+    x_sq_row = x_sq[:, None, :]
 
     def to_samples(idx: torch.Tensor) -> torch.Tensor:  # (B, S, T) squared distances to samples idx (B, T)
         if gram is None:
-            return sq_dist(x, x[rows[:, None], idx], x_sq)
+            return sq_dist(x, x[rows, idx], x_sq)
         # the same ||c||^2 - 2 x.c + ||x||^2 as sq_dist, with x.c from the Gram's (symmetric) rows
-        near = (x_sq.gather(1, idx)[..., None] - 2 * gram[rows[:, None], idx]).add_(x_sq[:, None, :])
+        # (alpha=2 is exact, so this is the same rounding as subtracting 2 * x.c, in one pass)
+        near = torch.sub(x_sq.gather(1, idx)[..., None], gram[rows, idx], alpha=2).add_(x_sq_row)
         return near.clamp_min_(0).transpose(1, 2)
 
     first = inverse_cdf(mask.to(x.dtype), u[:, :1])  # (B, 1)
@@ -94,7 +96,7 @@ def kmeanspp(
         if nearest:  # strictly nearer than every earlier centre: this one
             owner.masked_fill_(now < closest, i)
         closest = now
-    centres = x[rows[:, None], torch.cat(chosen, 1)]
+    centres = x[rows, torch.cat(chosen, 1)]
     return (centres, owner) if nearest else centres
 
 
