@@ -487,6 +487,8 @@ def _generate_batched(name, stack, grouped, seeds, opts, ctx: GenContext) -> lis
     x, mask = stack
     rng = RowRandom([(seed, len(b)) for seed, (b, _) in zip(seeds, grouped)])
     res = generate(name, x, mask, rng, ctx, **opts)
+    if len(grouped) == 1 and (name != "all" or res.proxies.shape[1] <= grouped[0][0].shape[1]):
+        return [res]  # one episode: its result as it is, nothing to split or trim
     out, start = [], 0
     for b, _ in grouped:
         stop = start + len(b)
