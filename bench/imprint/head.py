@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -45,17 +44,6 @@ def check_embeddings(x: torch.Tensor, what: str, dim: int | None = None) -> None
         )
 
 
-@functools.lru_cache(maxsize=16)
-def _empty_like(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.zeros(0, dtype=dtype, device=device)
-
-
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    """A 0-element tensor standing for "no centre" or "no bias": one per dtype and device, shared
-    by all heads (nothing can be written into it), as a grid builds thousands of heads."""
-    return _empty_like(like.dtype, like.device)
-
-
 class ImprintedHead(nn.Module):
     """Proxies and their classes as buffers; ``forward(queries) -> (N, C)`` class scores.
 
@@ -79,7 +67,7 @@ class ImprintedHead(nn.Module):
         self.spec = resolve(spec)
         # Buffers set directly rather than by register_buffer, whose checks of names made for us
         # cost more than the rest of building a head when a grid builds thousands of them.
-        empty = _empty(proxies)
+        empty = proxies.new_zeros(0)
         self._buffers.update(proxies=proxies, proxy_labels=proxy_labels.long(), classes=classes.long(),
                              center=center if center is not None else empty, bias=bias if bias is not None else empty)
         self.meta: dict[str, Any] = dict(meta or {})
