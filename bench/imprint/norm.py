@@ -38,9 +38,7 @@ def center_l2(x: torch.Tensor, *, center: torch.Tensor | None = None, **_) -> to
             f"center-l2 reference mean has {center.shape[-1]} dims but embeddings have "
             f"{x.shape[-1]}; compute the reference mean from embeddings of the same backbone"
         )
-    # l2 in place on the centred copy: the same operations as F.normalize, one allocation fewer
-    centred = x - center.to(x)
-    return centred.div_(centred.norm(2, -1, keepdim=True).clamp_min_(_EPS))
+    return l2(x - center.to(x))
 
 
 @register_norm("tukey", stages=VECTOR, options={"lam": Option(float, 0.5, above=0.0)},
