@@ -444,3 +444,25 @@ def test_a_grid_names_the_method_whose_proxies_overflow_and_keeps_finite_ones_wh
     assert torch.isfinite(heads[0][0].proxies).all()
     with pytest.raises(BenchError, match="method 'janson2022' produced NaN or Inf proxies"):
         build_head_grid(["none/all/none/none/max", "janson2022"], [SupportSet(big, labels)])
+
+
+def test_loading_a_state_dict_into_one_grid_head_leaves_heads_with_other_proxies_alone(data):
+    xs, ys, xq, _ = data
+    specs = ["qi2018", "ncm", "knn"]  # one GEN result (l2, mean) under two NORM_posts, and another GEN
+    grid = build_head_grid(specs, _episodes(xs, ys, 5, seeds=(0, 1)))
+    heads = [h for row in grid for h in row]
+    before = [h(xq) for h in heads]
+    state = heads[0].state_dict()
+    state["proxy_labels"] = state["proxy_labels"].flip(0).clone()
+    heads[0].load_state_dict(state)
+    assert not torch.equal(heads[0](xq), before[0])
+    for head, scores in zip(heads[1:], before[1:]):
+        assert torch.equal(head(xq), scores), head.spec.name
+
+
+def test_a_center_l2_head_passes_gradients_to_its_queries(data):
+    xs, ys, xq, _ = data
+    head = build_head("center-l2/mean/none/center-l2/max", xs, ys)
+    q = xq[:7].clone().requires_grad_()
+    head(q).sum().backward()  # NORM_inf center-l2 must not normalise in place
+    assert q.grad is not None and torch.isfinite(q.grad).all()

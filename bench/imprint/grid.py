@@ -189,6 +189,9 @@ def build_head_grid(
                 if (key, owner) not in flat_cache:  # NORM_post variants of one GEN result share it
                     flat_cache[(key, owner)] = _flatten(res, len(ep.classes), class_major)
                 flat, labels = flat_cache[(key, owner)]
+                # each proxy matrix its own labels, as heads own the buffers they share with no other
+                # proxies: loading a state dict into one head copies into them in place
+                labels = labels.clone()
                 opts = post_opts if post != "none" else {}
                 proxies = norm_mod.apply_proxy_norm(post, flat, reference_weights, **opts)
                 bias = None if res.bias is None else res.bias[res.mask]
@@ -233,8 +236,7 @@ def _flatten(res: GenResult, num_classes: int, class_major: dict) -> tuple[torch
     """A GEN result's proxies as one (P, D) matrix, class by class, and each proxy's class.
 
     With every slot filled (the usual case) the matrix is a view, and the labels 0,..,0,1,..
-    are one tensor per (classes, proxies per class) shared by the grid's heads, as their
-    proxies already are, instead of one per head.
+    come from one tensor per (classes, proxies per class) made once per grid; callers copy them.
     """
     if bool(res.mask.all()):
         shape = tuple(res.mask.shape)
