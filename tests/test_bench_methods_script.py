@@ -46,3 +46,11 @@ def test_timing_rounds_keep_each_cells_best_and_refuse_changed_results():
     changing = iter([({"acc": 1.0}, {"a": 1.0}), ({"acc": 0.5}, {"a": 1.0})])
     with pytest.raises(SystemExit, match="accuracies changed between timing rounds 1 and 2"):
         best_of_rounds({"z": lambda: next(changing)}, 2)
+
+
+def test_zero_timing_rounds_are_refused_before_any_work(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--repeats", "0", "--data", "gmm"])
+    assert exc.value.code == 2 and "--repeats, --seeds and --threads must each be at least 1" in capsys.readouterr().err

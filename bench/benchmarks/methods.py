@@ -277,6 +277,8 @@ def main(argv=None):
                     help="timing rounds: every side times every cell once a round; each cell keeps its best")
     ap.add_argument("--out", default="bench_methods.json")
     args = ap.parse_args(argv)
+    if args.repeats < 1 or args.seeds < 1 or args.threads < 1:
+        ap.error("--repeats, --seeds and --threads must each be at least 1")
     torch.set_num_threads(args.threads)
     datasets = ["cache"] if args.cache else (["gmm", "digits"] if args.data == "both" else [args.data])
     results = {}

@@ -76,7 +76,8 @@ def kmeanspp(
         if gram is None:
             return sq_dist(x, x[rows, idx], x_sq)
         # the same ||c||^2 - 2 x.c + ||x||^2 as sq_dist, with x.c from the Gram's (symmetric) rows
-        # (alpha=2 is exact, so this is the same rounding as subtracting 2 * x.c, in one pass)
+        # (alpha=2 is exact, so this rounds as subtracting 2 * x.c does, in one pass; only where
+        # 2 * x.c overflows, with norms near 1e19, a fused multiply-add keeps it finite)
         near = torch.sub(x_sq.gather(1, idx)[..., None], gram[rows, idx], alpha=2).add_(x_sq_row)
         return near.clamp_min_(0).transpose(1, 2)
 
