@@ -91,15 +91,16 @@ def max_of_similarity(sim: torch.Tensor, proxy_labels: torch.Tensor, num_classes
     n, p = sim.shape
     if p % num_classes == 0:
         k = p // num_classes
-        if torch.equal(proxy_labels, _class_major(num_classes, k, proxy_labels.device)):
+        if torch.equal(proxy_labels, class_major(num_classes, k, proxy_labels.device)):
             return sim.view(n, num_classes, k).amax(-1)  # class-major, k per class: a reshape suffices
     out = sim.new_full((n, num_classes), float("-inf"))
     return out.scatter_reduce(1, proxy_labels.expand_as(sim), sim, reduce="amax")
 
 
 @functools.lru_cache(maxsize=64)
-def _class_major(num_classes: int, k: int, device: torch.device) -> torch.Tensor:
-    # read-only; made once per layout, as a grid scores hundreds of heads with the same one
+def class_major(num_classes: int, k: int, device: torch.device) -> torch.Tensor:
+    """Labels 0,..,0,1,..,1,.. of k proxies per class, class by class. Cached and shared: read
+    it, or copy it before handing it out, as a grid scores hundreds of heads with one layout."""
     return torch.arange(num_classes, device=device).repeat_interleave(k)
 
 

@@ -166,7 +166,6 @@ def build_head_grid(
     out: list[list[ImprintedHead]] = []
     proxies_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     flat_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (GEN key, owner) -> (proxies, labels)
-    class_major: dict[tuple[int, int], torch.Tensor] = {}  # (classes, proxies per class) -> labels, per grid
     sums: dict[torch.dtype, list[torch.Tensor]] = {}  # each new proxy matrix's sum, checked at once below
     checks = []
     k_lists: dict[tuple, list[int]] = {}  # (GEN key, owner) -> effective k per class
@@ -187,7 +186,7 @@ def build_head_grid(
             if pkey not in proxies_cache:
                 start = _tick(device)
                 if (key, owner) not in flat_cache:  # NORM_post variants of one GEN result share it
-                    flat_cache[(key, owner)] = _flatten(res, len(ep.classes), class_major)
+                    flat_cache[(key, owner)] = _flatten(res, len(ep.classes))
                 flat, labels = flat_cache[(key, owner)]
                 # each proxy matrix its own labels, as heads own the buffers they share with no other
                 # proxies: loading a state dict into one head copies into them in place
@@ -232,17 +231,15 @@ def build_head_grid(
     return out
 
 
-def _flatten(res: GenResult, num_classes: int, class_major: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _flatten(res: GenResult, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A GEN result's proxies as one (P, D) matrix, class by class, and each proxy's class.
 
-    With every slot filled (the usual case) the matrix is a view, and the labels 0,..,0,1,..
-    come from one tensor per (classes, proxies per class) made once per grid; callers copy them.
+    With every slot filled (the usual case) the matrix is a view and the labels are the shared
+    :func:`~bench.imprint.agg.class_major` layout; callers copy the labels before a head owns them.
     """
     if bool(res.mask.all()):
-        shape = tuple(res.mask.shape)
-        if shape not in class_major:
-            class_major[shape] = torch.arange(num_classes, device=res.mask.device).repeat_interleave(shape[1])
-        return res.proxies.reshape(-1, res.proxies.shape[-1]), class_major[shape]
+        labels = agg_mod.class_major(num_classes, res.mask.shape[1], res.mask.device)
+        return res.proxies.reshape(-1, res.proxies.shape[-1]), labels
     slots = torch.arange(num_classes, device=res.mask.device)[:, None]
     return res.proxies[res.mask], slots.expand_as(res.mask)[res.mask]
 
@@ -489,8 +486,8 @@ def _generate_batched(name, stack, grouped, seeds, opts, ctx: GenContext) -> lis
     x, mask = stack
     rng = RowRandom([(seed, len(b)) for seed, (b, _) in zip(seeds, grouped)])
     res = generate(name, x, mask, rng, ctx, **opts)
-    if len(grouped) == 1 and (name != "all" or res.proxies.shape[1] <= grouped[0][0].shape[1]):
-        return [res]  # one episode: its result as it is, nothing to split or trim
+    if len(grouped) == 1:
+        return [res]  # one episode is the whole batch: nothing to split or trim
     out, start = [], 0
     for b, _ in grouped:
         stop = start + len(b)

@@ -160,11 +160,9 @@ def _lloyd(
             new_labels = near.argmin(-1)
         same = (new_labels == labels).all(1) if labels is not None else torch.zeros_like(stopped)
         if labels is not None and bool((same | stopped).all()):
-            # Every running row kept its assignment, so each stops on its current centres: skip
-            # the cluster sums, which these rows would discard (usually the last iteration).
-            running = ~stopped
-            final[live[running]] = centres[running]
-            return final
+            # Every running row kept its assignment, so each stops on its current centres (written
+            # below): skip the cluster sums, which these rows would discard (usually the last iteration).
+            break
         sums, counts = _cluster_sums(x, mask, new_labels, k, slots)
         # unchanged labels: centres are final; an empty cluster keeps its centre
         new = torch.where((counts > 0) & ~same[:, None, None], sums / counts.clamp_min(1), centres)
@@ -184,7 +182,7 @@ def _lloyd(
             )
             slots = _SlotIndex(mask, k) if on_cpu else None
             halted = 0
-    running = ~stopped  # out of iterations: the rows still running end where they are
+    running = ~stopped  # out of iterations, or all unchanged: the rows still running end where they are
     final[live[running]] = centres[running]
     return final
 
