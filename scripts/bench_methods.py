@@ -9,7 +9,14 @@ The benchmark is ``bench.benchmarks.methods``; ``--help`` describes it and lists
     python scripts/bench_methods.py --seeds 2 --shots 1 5 all --out quick.json
 """
 
+import sys
+
 from bench.benchmarks.methods import main
+from bench.errors import BenchError
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchError as err:  # a bad option or dataset: the message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -54,3 +54,16 @@ def test_zero_timing_rounds_are_refused_before_any_work(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--repeats", "0", "--data", "gmm"])
     assert exc.value.code == 2 and "--repeats, --seeds and --threads must each be at least 1" in capsys.readouterr().err
+
+
+def test_the_script_reports_a_bad_shot_count_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_methods.py"
+    out = subprocess.run([sys.executable, str(script), "--data", "digits", "--shots", "600", "--seeds", "1",
+                          "--repeats", "1", "--out", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "error: not enough samples for shots=600" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r.json").exists()
