@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from bench.errors import BenchError
@@ -288,7 +289,11 @@ def gen_ls(x: torch.Tensor, mask: torch.Tensor, *, lam: float = 1e-3) -> GenResu
     c = x.shape[0]
     if x.device.type == "cpu":
         flat = x.reshape(-1, x.shape[-1]) if bool(mask.all()) else x[mask]  # balanced: no masked copy
-        w = torch.from_numpy(_ls_cpu(flat.detach().double().numpy(), mask.sum(1).numpy(), lam))
+        # Widened by numpy, not torch: a torch op this large runs on torch's OpenMP threads, which
+        # then spin for milliseconds waiting for more work, and the spinning thread halved the
+        # speed of the Gram matrix's second thread (see _gram). float32 -> float64 is exact either way.
+        flat64 = flat.detach().numpy().astype(np.float64, order="C")
+        w = torch.from_numpy(_ls_cpu(flat64, mask.sum(1).numpy(), lam))
     else:
         w = _ls_torch(x[mask].double(), mask, lam)
     return _one_per_class((w / c).to(x.dtype))
@@ -305,7 +310,6 @@ def _ls_cpu(flat, counts, lam: float):
     the same bits whatever the process's thread count. The Gram matrix, most of the work, is
     split in two fixed halves instead (:func:`_gram`), so it still uses two cores.
     """
-    import numpy as np
     from scipy.linalg import cho_factor, cho_solve
 
     def solve(a, b):  # a is symmetric positive definite: Cholesky, in place
@@ -341,8 +345,6 @@ def _gram(a):
     :func:`_ls_cpu`), so this uses two cores without a second BLAS thread pool, and the split
     is fixed, so the bits do not depend on the machine's core count. Small matrices stay whole.
     """
-    import numpy as np
-
     m = a.shape[1]
     if m < 128:
         return a.T @ a
