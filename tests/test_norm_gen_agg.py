@@ -133,6 +133,18 @@ def test_ls_matches_the_closed_form():
     assert torch.allclose(w, expected, atol=1e-10)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ls_takes_every_float_dtype_and_solves_in_float64(dtype):
+    # numpy, which widens the support for the CPU solve, has no bfloat16
+    g = G()
+    x = (torch.randn(3, 8, 5, generator=g) + torch.randn(3, 1, 5, generator=g)).to(dtype)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    w = gen.gen_ls(x, mask, lam=0.1).proxies[:, 0]
+    exact = gen.gen_ls(x.double(), mask, lam=0.1).proxies[:, 0]  # the same values, widened first
+    assert w.dtype == dtype
+    assert torch.equal(w, exact.to(dtype))
+
 # ---- AGG ----------------------------------------------------------------------------------
 def test_max_takes_each_class_best_proxy():
     q = torch.tensor([[1.0, 0.0]])

@@ -289,14 +289,23 @@ def gen_ls(x: torch.Tensor, mask: torch.Tensor, *, lam: float = 1e-3) -> GenResu
     c = x.shape[0]
     if x.device.type == "cpu":
         flat = x.reshape(-1, x.shape[-1]) if bool(mask.all()) else x[mask]  # balanced: no masked copy
-        # Widened by numpy, not torch: a torch op this large runs on torch's OpenMP threads, which
-        # then spin for milliseconds waiting for more work, and the spinning thread halved the
-        # speed of the Gram matrix's second thread (see _gram). float32 -> float64 is exact either way.
-        flat64 = flat.detach().numpy().astype(np.float64, order="C")
-        w = torch.from_numpy(_ls_cpu(flat64, mask.sum(1).numpy(), lam))
+        w = torch.from_numpy(_ls_cpu(_float64(flat), mask.sum(1).numpy(), lam))
     else:
         w = _ls_torch(x[mask].double(), mask, lam)
     return _one_per_class((w / c).to(x.dtype))
+
+
+def _float64(x: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a C-ordered float64 array, widened by numpy where numpy has the dtype.
+
+    A torch op this large runs on torch's OpenMP threads, which then spin for milliseconds
+    waiting for more work; the spinning thread halved the speed of the Gram matrix's second
+    thread (see :func:`_gram`). Widening a float is exact either way; numpy has no bfloat16.
+    """
+    x = x.detach()
+    if x.dtype in (torch.float16, torch.float32, torch.float64):
+        return x.numpy().astype(np.float64, order="C")
+    return x.double().contiguous().numpy()
 
 
 def _ls_cpu(flat, counts, lam: float):
