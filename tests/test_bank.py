@@ -406,6 +406,22 @@ def test_a_rows_sum_does_not_depend_on_its_batch_or_thread_count():
         torch.set_num_threads(before)
 
 
+
+def test_pairwise_row_sums_do_not_depend_on_the_batch_and_match_a_plain_sum():
+    """CUDA's row sums (cuBLAS and torch's reductions pick how to split the samples by the whole
+    tensor's shape: an H200 gave 904 of 1,200 sub-batches other bits) add samples pairwise with
+    elementwise ops only; the same function runs here, so its batch invariance is checked on CPU."""
+    from bench.imprint.rows import pairwise_sums
+
+    g = torch.Generator().manual_seed(6)
+    for s in (0, 1, 2, 3, 5, 8, 63, 64, 65, 500):
+        x = torch.randn(9, s, 33, generator=g)
+        whole = pairwise_sums(x)
+        assert whole.shape == (9, 33)
+        for lo, hi in ((0, 1), (3, 9), (4, 6)):
+            assert torch.equal(whole[lo:hi], pairwise_sums(x[lo:hi])), (s, lo, hi)
+        assert torch.allclose(whole.double(), x.double().sum(1), atol=1e-4)
+
 def test_mean_heads_in_a_grid_equal_heads_built_alone_at_shapes_where_batching_changed_them():
     # 7 classes of uneven size x 334 dims: episodes 0 and 2 share one padded width (15), so the
     # grid batches their 14 classes, a shape where the batched product gave the mean other bits
