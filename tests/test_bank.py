@@ -422,6 +422,36 @@ def test_pairwise_row_sums_do_not_depend_on_the_batch_and_match_a_plain_sum():
             assert torch.equal(whole[lo:hi], pairwise_sums(x[lo:hi])), (s, lo, hi)
         assert torch.allclose(whole.double(), x.double().sum(1), atol=1e-4)
 
+
+@pytest.mark.parametrize("kind", ["dot", "euclidean", "cosine"])
+def test_small_matrices_in_one_shared_product_have_the_bits_of_each_alone(kind):
+    """score_heads computes the small query-proxy matrices of many heads (one proxy per class, per
+    episode) in one product; each column block must equal its matrix computed alone, whatever
+    the blocks beside it and on 1 or 2 threads."""
+    from bench.imprint import agg
+
+    g = torch.Generator().manual_seed(7)
+    before = torch.get_num_threads()
+    lo, hi = agg.SHARED_PRODUCT_PROXIES
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for _ in range(15):
+                n, d = int(torch.randint(1, 1500, (1,), generator=g)), int(torch.randint(2, 800, (1,), generator=g))
+                q = torch.randn(n, d, generator=g)
+                proxies = [torch.randn(int(torch.randint(lo, hi + 1, (1,), generator=g)), d, generator=g)
+                           for _ in range(int(torch.randint(2, 12, (1,), generator=g)))]
+                assert all(agg.shares_product(kind, q, p) for p in proxies)
+                terms = agg.query_terms(kind, q)
+                for block, p in zip(agg.pair_matrices(kind, q, proxies, terms), proxies):
+                    assert torch.equal(block, agg.pair_matrix(kind, q, p, terms)), (threads, n, d, len(p))
+    finally:
+        torch.set_num_threads(before)
+    q = torch.randn(20, 8)
+    assert not agg.shares_product(kind, q, torch.randn(lo - 1, 8))  # few columns take other MKL kernels
+    assert not agg.shares_product(kind, q, torch.randn(hi + 1, 8))
+    assert not agg.shares_product("manhattan", q, torch.randn(lo, 8))
+
 def test_mean_heads_in_a_grid_equal_heads_built_alone_at_shapes_where_batching_changed_them():
     # 7 classes of uneven size x 334 dims: episodes 0 and 2 share one padded width (15), so the
     # grid batches their 14 classes, a shape where the batched product gave the mean other bits
