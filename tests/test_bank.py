@@ -423,34 +423,24 @@ def test_pairwise_row_sums_do_not_depend_on_the_batch_and_match_a_plain_sum():
         assert torch.allclose(whole.double(), x.double().sum(1), atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["dot", "euclidean", "cosine"])
-def test_small_matrices_in_one_shared_product_have_the_bits_of_each_alone(kind):
-    """score_heads computes the small query-proxy matrices of many heads (one proxy per class, per
-    episode) in one product; each column block must equal its matrix computed alone, whatever
-    the blocks beside it and on 1 or 2 threads."""
-    from bench.imprint import agg
-
-    g = torch.Generator().manual_seed(7)
-    before = torch.get_num_threads()
-    lo, hi = agg.SHARED_PRODUCT_PROXIES
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            for _ in range(15):
-                n, d = int(torch.randint(1, 1500, (1,), generator=g)), int(torch.randint(2, 800, (1,), generator=g))
-                q = torch.randn(n, d, generator=g)
-                proxies = [torch.randn(int(torch.randint(lo, hi + 1, (1,), generator=g)), d, generator=g)
-                           for _ in range(int(torch.randint(2, 12, (1,), generator=g)))]
-                assert all(agg.shares_product(kind, q, p) for p in proxies)
-                terms = agg.query_terms(kind, q)
-                for block, p in zip(agg.pair_matrices(kind, q, proxies, terms), proxies):
-                    assert torch.equal(block, agg.pair_matrix(kind, q, p, terms)), (threads, n, d, len(p))
-    finally:
-        torch.set_num_threads(before)
-    q = torch.randn(20, 8)
-    assert not agg.shares_product(kind, q, torch.randn(lo - 1, 8))  # few columns take other MKL kernels
-    assert not agg.shares_product(kind, q, torch.randn(hi + 1, 8))
-    assert not agg.shares_product("manhattan", q, torch.randn(lo, 8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scores_of_a_grid_with_many_query_normalisations_equal_each_head_alone(dtype):
+    """8 classes, several query normalisations (none, l2, each episode's centre) and matrix kinds
+    at once, in float32 and float64: score_heads shares queries and matrices between heads, and
+    must still give each head the bits of head(queries)."""
+    x, y = gaussian_mixture(num_classes=8, dim=40, per_class=70, modes=2, seed=4)
+    x = x.to(dtype)
+    within = torch.arange(len(y)) % 70
+    pool, queries = (within < 50), (within >= 50)
+    eps = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.cat([torch.nonzero(y[pool] == c).flatten()[torch.randperm(50, generator=g)[:4]] for c in range(8)])
+        eps.append(SupportSet(x[pool][idx], y[pool][idx], seed=seed))
+    specs = ["qi2018", "ncm", "janson2022", "simpleshot", "hosoda2024", "ls-oracle", "l2/kmeans:k=2/l2/l2/max"]
+    heads = [h for row in build_head_grid(specs, eps) for h in row]
+    for h, scores in zip(heads, score_heads(heads, x[queries])):
+        assert torch.equal(scores, h(x[queries])), h.spec.name
 
 def test_mean_heads_in_a_grid_equal_heads_built_alone_at_shapes_where_batching_changed_them():
     # 7 classes of uneven size x 334 dims: episodes 0 and 2 share one padded width (15), so the

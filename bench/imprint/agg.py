@@ -192,41 +192,6 @@ def pair_matrix(kind: str, queries: torch.Tensor, proxies: torch.Tensor,
     return inner_products(queries, proxies) if kind == "dot" else distances(queries, proxies, kind, terms)
 
 
-# Proxy counts whose query-proxy matrices :func:`pair_matrices` computes in one product. On CPU,
-# MKL gives a column of 7 or more the same bits whatever columns share its product (12,000 blocks
-# of 7-64 columns, 16-2,100 queries, 2-1,100 dims, 1 and 2 threads: all equal); 1-6 columns take
-# other kernels (41 of 1,816 such blocks differed).
-SHARED_PRODUCT_PROXIES = (7, 64)
-
-
-def shares_product(kind: str, queries: torch.Tensor, proxies: torch.Tensor) -> bool:
-    """Whether :func:`pair_matrices` may compute this matrix in a product shared with others."""
-    lo, hi = SHARED_PRODUCT_PROXIES
-    return queries.device.type == "cpu" and kind in ("dot", "euclidean", "cosine") and lo <= len(proxies) <= hi
-
-
-def pair_matrices(kind: str, queries: torch.Tensor, proxies: list[torch.Tensor],
-                  terms: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """:func:`pair_matrix` for several proxy matrices read by the same queries, in one product:
-    a product of 10 columns costs nearly what one of 50 does, and the small matrices of a grid
-    (one proxy per class, for each episode) come by the dozen. Every matrix must pass
-    :func:`shares_product`; each result is a column block of the shared matrix, with the bits
-    :func:`pair_matrix` gives it alone (the terms of each block, e.g. squared norms, are computed
-    per matrix as there, and the rest is elementwise)."""
-    terms = terms if terms is not None else query_terms(kind, queries)
-    if kind == "dot":
-        shared = inner_products(queries, torch.cat(proxies))
-    elif kind == "cosine":
-        shared = 1 - inner_products(terms["unit"], torch.cat([F.normalize(p, dim=-1) for p in proxies]))
-    elif kind == "euclidean":
-        sq_norms = torch.cat([p.pow(2).sum(1) for p in proxies])
-        shared = inner_products(queries, torch.cat(proxies), sq_norms, alpha=-2)
-        shared = shared.add_(terms["sq"]).clamp_min_(0).sqrt_()
-    else:
-        raise BenchError(f"matrix kind '{kind}' is not computed in a shared product")
-    return list(torch.split(shared, [len(p) for p in proxies], dim=1))
-
-
 def reduce(agg: StageSpec, matrix: torch.Tensor, kind: str, proxy_labels: torch.Tensor,
            num_classes: int) -> torch.Tensor:
     """(N, C) class scores from the matrix :func:`matrix_kind` named."""

@@ -507,16 +507,15 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
     them (the same NORM_inf and centre; the same proxies and matrix kind), and so are the class
     scores of heads whose AGG reads the same matrix with the same proxy labels and bias (e.g.
     every seed of ``shots=all`` for an unseeded GEN, or ``kmeans:k=1`` beside ``mean``); each
-    such head gets its own copy, so a caller may change one head's scores in place. On CPU, small
-    matrices read by the same queries (one proxy per class, say, for every episode) are column
-    blocks of one shared product, with the bits each has alone.
+    such head gets its own copy, so a caller may change one head's scores in place.
     """
     check_embeddings(queries, "query embeddings")
     normed: dict[tuple, torch.Tensor] = {}
-    pending: dict[tuple, tuple] = {}  # matrix key -> (kind, query terms key, queries, proxies)
+    matrices: dict[tuple, torch.Tensor] = {}
     terms: dict[tuple, dict[str, torch.Tensor]] = {}  # the query side of a distance, once per query set
     plans: dict[tuple, tuple] = {}  # what a spec's stages say, read from the registries once per spec
-    steps = []  # per head: what reduces its matrix to class scores
+    reduced: dict[tuple, torch.Tensor] = {}  # (AGG, matrix, proxy labels, classes, bias) -> class scores
+    out = []
     for head in heads:
         buffers = head._buffers  # read once: nn.Module attribute lookups add up over thousands of heads
         proxies, center, bias = buffers["proxies"], buffers["center"], buffers["bias"]
@@ -539,41 +538,19 @@ def score_heads(heads: Sequence[ImprintedHead], queries: torch.Tensor) -> list[t
         mkey = (matrix_kind, qkey, _identity(proxies))
         labels, num_classes = buffers["proxy_labels"], len(buffers["classes"])
         rkey = (agg_text, mkey, _identity(labels), num_classes, _identity(bias) if bias.numel() else None)
-        if mkey not in pending:
-            tkey = (matrix_kind, qkey)
-            if tkey not in terms:
-                terms[tkey] = agg_mod.query_terms(matrix_kind, q)
-            pending[mkey] = (matrix_kind, tkey, q, proxies.to(q.dtype))
-        steps.append((rkey, mkey, spec.agg, matrix_kind, labels, num_classes, bias))
-    matrices = _pair_matrices(pending, terms)
-    reduced: dict[tuple, torch.Tensor] = {}  # (AGG, matrix, proxy labels, classes, bias) -> class scores
-    out = []
-    for rkey, mkey, agg, matrix_kind, labels, num_classes, bias in steps:
         if rkey in reduced:  # the same AGG over the same inputs: the same scores (a copy costs far less)
             out.append(reduced[rkey].clone())
             continue
+        if mkey not in matrices:
+            tkey = (matrix_kind, qkey)
+            if tkey not in terms:
+                terms[tkey] = agg_mod.query_terms(matrix_kind, q)
+            matrices[mkey] = agg_mod.pair_matrix(matrix_kind, q, proxies.to(q.dtype), terms[tkey])
         matrix = matrices[mkey]
         if bias.numel():
             matrix = matrix + bias.to(matrix.dtype)
-        reduced[rkey] = agg_mod.reduce(agg, matrix, matrix_kind, labels, num_classes)
+        reduced[rkey] = agg_mod.reduce(spec.agg, matrix, matrix_kind, labels, num_classes)
         out.append(reduced[rkey])
-    return out
-
-
-def _pair_matrices(pending: dict[tuple, tuple], terms: dict[tuple, dict]) -> dict[tuple, torch.Tensor]:
-    """Every pending query-proxy matrix; small ones read by the same queries share one product
-    (:func:`~bench.imprint.agg.pair_matrices`), with the bits each would have alone."""
-    out: dict[tuple, torch.Tensor] = {}
-    shared: dict[tuple, list[tuple]] = {}  # (query terms key, dtype) -> matrix keys
-    for mkey, (kind, tkey, q, proxies) in pending.items():
-        if agg_mod.shares_product(kind, q, proxies):
-            shared.setdefault((tkey, proxies.dtype), []).append(mkey)
-        else:
-            out[mkey] = agg_mod.pair_matrix(kind, q, proxies, terms[tkey])
-    for (tkey, _), mkeys in shared.items():
-        kind, _, q, _ = pending[mkeys[0]]
-        blocks = agg_mod.pair_matrices(kind, q, [pending[m][3] for m in mkeys], terms[tkey])
-        out.update(zip(mkeys, blocks))
     return out
 
 
