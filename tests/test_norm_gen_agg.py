@@ -118,19 +118,31 @@ def test_none_draws_seeded_random_proxies_ignoring_support():
     assert torch.equal(a.proxies, b.proxies) and not torch.equal(a.proxies, c.proxies)
 
 
-def test_ls_matches_the_closed_form():
+@pytest.mark.parametrize("per_class, dim", [(8, 5), (50, 200), (80, 150)])
+def test_ls_matches_the_closed_form(per_class, dim):
+    # (8, 5): feature space, one block; (50, 200): the samples x samples form with its Gram matrix
+    # in blocks on two threads; (80, 150): feature space with the blocked Gram matrix
     g = G()
-    x = torch.randn(3, 8, 5, generator=g, dtype=torch.float64) + torch.randn(3, 1, 5, generator=g, dtype=torch.float64)
-    mask = torch.ones(3, 8, dtype=torch.bool)
+    x = torch.randn(3, per_class, dim, generator=g, dtype=torch.float64)
+    x = x + torch.randn(3, 1, dim, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, per_class, dtype=torch.bool)
     lam = 0.1
     w = gen.gen_ls(x, mask, lam=lam).proxies[:, 0]
-    flat = x.reshape(-1, 5)
+    flat = x.reshape(-1, dim)
     mu = flat.mean(0)
     sigma_t = (flat - mu).T @ (flat - mu) / len(flat)
     second = sigma_t + torch.outer(mu, mu)
-    ridge = lam * torch.trace(second) / 5
-    expected = (1 / 3) * x.mean(1) @ torch.linalg.inv(second + ridge * torch.eye(5, dtype=torch.float64))
+    ridge = lam * torch.trace(second) / dim
+    expected = (1 / 3) * x.mean(1) @ torch.linalg.inv(second + ridge * torch.eye(dim, dtype=torch.float64))
     assert torch.allclose(w, expected, atol=1e-10)
+
+
+def test_the_blocked_gram_matrix_is_exactly_symmetric():
+    # the oracle factorises the transposed view of its system, which is the system only if so
+    a = torch.randn(300, 257, generator=G(), dtype=torch.float64).numpy()
+    for m in (a, a.T):
+        gram = gen._gram(m)
+        assert (gram == gram.T).all()
 
 
 

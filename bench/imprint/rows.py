@@ -25,7 +25,10 @@ def row_sums(x: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.T
     if x.device.type != "cpu":
         if weights is None and mask is not None:
             weights = mask.to(x.dtype)
-        return pairwise_sums(x if weights is None else x * weights[..., None])
+        # half precision adds in float32, as the product and torch's sum did: a float16 partial sum
+        # of many samples would lose digits or overflow
+        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return pairwise_sums(wide if weights is None else wide * weights[..., None].to(wide.dtype)).to(x.dtype)
     if weights is not None:
         return (x * weights[..., None]).sum(1)
     if mask is not None and not bool(mask.all()):
