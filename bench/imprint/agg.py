@@ -61,7 +61,9 @@ def inner_products(queries: torch.Tensor, proxies: torch.Tensor, add: torch.Tens
     - one proxy: its scores depend on the number of queries (a matrix-vector product);
     - 7 to 15 proxies: 1.2-2.9x slower than 16 (one proxy per class of 10 classes is 10 columns).
     Every product of those shapes is padded the same way, so a head's scores are the same bits
-    alone or in a grid, on any thread count and in any chunk of queries.
+    alone or in a grid, on 1 or 2 threads and in any chunk of queries. (With more threads MKL can
+    split a product's sums differently, whatever the shape: 8 threads against 1 changed 88 of 300
+    random products' last bits.)
     """
     n, p = len(queries), len(proxies)
     width = _padded_width(p)
