@@ -303,8 +303,8 @@ def _float64(x: torch.Tensor) -> np.ndarray:
     thread (see :func:`_gram`). Widening a float is exact either way; numpy has no bfloat16.
     """
     x = x.detach()
-    if x.dtype in (torch.float16, torch.float32, torch.float64):
-        return x.numpy().astype(np.float64, order="C")
+    if x.dtype in (torch.float16, torch.float32, torch.float64):  # read only: float64 needs no copy
+        return x.numpy().astype(np.float64, order="C", copy=False)
     return x.double().contiguous().numpy()
 
 

@@ -312,7 +312,7 @@ def _link_identical(eps: list[_Prepared]) -> None:
         # mean heads built from it); torch.equal below decides.
         flat = emb.reshape(-1)
         probe = flat[:: max(1, len(flat) // 4096)]
-        fingerprint = (tuple(emb.shape), float(probe.sum(dtype=torch.float64)))
+        fingerprint = (tuple(emb.shape), float(probe.detach().sum(dtype=torch.float64)))
         heads = first.setdefault(fingerprint, [])
         twin = next((i for i in heads if _same_inputs(eps[i], ep)), None)
         if twin is None:

@@ -23,11 +23,11 @@ def row_sums(x: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.T
     (:func:`pairwise_sums`).
     """
     if x.device.type != "cpu":
-        if weights is None and mask is not None:
-            weights = mask.to(x.dtype)
         # half precision adds in float32, as the product and torch's sum did: a float16 partial sum
         # of many samples would lose digits or overflow
         wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if weights is None and mask is not None:
+            weights = mask
         return pairwise_sums(wide if weights is None else wide * weights[..., None].to(wide.dtype)).to(x.dtype)
     if weights is not None:
         return (x * weights[..., None]).sum(1)
